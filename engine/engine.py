@@ -1,0 +1,152 @@
+"""One engine on one device: requests in, one batched step at a time, token deltas out.
+
+Not thread-safe: one caller drives add_request / abort / step (the worker loop, or the
+offline LLM). A request with n > 1 runs as n child requests sharing the prompt's cached
+blocks; outputs carry (request_id, index).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from engine.batcher import Batcher
+from engine.config import EngineConfig
+from engine.errors import ContextLengthExceeded, RequestError
+from engine.kv.manager import KVCacheManager
+from engine.models.registry import resolve_model_path
+from engine.request import Request, RequestStatus, Timeline, TokenLogprobs
+from engine.runner import ModelRunner
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class StepOutput:
+    """New tokens of one (request, index) from one step."""
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    timeline: Timeline | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_kv_blocks_used: int
+    num_kv_blocks_total: int
+    prefix_cache_queries_tokens: int
+    prefix_cache_hit_tokens: int
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_path = resolve_model_path(config.model)
+        self.runner = ModelRunner(config, self.model_path)
+        info = self.runner.info
+        self.model_config = info.model_config
+        self.max_model_len = info.max_model_len
+        self.num_kv_blocks = info.num_kv_blocks
+        if info.num_kv_blocks * config.block_size < self.max_model_len:
+            raise ValueError(f"the KV cache holds {info.num_kv_blocks * config.block_size} tokens, fewer "
+                             f"than max_model_len={self.max_model_len}: raise --kv-cache-memory or "
+                             f"--num-kv-blocks, or lower --max-model-len")
+        self.kv = KVCacheManager(info.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.batcher = Batcher(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, list[Request]] = {}
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raises RequestError for a request this engine cannot run."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise RequestError("the prompt is empty", param="prompt")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_token_ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        wanted = n + (params.max_tokens or 1)
+        if n >= self.max_model_len or wanted > self.max_model_len:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {wanted} tokens ({n} in the prompt, {params.max_tokens or 1} for the "
+                f"completion). Please reduce the prompt or max_tokens.")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_s: float | None = None) -> None:
+        if request_id in self.requests:
+            raise RequestError(f"duplicate request id {request_id!r}")
+        self.validate(prompt_token_ids, params)
+        children = []
+        for i in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            children.append(Request(child_id, prompt_token_ids, params.for_child(i) if params.n > 1 else params,
+                                    self.model_config.eos_token_ids, self.max_model_len, index=i,
+                                    parent_id=request_id, arrival_s=arrival_s))
+        self.requests[request_id] = children
+        for child in children:
+            self.batcher.add(child)
+
+    def abort(self, request_id: str) -> bool:
+        """Ends every unfinished child of the request and frees its blocks."""
+        children = self.requests.pop(request_id, None)
+        if children is None:
+            return False
+        for child in children:
+            if not child.status.finished:
+                self.batcher.finish(child, RequestStatus.FINISHED_ABORTED)
+            self.runner.sampler.release(child.request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[StepOutput]:
+        plan = self.batcher.schedule()
+        if not plan.seqs:
+            return []
+        sampling = [s.request for s in plan.seqs if s.samples]
+        now = time.monotonic()
+        for seq in plan.seqs:
+            if seq.request.timeline.prefill_start_s is None:
+                seq.request.timeline.prefill_start_s = now
+        result = self.runner.execute(plan)
+        for seq in plan.seqs:
+            seq.request.num_computed_tokens += seq.num_new_tokens
+        if result is None:
+            return []
+        now = time.monotonic()
+        outputs = []
+        for request, token, logprob in zip(sampling, result.token_ids, result.logprobs):
+            status = request.append_token(token)
+            timeline = request.timeline
+            if timeline.first_token_s is None:
+                timeline.first_token_s = timeline.prefill_end_s = timeline.decode_start_s = now
+            if logprob is not None:
+                request.logprobs.append(logprob)
+            if status is not None:
+                self._finish(request, status)
+            outputs.append(StepOutput(request.parent_id, request.index, [token],
+                                      [logprob] if logprob is not None else [],
+                                      status.value if status else None, request.num_prompt_tokens,
+                                      request.num_cached_tokens, timeline))
+        return outputs
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.batcher.finish(request, status)
+        self.runner.sampler.release(request.request_id)
+        siblings = self.requests.get(request.parent_id, [])
+        if all(c.status.finished for c in siblings):
+            self.requests.pop(request.parent_id, None)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.batcher.running), len(self.batcher.waiting), self.kv.num_used_blocks,
+                           self.num_kv_blocks, self.kv.stats.queries_tokens, self.kv.stats.hit_tokens)

@@ -1,0 +1,159 @@
+"""Weight loading: HF safetensors folders (sharded too) and GGUF files (dequantised).
+
+Both sources are turned into HF tensor names, then fused into the model's layout
+(q/k/v -> qkv_proj, gate/up -> gate_up_proj) as the parts arrive.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.models.config import ModelConfig
+from engine.models.llama import LlamaModel, Rotary
+
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+_NUM_PARTS = {"qkv_proj": 3, "gate_up_proj": 2}
+
+
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_len: int) -> tuple[LlamaModel, ModelConfig]:
+    path = Path(path)
+    cfg = read_model_config(path)
+    tensors = _gguf_tensors(path, cfg) if path.suffix == ".gguf" else _safetensors(path)
+    rotary = Rotary(cfg, max_len, device)
+    with torch.device("meta"):
+        model = LlamaModel(cfg, rotary)
+    model = model.to_empty(device=device).to(dtype=dtype)
+    _assign(model, tensors, dtype, device)
+    return model.eval().requires_grad_(False), cfg
+
+
+def _assign(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]], dtype, device) -> None:
+    params = dict(model.named_parameters())
+    pending: dict[str, dict[int, torch.Tensor]] = {}
+    loaded: set[str] = set()
+    for name, tensor in tensors:
+        name = name.removeprefix("model.")
+        if "rotary_emb" in name:
+            continue
+        match = re.match(r"(layers\.\d+\.(?:self_attn|mlp)\.)(\w+)\.(weight|bias)$", name)
+        if match and match.group(2) in _FUSED:
+            fused, part = _FUSED[match.group(2)]
+            key = f"{match.group(1)}{fused}.{match.group(3)}"
+            parts = pending.setdefault(key, {})
+            parts[part] = tensor
+            if len(parts) < _NUM_PARTS[fused]:
+                continue
+            name, tensor = key, torch.cat([parts[i] for i in sorted(parts)], dim=0)
+            del pending[key]
+        name = re.sub(r"\.(self_attn|mlp)\.", ".", name)
+        if name == "lm_head.weight" and model.lm_head is None:
+            continue
+        if name not in params:
+            raise ValueError(f"unexpected weight {name}")
+        with torch.no_grad():
+            params[name].copy_(tensor.to(device=device, dtype=dtype))
+        loaded.add(name)
+    missing = set(params) - loaded
+    if pending or missing:
+        raise ValueError(f"incomplete weights: missing {sorted(missing)[:5]} pending {sorted(pending)[:5]}")
+
+
+def _safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {folder}")
+    for file in files:
+        with safe_open(folder / file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+# GGUF ----------------------------------------------------------------------------------
+
+_GGUF_NAMES = {
+    "token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_config(path: Path) -> ModelConfig:
+    import gguf
+    reader = gguf.GGUFReader(path)
+    arch = _field(reader, "general.architecture")
+    if arch not in _GGUF_ARCH:
+        raise ValueError(f"unsupported GGUF architecture {arch!r}")
+    p = f"{arch}."
+    heads = _field(reader, p + "attention.head_count")
+    hidden = _field(reader, p + "embedding_length")
+    names = {t.name for t in reader.tensors}
+    vocab = _field(reader, p + "vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        architecture=_GGUF_ARCH[arch], vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=_field(reader, p + "feed_forward_length"),
+        num_layers=_field(reader, p + "block_count"), num_heads=heads,
+        num_kv_heads=_field(reader, p + "attention.head_count_kv", heads),
+        head_dim=_field(reader, p + "attention.key_length", hidden // heads),
+        rms_norm_eps=_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
+        max_position_embeddings=_field(reader, p + "context_length", 4096),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names, qk_norm="blk.0.attn_q_norm.weight" in names,
+        eos_token_ids=() if eos is None else (int(eos),),
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+    )
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undoes llama.cpp's interleaving of Q/K rows for its rope layout (HF order back)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_tensors(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    import gguf
+    reader = gguf.GGUFReader(path)
+    permuted = _field(reader, "general.architecture") in ("llama", "mistral")
+    for t in reader.tensors:
+        if t.name in _GGUF_NAMES:
+            name = _GGUF_NAMES[t.name]
+        else:
+            match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name)
+            if not match or match.group(2) not in _GGUF_LAYER:
+                raise ValueError(f"unexpected GGUF tensor {t.name}")
+            name = f"layers.{match.group(1)}.{_GGUF_LAYER[match.group(2)]}.{match.group(3)}"
+        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        data = data.reshape([int(d) for d in reversed(t.shape)])
+        if permuted and t.name.endswith(("attn_q.weight", "attn_q.bias")):
+            data = _unpermute(data, cfg.num_heads)
+        elif permuted and t.name.endswith(("attn_k.weight", "attn_k.bias")):
+            data = _unpermute(data, cfg.num_kv_heads)
+        yield name, torch.from_numpy(np.ascontiguousarray(data))
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    return gguf_config(path) if path.suffix == ".gguf" else ModelConfig.from_hf_folder(path)

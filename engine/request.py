@@ -1,0 +1,114 @@
+"""Request state inside one engine.
+
+Lifecycle: WAITING -> RUNNING (blocks held, num_computed_tokens advancing) -> FINISHED_*.
+A RUNNING request short of blocks may be PREEMPTED: its blocks are freed, its computed
+count drops to 0 and it waits again at the head of the queue; its generated tokens are
+kept and recomputed as prompt (preemption by recompute). Abort is a finish from any state.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self.value in ("stop", "length", "abort")
+
+
+@dataclass
+class Timeline:
+    """Wall-clock marks (time.monotonic seconds) of one request's life; None = not reached."""
+
+    arrival_s: float = field(default_factory=time.monotonic)
+    first_scheduled_s: float | None = None
+    prefill_start_s: float | None = None
+    prefill_end_s: float | None = None
+    transfer_start_s: float | None = None
+    transfer_end_s: float | None = None
+    decode_queued_s: float | None = None
+    decode_start_s: float | None = None
+    first_token_s: float | None = None
+    finish_s: float | None = None
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probability of a sampled token and the top alternatives at that step."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+class Request:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 eos_token_ids: tuple[int, ...], max_model_len: int, index: int = 0,
+                 parent_id: str | None = None, arrival_s: float | None = None):
+        self.request_id = request_id
+        self.parent_id = parent_id or request_id
+        self.index = index
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []
+        self.num_registered_blocks = 0
+        self.status = RequestStatus.WAITING
+        self.num_preemptions = 0
+        self.logprobs: list[TokenLogprobs] = []
+        self.timeline = Timeline() if arrival_s is None else Timeline(arrival_s=arrival_s)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def max_tokens(self) -> int:
+        room = self.max_model_len - self.num_prompt_tokens
+        return room if self.params.max_tokens is None else min(self.params.max_tokens, room)
+
+    def append_token(self, token_id: int) -> RequestStatus | None:
+        """Adds a sampled token; returns the finished status it causes, if any."""
+        self.all_token_ids.append(token_id)
+        n = self.num_output_tokens
+        if n >= self.params.min_tokens:
+            if not self.params.ignore_eos and token_id in self.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in self.params.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+        if n >= self.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id}, prompt={self.num_prompt_tokens}, out={self.num_output_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)}, {self.status.name})")

@@ -1,0 +1,107 @@
+"""Model runner: turns a StepPlan into flat tensors, runs the forward, samples.
+
+Owns the model weights, the KV cache tensor, the attention backend and the sampler for
+one device. Everything per step is built once here and passed down in a ForwardContext.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.attention import BatchLayout, select_backend
+from engine.batcher import StepPlan
+from engine.config import EngineConfig
+from engine.kv.cache import KVCache
+from engine.models.config import ModelConfig
+from engine.models.llama import ForwardContext
+from engine.models.loader import load_model, read_model_config
+from engine.sampler import SampleResult, Sampler
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_DEFAULT_LEN = 8192
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class RunnerInfo:
+    """What the runner found at start-up, handed to the engine (never written to config)."""
+
+    model_config: ModelConfig
+    max_model_len: int
+    num_kv_blocks: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_path: Path):
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        model_cfg = read_model_config(model_path)
+        max_len = config.max_model_len or min(model_cfg.max_position_embeddings, MAX_DEFAULT_LEN)
+        if model_cfg.sliding_window:
+            max_len = min(max_len, model_cfg.sliding_window)
+        self.model, self.model_config = load_model(model_path, self.dtype, self.device, max_len)
+        self.block_size = config.block_size
+        per_block = KVCache.bytes_per_block(model_cfg.num_layers, config.block_size,
+                                            model_cfg.num_kv_heads, model_cfg.head_dim, self.dtype)
+        num_blocks = config.num_kv_blocks or max(1, config.kv_cache_bytes // per_block)
+        self.kv_cache = KVCache(model_cfg.num_layers, num_blocks, config.block_size,
+                                model_cfg.num_kv_heads, model_cfg.head_dim, self.dtype, self.device)
+        self.backend = select_backend(config.attention_backend, self.device, config.block_size)
+        self.sampler = Sampler(self.device, config.seed)
+        self.info = RunnerInfo(self.model_config, max_len, num_blocks, self.device, self.dtype)
+
+    def _layout(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, BatchLayout]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        seq_lens, block_ids = [], []
+        for seq in plan.seqs:
+            r = seq.request
+            start, end = seq.start, seq.start + seq.num_new_tokens
+            input_ids.extend(r.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            blocks = r.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            query_start.append(len(input_ids))
+            seq_lens.append(end)
+            block_ids.append(blocks)
+        dev = self.device
+        layout = BatchLayout(query_start, seq_lens, block_ids,
+                             torch.tensor(slots, dtype=torch.long, device=dev), bs)
+        return (torch.tensor(input_ids, dtype=torch.long, device=dev),
+                torch.tensor(positions, dtype=torch.long, device=dev), layout)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> SampleResult | None:
+        """Runs one step; returns tokens for the sequences that sample, in plan order."""
+        input_ids, positions, layout = self._layout(plan)
+        cos, sin = self.model.rotary.tables(positions, self.dtype)
+        ctx = ForwardContext(positions, cos, sin, self.kv_cache, self.backend,
+                             self.backend.prepare(layout, self.device))
+        hidden = self.model.run_layers(self.model.embed(input_ids), ctx)
+        rows = [i for i, s in enumerate(plan.seqs) if s.samples]
+        if not rows:
+            return None
+        last = torch.tensor([layout.query_start[i + 1] - 1 for i in rows], device=self.device)
+        logits = self.model.compute_logits(self.model.final_norm(hidden.index_select(0, last)))
+        return self.sampler.sample(logits, [plan.seqs[i].request for i in rows])

@@ -1,0 +1,116 @@
+"""Token sampling for one step's batch of rows, one row per sampling request.
+
+Order per row: logprobs of the raw model distribution (if asked); repetition / presence /
+frequency penalties; min_tokens masks the stop tokens; greedy rows take the argmax;
+the rest are scaled by temperature, filtered by top_k, top_p and min_p, and drawn with
+the request's own generator (seeded per request, so a seed reproduces its output
+whatever else shares the batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.request import Request, TokenLogprobs
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int):
+        self.device = device
+        self._seeder = torch.Generator().manual_seed(seed)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def release(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def _generator(self, request: Request) -> torch.Generator:
+        gen = self._generators.get(request.request_id)
+        if gen is None:
+            seed = request.params.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._seeder))
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            self._generators[request.request_id] = gen
+        return gen
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
+        """logits: [len(requests), vocab] float32."""
+        params = [r.params for r in requests]
+        raw_logprobs = None
+        if any(p.logprobs is not None for p in params):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        if any(p.has_penalties for p in params):
+            logits = logits.clone()
+            for row, r in enumerate(requests):
+                if r.params.has_penalties:
+                    _apply_penalties(logits[row], r)
+        for row, r in enumerate(requests):
+            if r.num_output_tokens < r.params.min_tokens:
+                blocked = list(r.params.stop_token_ids) + ([] if r.params.ignore_eos else list(r.eos_token_ids))
+                if blocked:
+                    logits[row, blocked] = float("-inf")
+        tokens = logits.argmax(dim=-1)
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if random_rows:
+            sub = logits[random_rows]
+            probs = _filtered_probs(sub, [params[i] for i in random_rows])
+            for j, row in enumerate(random_rows):
+                noise = torch.empty_like(probs[j]).exponential_(generator=self._generator(requests[row]))
+                tokens[row] = (probs[j] / noise).argmax()
+        token_ids = tokens.tolist()
+        out: list[TokenLogprobs | None] = [None] * len(requests)
+        if raw_logprobs is not None:
+            for row, p in enumerate(params):
+                if p.logprobs is None:
+                    continue
+                tok = token_ids[row]
+                top: list[tuple[int, float]] = []
+                if p.logprobs > 0:
+                    vals, ids = raw_logprobs[row].topk(p.logprobs)
+                    top = list(zip(ids.tolist(), vals.tolist()))
+                out[row] = TokenLogprobs(tok, float(raw_logprobs[row, tok]), top)
+        return SampleResult(token_ids, out)
+
+
+def _apply_penalties(row: torch.Tensor, request: Request) -> None:
+    p = request.params
+    device = row.device
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(request.all_token_ids)), device=device, dtype=torch.long)
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and request.num_output_tokens:
+        out = torch.tensor(request.output_token_ids, device=device, dtype=torch.long)
+        counts = torch.zeros_like(row).scatter_add_(0, out, torch.ones_like(out, dtype=row.dtype))
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
+    temps = torch.tensor([p.temperature for p in params], device=logits.device, dtype=logits.dtype)
+    logits = logits / temps[:, None]
+    top_k = [p.top_k for p in params]
+    if any(top_k):
+        vocab = logits.shape[-1]
+        k = torch.tensor([min(t, vocab) if t else vocab for t in top_k], device=logits.device)
+        sorted_vals = logits.sort(dim=-1, descending=True).values
+        kth = sorted_vals.gather(1, (k - 1)[:, None])
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    top_p = torch.tensor([p.top_p for p in params], device=logits.device, dtype=probs.dtype)
+    if bool((top_p < 1).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p[:, None]
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    min_p = torch.tensor([p.min_p for p in params], device=logits.device, dtype=probs.dtype)
+    if bool((min_p > 0).any()):
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)

@@ -1,0 +1,79 @@
+"""Per-request sampling settings, validated once on construction (vLLM-shaped)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.errors import RequestError
+
+MAX_N = 8
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        _check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, f"n must be between 1 and {MAX_N}", "n")
+        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+               "max_tokens must be at least 1", "max_tokens")
+        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens must be >= 0", "min_tokens")
+        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
+               "min_tokens must not exceed max_tokens", "min_tokens")
+        _check(self.temperature >= 0, "temperature must be >= 0", "temperature")
+        _check(0 < self.top_p <= 1, "top_p must be in (0, 1]", "top_p")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be -1, 0 (off) or positive", "top_k")
+        _check(0 <= self.min_p <= 1, "min_p must be in [0, 1]", "min_p")
+        _check(self.repetition_penalty > 0, "repetition_penalty must be > 0", "repetition_penalty")
+        _check(-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]", "presence_penalty")
+        _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]", "frequency_penalty")
+        _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+               f"logprobs must be between 0 and {MAX_LOGPROBS}", "logprobs")
+        _check(len(self.stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in self.stop),
+               f"stop must be at most {MAX_STOP_STRINGS} non-empty strings", "stop")
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+               "stop_token_ids must be non-negative integers", "stop_token_ids")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+    def for_child(self, index: int) -> "SamplingParams":
+        """Params of the index-th of n parallel samples: n=1, a distinct but reproducible seed."""
+        from dataclasses import replace
+        seed = None if self.seed is None else self.seed + index
+        return replace(self, n=1, seed=seed)
+
+
+def _check(ok: bool, message: str, param: str) -> None:
+    if not ok:
+        raise RequestError(message, param=param)
