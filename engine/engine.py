@@ -95,15 +95,16 @@ class Engine:
         for child in children:
             self.batcher.add(child)
 
-    def abort(self, request_id: str) -> bool:
-        """Ends every unfinished child of the request and frees its blocks."""
-        children = self.requests.pop(request_id, None)
+    def abort(self, request_id: str, index: int | None = None) -> bool:
+        """Ends the request (or only its index-th sample) in any state and frees its blocks."""
+        children = self.requests.get(request_id)
         if children is None:
             return False
         for child in children:
-            if not child.status.finished:
-                self.batcher.finish(child, RequestStatus.FINISHED_ABORTED)
-            self.runner.sampler.release(child.request_id)
+            if (index is None or child.index == index) and not child.status.finished:
+                self._finish(child, RequestStatus.FINISHED_ABORTED)
+        if index is None:
+            self.requests.pop(request_id, None)
         return True
 
     def has_unfinished(self) -> bool:

@@ -17,7 +17,7 @@ from engine.config import EngineConfig
 from engine.kv.cache import KVCache
 from engine.models.config import ModelConfig
 from engine.models.llama import ForwardContext
-from engine.models.loader import load_model, read_model_config
+from engine.models.loader import load_model, open_weights
 from engine.sampler import SampleResult, Sampler
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,11 +53,13 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        model_cfg = read_model_config(model_path)
+        source = open_weights(model_path)
+        model_cfg = source.config
         max_len = config.max_model_len or min(model_cfg.max_position_embeddings, MAX_DEFAULT_LEN)
         if model_cfg.sliding_window:
             max_len = min(max_len, model_cfg.sliding_window)
-        self.model, self.model_config = load_model(model_path, self.dtype, self.device, max_len)
+        self.model_config = model_cfg
+        self.model = load_model(source, self.dtype, self.device, max_len)
         self.block_size = config.block_size
         per_block = KVCache.bytes_per_block(model_cfg.num_layers, config.block_size,
                                             model_cfg.num_kv_heads, model_cfg.head_dim, self.dtype)

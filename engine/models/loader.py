@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +23,32 @@ _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_
 _NUM_PARTS = {"qkv_proj": 3, "gate_up_proj": 2}
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_len: int) -> tuple[LlamaModel, ModelConfig]:
+@dataclass
+class WeightSource:
+    """A model's config and a one-pass iterator over its tensors under HF names."""
+
+    config: ModelConfig
+    tensors: Iterator[tuple[str, torch.Tensor]]
+
+
+def open_weights(path: str | Path) -> WeightSource:
     path = Path(path)
-    cfg = read_model_config(path)
-    tensors = _gguf_tensors(path, cfg) if path.suffix == ".gguf" else _safetensors(path)
+    if path.suffix == ".gguf":
+        import gguf
+        reader = gguf.GGUFReader(path)  # parsing the metadata is slow: open once
+        cfg = _gguf_config(reader)
+        return WeightSource(cfg, _gguf_tensors(reader, cfg))
+    return WeightSource(ModelConfig.from_hf_folder(path), _safetensors(path))
+
+
+def load_model(source: WeightSource, dtype: torch.dtype, device: torch.device, max_len: int) -> LlamaModel:
+    cfg, tensors = source.config, source.tensors
     rotary = Rotary(cfg, max_len, device)
     with torch.device("meta"):
         model = LlamaModel(cfg, rotary)
     model = model.to_empty(device=device).to(dtype=dtype)
     _assign(model, tensors, dtype, device)
-    return model.eval().requires_grad_(False), cfg
+    return model.eval().requires_grad_(False)
 
 
 def _assign(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]], dtype, device) -> None:
@@ -100,9 +117,7 @@ def _field(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
-def gguf_config(path: Path) -> ModelConfig:
-    import gguf
-    reader = gguf.GGUFReader(path)
+def _gguf_config(reader) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch not in _GGUF_ARCH:
         raise ValueError(f"unsupported GGUF architecture {arch!r}")
@@ -133,9 +148,8 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_tensors(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_tensors(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     import gguf
-    reader = gguf.GGUFReader(path)
     permuted = _field(reader, "general.architecture") in ("llama", "mistral")
     for t in reader.tensors:
         if t.name in _GGUF_NAMES:
@@ -151,9 +165,4 @@ def _gguf_tensors(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Ten
             data = _unpermute(data, cfg.num_heads)
         elif permuted and t.name.endswith(("attn_k.weight", "attn_k.bias")):
             data = _unpermute(data, cfg.num_kv_heads)
-        yield name, torch.from_numpy(np.ascontiguousarray(data))
-
-
-def read_model_config(path: str | Path) -> ModelConfig:
-    path = Path(path)
-    return gguf_config(path) if path.suffix == ".gguf" else ModelConfig.from_hf_folder(path)
+        yield name, torch.from_numpy(np.array(data, dtype=np.float32))

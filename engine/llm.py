@@ -1,0 +1,101 @@
+"""Offline batch generation shaped like vLLM's `LLM` (the one text-aware part of engine/).
+
+    llm = LLM()                                  # default SmolLM2, or LLM(model=path, **EngineConfig fields)
+    outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+    outs[0].text, outs[0].token_ids, outs[0].finish_reason, outs[0].outputs[i] (n > 1)
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.request import TokenLogprobs
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **engine_config):
+        from scheduler.tokenizer import Tokenizer
+        self.engine = Engine(EngineConfig(model=model, **engine_config))
+        self.tokenizer = Tokenizer.load(self.engine.model_path)
+        self._ids = itertools.count()
+
+    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        from scheduler.tokenizer import TextStream
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = sampling_params or SamplingParams()
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError("need one SamplingParams per prompt")
+        results: dict[str, RequestOutput] = {}
+        streams: dict[tuple[str, int], TextStream] = {}
+        order = []
+        try:
+            for prompt, p in zip(prompts, params_list):
+                ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+                rid = str(next(self._ids))
+                self.engine.add_request(rid, ids, p)
+                order.append(rid)
+                results[rid] = RequestOutput(rid, prompt if isinstance(prompt, str) else None, ids,
+                                             [CompletionOutput(i, logprobs=[] if p.logprobs is not None else None)
+                                              for i in range(p.n)])
+                for i in range(p.n):
+                    streams[rid, i] = TextStream(self.tokenizer, ids, p.stop, p.skip_special_tokens)
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    res = results[out.request_id]
+                    comp = res.outputs[out.index]
+                    res.num_cached_tokens = max(res.num_cached_tokens, out.num_cached_tokens)
+                    stream = streams[out.request_id, out.index]
+                    if comp.finish_reason is not None:
+                        continue
+                    comp.token_ids.extend(out.new_token_ids)
+                    if comp.logprobs is not None:
+                        comp.logprobs.extend(out.new_logprobs)
+                    stream.add(out.new_token_ids)
+                    if stream.stopped:
+                        comp.finish_reason = "stop"
+                        self.engine.abort(out.request_id, out.index)
+                    elif out.finished:
+                        comp.finish_reason = out.finish_reason
+            for (rid, i), stream in streams.items():
+                results[rid].outputs[i].text = stream.text
+        finally:
+            for rid in order:
+                self.engine.abort(rid)
+        return [results[rid] for rid in order]

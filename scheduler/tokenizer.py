@@ -1,0 +1,111 @@
+"""Text in and out: tokenizer loading, chat templates, incremental detokenization, stop strings.
+
+A GGUF file's tokenizer is converted by transformers once (slow, ~15 s) and cached as an
+HF tokenizer folder under ~/.cache/pdserve (PDSERVE_CACHE overrides), keyed by the
+file's size and mtime.
+
+TextStream turns one output sequence's tokens into text deltas: it decodes a sliding
+window of tokens so multi-byte characters and leading spaces come out right, finds stop
+strings (which are never emitted) and holds back as many characters as a stop string
+could still need before it is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from engine.errors import RequestError
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve"))
+
+
+class Tokenizer:
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        self.eos_token_id = hf_tokenizer.eos_token_id
+
+    @classmethod
+    def load(cls, model_path: Path) -> "Tokenizer":
+        from transformers import AutoTokenizer
+        if model_path.suffix != ".gguf":
+            return cls(AutoTokenizer.from_pretrained(model_path))
+        stat = model_path.stat()
+        key = hashlib.sha1(f"{model_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        cached = cache_dir() / "tokenizers" / f"{model_path.stem}-{key}"
+        if (cached / "tokenizer_config.json").exists():
+            return cls(AutoTokenizer.from_pretrained(cached))
+        tok = AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        tok.save_pretrained(tmp)
+        tmp.replace(cached) if not cached.exists() else None
+        return cls(tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        if not self.hf.chat_template:
+            raise RequestError("this model has no chat template; use /v1/completions", param="messages")
+        try:
+            text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # template errors are the caller's input problem
+            raise RequestError(f"chat template failed on these messages: {e}", param="messages") from e
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        return self.hf.decode([token_id])
+
+
+class TextStream:
+    """Text of one output sequence, built token by token."""
+
+    CONTEXT_TOKENS = 5
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], stop: tuple[str, ...] = (),
+                 skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.stop = stop
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        context = prompt_token_ids[-self.CONTEXT_TOKENS:]
+        self.tokens = list(context)
+        self.prefix_offset = 0
+        self.read_offset = len(context)
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def add(self, token_ids: list[int]) -> None:
+        """Appends tokens; sets `stopped` (and cuts the text) when a stop string appears."""
+        for token_id in token_ids:
+            if self.stopped:
+                return
+            self.tokens.append(token_id)
+            prefix = self.tokenizer.decode(self.tokens[self.prefix_offset:self.read_offset], self.skip)
+            full = self.tokenizer.decode(self.tokens[self.prefix_offset:], self.skip)
+            if len(full) <= len(prefix) or full.endswith("\ufffd"):
+                continue
+            start = max(0, len(self.text) - self.holdback)
+            self.text += full[len(prefix):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+            self._check_stop(start)
+
+    def _check_stop(self, start: int) -> None:
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.stopped = True
+
+    def delta(self, final: bool) -> str:
+        """Text not yet handed out; before the end, keeps back what a stop string may still claim."""
+        end = len(self.text) if final or self.stopped else max(self.emitted, len(self.text) - self.holdback)
+        out = self.text[self.emitted:end]
+        self.emitted = end
+        return out
