@@ -21,4 +21,4 @@ class ModelNotFound(RequestError):
 
 class ContextLengthExceeded(RequestError):
     def __init__(self, message: str):
-        super().__init__(message, param="messages", code="context_length_exceeded")
+        super().__init__(message, param=None, code="context_length_exceeded")

@@ -1,0 +1,119 @@
+"""A worker: one Engine driven by its own thread (the colocated role).
+
+Lifecycle: `start()` launches the loop thread; callers `submit` and `abort` from any
+thread. The loop applies queued adds and aborts, runs one engine step and hands each
+output to the request's sink; with no work it sleeps on a condition (never spins).
+A failing step fails every request in flight with the error and frees their blocks; the
+loop keeps serving new ones. `shutdown()` fails what is left and joins the thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine.engine import Engine, EngineStats, StepOutput
+from engine.errors import RequestError
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[["StepOutput | Exception"], None]
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request (HTTP 500 / an error event)."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_s: float | None
+    sink: Sink
+
+
+class EngineWorker:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._cond = threading.Condition()
+        self._adds: list[_Add] = []
+        self._aborts: list[tuple[str, int | None]] = []
+        self._sinks: dict[str, Sink] = {}
+        self._stopped = False
+        self._stats = engine.stats()
+        self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
+
+    def start(self) -> "EngineWorker":
+        self._thread.start()
+        return self
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+               sink: Sink, arrival_s: float | None = None) -> None:
+        """Queues a request; raises RequestError at once for one the engine would refuse."""
+        self.engine.validate(prompt_token_ids, params)
+        with self._cond:
+            if self._stopped:
+                raise EngineError("the engine is shutting down")
+            self._adds.append(_Add(request_id, prompt_token_ids, params, arrival_s, sink))
+            self._cond.notify()
+
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        with self._cond:
+            self._aborts.append((request_id, index))
+            self._cond.notify()
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._adds or self._aborts or self._stopped or self.engine.has_unfinished()):
+                    self._cond.wait()
+                adds, self._adds = self._adds, []
+                aborts, self._aborts = self._aborts, []
+                stopped = self._stopped
+            for add in adds:
+                try:
+                    self.engine.add_request(add.request_id, add.prompt_token_ids, add.params, add.arrival_s)
+                    self._sinks[add.request_id] = add.sink
+                except RequestError as e:
+                    add.sink(e)
+            for request_id, index in aborts:
+                self.engine.abort(request_id, index)
+                if request_id not in self.engine.requests:
+                    self._sinks.pop(request_id, None)
+            if stopped:
+                self._fail_all(EngineError("the engine shut down"))
+                return
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # one bad step must not take the server down
+                log.exception("engine step failed")
+                self._fail_all(EngineError(f"engine step failed: {e}"))
+                continue
+            for out in outputs:
+                sink = self._sinks.get(out.request_id)
+                if sink is not None:
+                    sink(out)
+                if out.request_id not in self.engine.requests:
+                    self._sinks.pop(out.request_id, None)
+            self._stats = self.engine.stats()
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id, sink in list(self._sinks.items()):
+            self.engine.abort(request_id)
+            sink(error)
+        self._sinks.clear()
+        self._stats = self.engine.stats()

@@ -1,0 +1,118 @@
+"""OpenAI response shapes: one accumulator per response, fed ChoiceEvents.
+
+`chunk(event)` gives a streaming chunk (None when there is nothing to send yet: text
+held back for a possible stop string); `final()` the non-streaming body.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from engine.request import TokenLogprobs
+from scheduler.api.generation import ChoiceEvent
+from scheduler.tokenizer import Tokenizer
+
+
+@dataclass
+class _Acc:
+    text: str = ""
+    finish_reason: str | None = None
+    num_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    wants_logprobs: bool = False
+
+
+class Shape:
+    object_name = ""
+    chunk_name = ""
+
+    def __init__(self, request_id: str, model: str, tokenizer: Tokenizer, num_prompts: int, n: int):
+        self.id, self.model, self.tokenizer = request_id, model, tokenizer
+        self.created = int(time.time())
+        self.n = n
+        self.choices = [_Acc() for _ in range(num_prompts * n)]
+        self.num_prompt_tokens = [0] * num_prompts
+
+    def add(self, event: ChoiceEvent) -> _Acc:
+        acc = self.choices[event.index]
+        acc.text += event.text
+        acc.num_tokens = event.num_output_tokens
+        acc.logprobs.extend(event.logprobs)
+        acc.wants_logprobs |= bool(event.logprobs)
+        acc.finish_reason = event.finish_reason or acc.finish_reason
+        self.num_prompt_tokens[event.index // self.n] = event.num_prompt_tokens
+        return acc
+
+    def usage(self) -> dict:
+        prompt = sum(self.num_prompt_tokens)  # once per prompt, not per sample
+        completion = sum(c.num_tokens for c in self.choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def envelope(self, name: str, choices: list) -> dict:
+        return {"id": self.id, "object": name, "created": self.created, "model": self.model, "choices": choices}
+
+    def usage_chunk(self) -> dict:
+        return {**self.envelope(self.chunk_name, []), "usage": self.usage()}
+
+    def opening(self) -> list[dict]:
+        return []
+
+    def token_str(self, token_id: int) -> str:
+        return self.tokenizer.token_text(token_id)
+
+
+class CompletionShape(Shape):
+    object_name = chunk_name = "text_completion"
+
+    def _logprobs(self, lps: list[TokenLogprobs]) -> dict:
+        return {"tokens": [self.token_str(lp.token_id) for lp in lps],
+                "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{self.token_str(t): v for t, v in lp.top} for lp in lps],
+                "text_offset": []}
+
+    def chunk(self, event: ChoiceEvent) -> dict | None:
+        self.add(event)
+        if not event.text and event.finish_reason is None and not event.logprobs:
+            return None
+        return self.envelope(self.chunk_name, [{
+            "index": event.index, "text": event.text, "finish_reason": event.finish_reason,
+            "logprobs": self._logprobs(event.logprobs) if event.logprobs else None}])
+
+    def final(self) -> dict:
+        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
+                    "logprobs": self._logprobs(c.logprobs) if c.wants_logprobs else None}
+                   for i, c in enumerate(self.choices)]
+        return {**self.envelope(self.object_name, choices), "usage": self.usage()}
+
+
+class ChatShape(Shape):
+    object_name, chunk_name = "chat.completion", "chat.completion.chunk"
+
+    def _entry(self, token_id: int, logprob: float) -> dict:
+        text = self.token_str(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    def _logprobs(self, lps: list[TokenLogprobs]) -> dict:
+        return {"content": [{**self._entry(lp.token_id, lp.logprob),
+                             "top_logprobs": [self._entry(t, v) for t, v in lp.top]} for lp in lps]}
+
+    def opening(self) -> list[dict]:
+        return [self.envelope(self.chunk_name, [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}])
+                for i in range(len(self.choices))]
+
+    def chunk(self, event: ChoiceEvent) -> dict | None:
+        self.add(event)
+        if not event.text and event.finish_reason is None and not event.logprobs:
+            return None
+        return self.envelope(self.chunk_name, [{
+            "index": event.index, "delta": {"content": event.text} if event.text else {},
+            "logprobs": self._logprobs(event.logprobs) if event.logprobs else None,
+            "finish_reason": event.finish_reason}])
+
+    def final(self) -> dict:
+        choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": self._logprobs(c.logprobs) if c.wants_logprobs else None,
+                    "finish_reason": c.finish_reason} for i, c in enumerate(self.choices)]
+        return {**self.envelope(self.object_name, choices), "usage": self.usage()}

@@ -1,0 +1,61 @@
+"""`pdserve` command line: `serve` (more subcommands join as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from engine.config import EngineConfig
+from scheduler.config import ServeConfig, add_dataclass_args, from_args
+
+log = logging.getLogger("pdserve")
+
+
+def build_server(engine_config: EngineConfig, api_key: str | None = None):
+    """Engine, worker thread, client and FastAPI app for colocated serving. Returns (app, worker)."""
+    from engine.engine import Engine
+    from engine.models.registry import model_name
+    from engine.worker import EngineWorker
+    from scheduler.api.server import ServerState, build_app
+    from scheduler.engine_client import InProcessClient
+    from scheduler.tokenizer import Tokenizer
+
+    engine = Engine(engine_config)
+    tokenizer = Tokenizer.load(engine.model_path)
+    name = engine_config.served_model_name or model_name(engine_config.model)
+    worker = EngineWorker(engine).start()
+    state = ServerState(InProcessClient(worker, name), tokenizer, name, api_key=api_key)
+    return build_app(state), worker
+
+
+def serve(config: ServeConfig, engine_config: EngineConfig) -> None:
+    import uvicorn
+    app, worker = build_server(engine_config, config.api_key)
+    log.info("serving %s on http://%s:%d (%d KV blocks)", app.state.pd.model_name, config.host, config.port,
+             worker.engine.num_kv_blocks)
+    try:
+        uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=5)
+    finally:
+        worker.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    add_dataclass_args(p_serve, ServeConfig)
+    add_dataclass_args(p_serve, EngineConfig)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            serve(from_args(ServeConfig, args), from_args(EngineConfig, args))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pdserve: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

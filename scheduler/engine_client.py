@@ -1,0 +1,78 @@
+"""EngineClient: how the front door talks to an engine, whatever carries the calls.
+
+`generate` yields a request's StepOutputs until all its samples finish; leaving the
+iterator early (client gone, stop string) aborts what is left. `InProcessClient` drives
+an EngineWorker in this process (colocated mode, tests).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.engine import EngineStats, StepOutput
+from engine.sampling_params import SamplingParams
+from engine.worker import EngineWorker
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    max_model_len: int
+    vocab_size: int
+
+
+class EngineClient(abc.ABC):
+    info: ModelInfo
+
+    @abc.abstractmethod
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 arrival_s: float | None = None) -> AsyncIterator[StepOutput]: ...
+
+    @abc.abstractmethod
+    def abort(self, request_id: str, index: int | None = None) -> None: ...
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raises RequestError for a request the engine would refuse (before any response starts)."""
+
+
+class InProcessClient(EngineClient):
+    def __init__(self, worker: EngineWorker, name: str):
+        self.worker = worker
+        engine = worker.engine
+        self.info = ModelInfo(name, engine.max_model_len, engine.model_config.vocab_size)
+
+    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.worker.engine.validate(prompt_token_ids, params)
+
+    async def generate(self, request_id, prompt_token_ids, params, arrival_s=None):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        self.worker.submit(request_id, prompt_token_ids, params,
+                           lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+                           arrival_s if arrival_s is not None else time.monotonic())
+        remaining = params.n
+        try:
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    remaining = 0
+                    raise item
+                if item.finished:
+                    remaining -= 1
+                yield item
+        finally:
+            if remaining:
+                self.worker.abort(request_id)
+
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        self.worker.abort(request_id, index)
+
+    def stats(self) -> EngineStats:
+        return self.worker.stats()
