@@ -15,6 +15,10 @@ class RequestError(ValueError):
         self.code = code
 
 
+class Unauthorized(RequestError):
+    status_code = 401
+
+
 class ModelNotFound(RequestError):
     status_code = 404
 

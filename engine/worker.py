@@ -107,6 +107,7 @@ class EngineWorker:
                 sink = self._sinks.get(out.request_id)
                 if sink is not None:
                     sink(out)
+            for out in outputs:  # only once every sample's output of the step is out
                 if out.request_id not in self.engine.requests:
                     self._sinks.pop(out.request_id, None)
             self._stats = self.engine.stats()

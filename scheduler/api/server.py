@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from engine.errors import ModelNotFound, RequestError
+from engine.errors import ModelNotFound, RequestError, Unauthorized
 from engine.sampling_params import SamplingParams
 from engine.worker import EngineError
 from scheduler.api import formats
@@ -78,13 +78,12 @@ def build_app(state: ServerState) -> FastAPI:
     async def _http_error(_, e: HTTPException):
         return error_response(e.status_code, str(e.detail))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if state.api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization") != f"Bearer {state.api_key}":
-                metrics.errors.labels("401").inc()
-                return error_response(401, "missing or wrong API key (Authorization: Bearer ...)")
-        return await call_next(request)
+    # a dependency, not an HTTP middleware: BaseHTTPMiddleware would hide client disconnects
+    async def check_api_key(request: Request) -> None:
+        if state.api_key and request.headers.get("authorization") != f"Bearer {state.api_key}":
+            raise Unauthorized("missing or wrong API key (send Authorization: Bearer <key>)")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
     @app.get("/health")
     async def health():
@@ -94,13 +93,13 @@ def build_app(state: ServerState) -> FastAPI:
     async def prometheus():
         return Response(metrics.render(state.client.stats()), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models():
         info = state.client.info
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
                                             "owned_by": "pdserve", "max_model_len": info.max_model_len}]}
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         _check_model(state, body.model)
         params = body.sampling_params()
@@ -113,7 +112,7 @@ def build_app(state: ServerState) -> FastAPI:
         shape = formats.CompletionShape(rid, state.model_name, state.tokenizer, len(prompts), params.n)
         return await _respond(request, body.stream, body.include_usage, events, shape)
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
         _check_model(state, body.model)
         params = body.sampling_params()
@@ -126,6 +125,7 @@ def build_app(state: ServerState) -> FastAPI:
         shape = formats.ChatShape(rid, state.model_name, state.tokenizer, 1, params.n)
         return await _respond(request, body.stream, body.include_usage, events, shape)
 
+    app.include_router(v1)
     return app
 
 
@@ -164,6 +164,7 @@ async def _respond(request: Request, stream: bool, include_usage: bool,
         watcher.cancel()
         if not task.done():
             task.cancel()  # the client left: closing the events aborts the request
+        await asyncio.gather(task, watcher, return_exceptions=True)
     if task.cancelled():
         return Response(status_code=499)
     return JSONResponse(task.result())
