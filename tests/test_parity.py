@@ -29,7 +29,8 @@ def references(tiny_dirs):
     return get
 
 
-GREEDY = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)
+# min_tokens masks EOS the way HF generate(min_new_tokens=...) does
+GREEDY = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, min_tokens=NUM_TOKENS)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2", "llama3", "mistral"])

