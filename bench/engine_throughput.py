@@ -1,0 +1,111 @@
+"""Decode and prefill throughput of pdserve's engine against HF transformers and vLLM, in one run.
+
+    python -m bench.engine_throughput [--threads 1] [--vllm-dir /path/from/vllm-setup.sh]
+
+Each system runs in its own subprocess (vLLM in its own virtualenv, made by
+shared/peers/vllm-setup.sh) on the same SmolLM2-135M-Instruct weights, with the same
+token-id prompts and the same timing method (bench/throughput_worker.py). Compute is given
+the same number of cores: torch threads for pdserve and HF, VLLM_CPU_OMP_THREADS_BIND for
+vLLM. Prints a table with pdserve's ratio to each peer and writes --result-json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+WORKER = Path(__file__).with_name("throughput_worker.py")
+
+
+def run_system(python: str, system: str, model: str, dtype: str, threads: int, extra: list[str],
+               env: dict | None = None) -> dict | None:
+    cmd = [python, str(WORKER), "--system", system, "--model", model, "--dtype", dtype,
+           "--threads", str(threads), *extra]
+    print(f"running {system} ({dtype}, {threads} thread(s)) ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          cwd=Path(__file__).parent.parent)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    print(f"{system} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+    return None
+
+
+def hf_folder(vllm_dir: Path | None) -> str:
+    """The SmolLM2 GGUF as an HF folder (what vllm-setup.sh makes); converted here if absent."""
+    if vllm_dir and (vllm_dir / "smollm2" / "config.json").exists():
+        return str(vllm_dir / "smollm2")
+    out = Path(tempfile.gettempdir()) / "pdserve-smollm2-hf"
+    if not (out / "config.json").exists():
+        from engine.models.registry import default_model_path
+        import torch
+        import transformers
+        path = default_model_path()
+        tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    return str(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1, help="cores of compute per system")
+    ap.add_argument("--vllm-dir", type=Path, default=None, help="folder made by shared/peers/vllm-setup.sh")
+    ap.add_argument("--vllm-dtype", default="bfloat16")
+    ap.add_argument("--hf-dtype", default="float32")
+    ap.add_argument("--batch-sizes", default="1,8,32")
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--result-json", type=Path, default=None)
+    args = ap.parse_args()
+    extra = ["--batch-sizes", args.batch_sizes, "--output-len", str(args.output_len)]
+    results = {}
+    results["pdserve"] = run_system(sys.executable, "pdserve", str(_default_gguf()), "float32", args.threads, extra)
+    folder = hf_folder(args.vllm_dir)
+    results["hf"] = run_system(sys.executable, "hf", folder, args.hf_dtype, args.threads, extra)
+    vllm_python = args.vllm_dir / "venv" / "bin" / "python" if args.vllm_dir else None
+    if vllm_python and vllm_python.exists():
+        cores = "0" if args.threads == 1 else f"0-{args.threads - 1}"
+        results["vllm"] = run_system(str(vllm_python), "vllm", folder, args.vllm_dtype, args.threads, extra,
+                                     env={"VLLM_CPU_OMP_THREADS_BIND": cores, "HF_HUB_OFFLINE": "1",
+                                          "VLLM_CPU_KVCACHE_SPACE": "2", "TMPDIR": tempfile.mkdtemp()})
+    else:
+        print("vLLM not set up (pass --vllm-dir DIR from shared/peers/vllm-setup.sh): skipped", file=sys.stderr)
+    print(table(results, args.batch_sizes.split(",")))
+    if args.result_json:
+        args.result_json.write_text(json.dumps(results, indent=2))
+
+
+def _default_gguf() -> Path:
+    from engine.models.registry import default_model_path
+    return default_model_path()
+
+
+def table(results: dict, batch_sizes: list[str]) -> str:
+    ours = results.get("pdserve")
+    rows = [f"{'metric':<22}" + "".join(f"{name:>22}" for name in results)]
+    metrics = [(f"decode tok/s, batch {b}", lambda r, b=b: r["decode_tok_s"][b]) for b in batch_sizes]
+    metrics.append(("prefill tok/s", lambda r: r["prefill_tok_s"]))
+    for label, get in metrics:
+        cells = []
+        for name, r in results.items():
+            if r is None:
+                cells.append(f"{'failed':>22}")
+                continue
+            value = get(r)
+            ratio = "" if name == "pdserve" or not ours else f" ({get(ours) / value:.2f}x)"
+            cells.append(f"{value:>12.1f}{ratio:>10}")
+        rows.append(f"{label:<22}" + "".join(cells))
+    rows.append("(x) = pdserve / peer; pdserve fp32 from the GGUF, peers on the same weights as an HF folder")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
