@@ -59,7 +59,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1, help="cores of compute per system")
     ap.add_argument("--vllm-dir", type=Path, default=None, help="folder made by shared/peers/vllm-setup.sh")
-    ap.add_argument("--vllm-dtype", default="bfloat16")
+    ap.add_argument("--vllm-dtypes", default="bfloat16,float32",
+                    help="vLLM runs once per dtype (bf16 is its CPU default; fp32 is pdserve's)")
     ap.add_argument("--hf-dtype", default="float32")
     ap.add_argument("--batch-sizes", default="1,8,32")
     ap.add_argument("--output-len", type=int, default=64)
@@ -69,18 +70,24 @@ def main() -> None:
     results = {}
     results["pdserve"] = run_system(sys.executable, "pdserve", str(_default_gguf()), "float32", args.threads, extra)
     folder = hf_folder(args.vllm_dir)
-    results["hf"] = run_system(sys.executable, "hf", folder, args.hf_dtype, args.threads, extra)
+    results[f"hf-{_short(args.hf_dtype)}"] = run_system(sys.executable, "hf", folder, args.hf_dtype, args.threads, extra)
     vllm_python = args.vllm_dir / "venv" / "bin" / "python" if args.vllm_dir else None
     if vllm_python and vllm_python.exists():
         cores = "0" if args.threads == 1 else f"0-{args.threads - 1}"
-        results["vllm"] = run_system(str(vllm_python), "vllm", folder, args.vllm_dtype, args.threads, extra,
-                                     env={"VLLM_CPU_OMP_THREADS_BIND": cores, "HF_HUB_OFFLINE": "1",
-                                          "VLLM_CPU_KVCACHE_SPACE": "2", "TMPDIR": tempfile.mkdtemp()})
+        for dtype in args.vllm_dtypes.split(","):
+            results[f"vllm-{_short(dtype)}"] = run_system(
+                str(vllm_python), "vllm", folder, dtype, args.threads, extra,
+                env={"VLLM_CPU_OMP_THREADS_BIND": cores, "HF_HUB_OFFLINE": "1",
+                     "VLLM_CPU_KVCACHE_SPACE": "2", "TMPDIR": tempfile.mkdtemp()})
     else:
         print("vLLM not set up (pass --vllm-dir DIR from shared/peers/vllm-setup.sh): skipped", file=sys.stderr)
     print(table(results, args.batch_sizes.split(",")))
     if args.result_json:
         args.result_json.write_text(json.dumps(results, indent=2))
+
+
+def _short(dtype: str) -> str:
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
 
 
 def _default_gguf() -> Path:
@@ -103,7 +110,8 @@ def table(results: dict, batch_sizes: list[str]) -> str:
             ratio = "" if name == "pdserve" or not ours else f" ({get(ours) / value:.2f}x)"
             cells.append(f"{value:>12.1f}{ratio:>10}")
         rows.append(f"{label:<22}" + "".join(cells))
-    rows.append("(x) = pdserve / peer; pdserve fp32 from the GGUF, peers on the same weights as an HF folder")
+    rows.append("(x) = pdserve / peer; pdserve fp32 from the GGUF, peers on the same weights as an HF folder;")
+    rows.append(f"{ours['threads'] if ours else '?'} core(s) of compute each; best of 2 runs per figure")
     return "\n".join(rows)
 
 

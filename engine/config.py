@@ -46,6 +46,8 @@ class EngineConfig:
     """Reuse full KV blocks across requests sharing a prompt prefix."""
     attention_backend: str = "auto"
     """Attention backend: auto (flash-attn on GPU when importable, else torch), torch, flash."""
+    cpu_gemm_buckets: str = "8,32"
+    """CPU fp32 only: batch sizes for which every weight keeps an extra MKL-packed copy (faster decode GEMM for up to that many rows; one copy of the weights each); empty to turn off."""
     num_threads: int | None = None
     """Torch intra-op threads on CPU; default: all cores this process may use."""
     seed: int = 0
@@ -63,6 +65,17 @@ class EngineConfig:
         if self.attention_backend not in ("auto", "torch", "flash"):
             raise ValueError("attention_backend must be auto, torch or flash")
         parse_bytes(self.kv_cache_memory)
+        self.gemm_buckets  # validates
+
+    @property
+    def gemm_buckets(self) -> tuple[int, ...]:
+        try:
+            buckets = tuple(int(b) for b in self.cpu_gemm_buckets.split(",") if b.strip())
+        except ValueError:
+            raise ValueError(f"cpu_gemm_buckets must be comma-separated integers, not {self.cpu_gemm_buckets!r}")
+        if any(b < 2 for b in buckets):
+            raise ValueError("cpu_gemm_buckets must be integers >= 2")
+        return buckets
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -102,9 +102,7 @@ class Engine:
             return False
         for child in children:
             if (index is None or child.index == index) and not child.status.finished:
-                self._finish(child, RequestStatus.FINISHED_ABORTED)
-        if index is None:
-            self.requests.pop(request_id, None)
+                self._finish(child, RequestStatus.FINISHED_ABORTED)  # the last one drops the request
         return True
 
     def has_unfinished(self) -> bool:

@@ -17,6 +17,7 @@ from engine.config import EngineConfig
 from engine.kv.cache import KVCache
 from engine.models.config import ModelConfig
 from engine.models.llama import ForwardContext
+from engine.models import packed_gemm
 from engine.models.loader import load_model, open_weights
 from engine.sampler import SampleResult, Sampler
 
@@ -60,6 +61,8 @@ class ModelRunner:
             max_len = min(max_len, model_cfg.sliding_window)
         self.model_config = model_cfg
         self.model = load_model(source, self.dtype, self.device, max_len)
+        if config.gemm_buckets and packed_gemm.available(self.device, self.dtype):
+            self.model.pack_weights(config.gemm_buckets)
         self.block_size = config.block_size
         per_block = KVCache.bytes_per_block(model_cfg.num_layers, config.block_size,
                                             model_cfg.num_kv_heads, model_cfg.head_dim, self.dtype)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from engine.errors import RequestError
@@ -41,7 +42,10 @@ class Tokenizer:
         tok = AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
         tok.save_pretrained(tmp)
-        tmp.replace(cached) if not cached.exists() else None
+        try:
+            tmp.rename(cached)  # atomic: a concurrent loader may have won the race
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
         return cls(tok)
 
     def encode(self, text: str) -> list[int]:

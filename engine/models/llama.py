@@ -18,6 +18,7 @@ from torch import nn
 from engine.attention.base import AttentionBackend
 from engine.kv.cache import KVCache
 from engine.models.config import ModelConfig
+from engine.models.packed_gemm import PackedWeight
 
 
 @dataclass
@@ -80,8 +81,13 @@ class Dense(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(in_features, out_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.packed: PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            out = self.packed.matmul(x, self.bias)
+            if out is not None:
+                return out
         if self.bias is None:
             return torch.mm(x, self.weight)
         return torch.addmm(self.bias, x, self.weight)
@@ -138,6 +144,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = rotary
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.logits_packed: PackedWeight | None = None
 
     @property
     def num_layers(self) -> int:
@@ -155,8 +162,21 @@ class LlamaModel(nn.Module):
         return self.norm(h)
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight).float()
+        if self.logits_packed is not None:
+            out = self.logits_packed.matmul(h)
+            if out is not None:
+                return out.float()
+        return F.linear(h, self._logits_weight()).float()
+
+    def _logits_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def pack_weights(self, buckets: tuple[int, ...]) -> None:
+        """Adds MKL-packed copies of every projection for small CPU batches (see packed_gemm)."""
+        for module in self.modules():
+            if isinstance(module, Dense):
+                module.packed = PackedWeight(module.weight.t(), buckets)
+        self.logits_packed = PackedWeight(self._logits_weight(), buckets)
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.final_norm(self.run_layers(self.embed(input_ids), ctx))
