@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from engine.attention import BatchLayout, select_backend
+from engine.attention.base import slots_for
 from engine.batcher import StepPlan
 from engine.config import EngineConfig
 from engine.kv.cache import KVCache
@@ -85,11 +86,10 @@ class ModelRunner:
             start, end = seq.start, seq.start + seq.num_new_tokens
             input_ids.extend(r.all_token_ids[start:end])
             positions.extend(range(start, end))
-            blocks = r.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            slots.extend(slots_for(r.block_ids, start, end, bs))
             query_start.append(len(input_ids))
             seq_lens.append(end)
-            block_ids.append(blocks)
+            block_ids.append(r.block_ids)
         dev = self.device
         layout = BatchLayout(query_start, seq_lens, block_ids,
                              torch.tensor(slots, dtype=torch.long, device=dev), bs)

@@ -46,6 +46,11 @@ class AttentionBackend(abc.ABC):
         """q [T, H, D], k/v [T, KVH, D]; caches [num_blocks, block_size, KVH, D]. Returns [T, H, D]."""
 
 
+def slots_for(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Flat cache slots of token positions [start, end) of a sequence holding these blocks."""
+    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)

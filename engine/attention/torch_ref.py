@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.attention.base import AttentionBackend, BatchLayout, write_kv
+from engine.attention.base import AttentionBackend, BatchLayout, slots_for, write_kv
 
 
 @dataclass
@@ -30,10 +30,6 @@ class TorchMeta:
     decode_slots: torch.Tensor | None
     decode_mask: torch.Tensor | None
     prefills: list[PrefillSeq]
-
-
-def _slots(block_ids: list[int], length: int, block_size: int) -> list[int]:
-    return [block_ids[p // block_size] * block_size + p % block_size for p in range(length)]
 
 
 class TorchAttention(AttentionBackend):
@@ -63,7 +59,7 @@ class TorchAttention(AttentionBackend):
                 continue
             slots = mask = None
             if seq_len > q_len:
-                slots = torch.tensor(_slots(layout.block_ids[i], seq_len, bs), device=device)
+                slots = torch.tensor(slots_for(layout.block_ids[i], 0, seq_len, bs), device=device)
                 offset = seq_len - q_len
                 mask = (torch.arange(seq_len, device=device)[None, :]
                         <= torch.arange(q_len, device=device)[:, None] + offset)
@@ -82,13 +78,14 @@ class TorchAttention(AttentionBackend):
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, enable_gqa=True)
             out.index_copy_(0, meta.decode_tokens, od.squeeze(2))
         for p in meta.prefills:
+            # 4-D inputs: with 3-D ones SDPA's GQA path falls back to the slow math kernel on CPU
             sl = slice(p.token_start, p.token_start + p.q_len)
-            qp = q[sl].transpose(0, 1)                                        # [H, Lq, D]
+            qp = q[sl].transpose(0, 1).unsqueeze(0)                           # [1, H, Lq, D]
             if p.slots is None:
-                kp, vp = k[sl].transpose(0, 1), v[sl].transpose(0, 1)
+                kp, vp = k[sl].transpose(0, 1).unsqueeze(0), v[sl].transpose(0, 1).unsqueeze(0)
                 op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
             else:
-                kp, vp = k_flat[p.slots].transpose(0, 1), v_flat[p.slots].transpose(0, 1)
+                kp, vp = k_flat[p.slots].transpose(0, 1).unsqueeze(0), v_flat[p.slots].transpose(0, 1).unsqueeze(0)
                 op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, enable_gqa=True)
-            out[sl] = op.transpose(0, 1)
+            out[sl] = op[0].transpose(0, 1)
         return out
