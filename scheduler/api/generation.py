@@ -104,8 +104,9 @@ async def generate_events(client: EngineClient, tokenizer: Tokenizer, request_id
 async def merge(streams: list[AsyncIterator[ChoiceEvent]]) -> AsyncIterator[ChoiceEvent]:
     """Events of several prompts as they come; cancelling the merge closes every stream."""
     if len(streams) == 1:
-        async for event in streams[0]:
-            yield event
+        async with aclosing(streams[0]) as only:
+            async for event in only:
+                yield event
         return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
