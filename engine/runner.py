@@ -45,8 +45,6 @@ class RunnerInfo:
     model_config: ModelConfig
     max_model_len: int
     num_kv_blocks: int
-    device: torch.device
-    dtype: torch.dtype
 
 
 class ModelRunner:
@@ -60,7 +58,6 @@ class ModelRunner:
         max_len = config.max_model_len or min(model_cfg.max_position_embeddings, MAX_DEFAULT_LEN)
         if model_cfg.sliding_window:
             max_len = min(max_len, model_cfg.sliding_window)
-        self.model_config = model_cfg
         self.model = load_model(source, self.dtype, self.device, max_len)
         if config.gemm_buckets and packed_gemm.available(self.device, self.dtype):
             self.model.pack_weights(config.gemm_buckets)
@@ -72,7 +69,7 @@ class ModelRunner:
                                 model_cfg.num_kv_heads, model_cfg.head_dim, self.dtype, self.device)
         self.backend = select_backend(config.attention_backend, self.device, config.block_size)
         self.sampler = Sampler(self.device, config.seed)
-        self.info = RunnerInfo(self.model_config, max_len, num_blocks, self.device, self.dtype)
+        self.info = RunnerInfo(model_cfg, max_len, num_blocks)
 
     def _layout(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, BatchLayout]:
         bs = self.block_size

@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import MISSING, dataclass, fields
 
-from engine.config import EngineConfig, field_help
+from engine.config import field_help
 
 
 @dataclass(frozen=True)
