@@ -7,12 +7,16 @@ exceptions. Chunk times are taken when a chunk carrying content arrives.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
 import httpx
 
 from bench.metrics import RequestRecord
+
+# asks pdserve for each request's per-phase timings; other servers ignore the header
+TIMINGS_HEADERS = {"x-pdserve-timings": "1"}
 
 
 def request_body(endpoint: str, model: str | None, prompt: str, max_tokens: int, ignore_eos: bool) -> dict:
@@ -37,13 +41,16 @@ def _content(chunk: dict, endpoint: str) -> str:
     return (choice.get("delta") or {}).get("content") or "" if endpoint == "chat" else choice.get("text") or ""
 
 
-async def send(http: httpx.AsyncClient, base_url: str, endpoint: str, body: dict, t0: float) -> RequestRecord:
+async def send(http: httpx.AsyncClient, base_url: str, endpoint: str, body: dict, t0: float,
+               timeout_s: float = 300.0) -> RequestRecord:
+    """One request, bounded as a whole by timeout_s (a server that trickles is cut too)."""
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     record = RequestRecord(send_s=time.perf_counter() - t0)
     num_chunks = 0
     usage_tokens = None
     try:
-        async with http.stream("POST", base_url.rstrip("/") + path, json=body) as response:
+        async with (asyncio.timeout(timeout_s),
+                    http.stream("POST", base_url.rstrip("/") + path, json=body, headers=TIMINGS_HEADERS) as response):
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")[:200]
                 return _failed(record, f"HTTP {response.status_code}: {text}")
@@ -61,13 +68,17 @@ async def send(http: httpx.AsyncClient, base_url: str, endpoint: str, body: dict
                 if _content(chunk, endpoint):
                     record.chunk_s.append(time.perf_counter() - t0)
                     num_chunks += 1
+                for choice in chunk.get("choices") or []:
+                    record.timings = choice.get("timings") or record.timings
                 if chunk.get("usage"):
                     usage_tokens = chunk["usage"].get("completion_tokens")
                     record.prompt_tokens = chunk["usage"].get("prompt_tokens") or 0
             if not done:
                 return _failed(record, "stream ended before [DONE]")
+    except TimeoutError:
+        return _failed(record, f"timed out after {timeout_s:g} s")
     except (httpx.HTTPError, json.JSONDecodeError, OSError) as e:
-        return _failed(record, f"{type(e).__name__}: {e}")
+        return _failed(record, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
     if not record.chunk_s:
         return _failed(record, "no content in the stream")
     record.output_tokens = usage_tokens if usage_tokens is not None else num_chunks

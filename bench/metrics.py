@@ -25,6 +25,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     ok: bool = True
     error: str | None = None
+    timings: dict[str, float] | None = None  # per-phase seconds, when the server reports them
 
     @property
     def ttft_s(self) -> float | None:

@@ -43,6 +43,17 @@ class Timeline:
     first_token_s: float | None = None
     finish_s: float | None = None
 
+    def phases(self, end_s: float | None = None) -> dict[str, float]:
+        """Seconds spent in each phase reached so far (the `timings` a client may ask for):
+        queue (arrival to first schedule), prefill (to the first token), transfer,
+        decode_queue and decode (first token to finish, or to end_s)."""
+        spans = {"queue": (self.arrival_s, self.first_scheduled_s),
+                 "prefill": (self.first_scheduled_s, self.prefill_end_s),
+                 "transfer": (self.transfer_start_s, self.transfer_end_s),
+                 "decode_queue": (self.decode_queued_s, self.decode_start_s),
+                 "decode": (self.decode_start_s, self.finish_s or end_s)}
+        return {name: max(0.0, b - a) for name, (a, b) in spans.items() if a is not None and b is not None}
+
 
 @dataclass
 class TokenLogprobs:

@@ -1,4 +1,4 @@
-"""`pdserve` command line: `serve` (more subcommands join as they land)."""
+"""`pdserve` command line: `serve` and `bench` (the load tester, also `python -m bench`)."""
 
 from __future__ import annotations
 
@@ -41,11 +41,16 @@ def serve(config: ServeConfig, engine_config: EngineConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser, so `pdserve bench --help` shows every flag
+        from bench.cli import main as bench_main
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     add_dataclass_args(p_serve, ServeConfig)
     add_dataclass_args(p_serve, EngineConfig)
+    sub.add_parser("bench", help="load-test OpenAI-compatible servers under latency SLOs (see `pdserve bench -h`)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

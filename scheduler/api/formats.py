@@ -21,14 +21,17 @@ class _Acc:
     num_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     wants_logprobs: bool = False
+    timings: dict[str, float] | None = None
 
 
 class Shape:
     object_name = ""
     chunk_name = ""
 
-    def __init__(self, request_id: str, model: str, tokenizer: Tokenizer, num_prompts: int, n: int):
+    def __init__(self, request_id: str, model: str, tokenizer: Tokenizer, num_prompts: int, n: int,
+                 timings: bool = False):
         self.id, self.model, self.tokenizer = request_id, model, tokenizer
+        self.timings = timings  # the client asked for per-phase timings (x-pdserve-timings header)
         self.created = int(time.time())
         self.n = n
         self.choices = [_Acc() for _ in range(num_prompts * n)]
@@ -41,6 +44,7 @@ class Shape:
         acc.logprobs.extend(event.logprobs)
         acc.wants_logprobs |= bool(event.logprobs)
         acc.finish_reason = event.finish_reason or acc.finish_reason
+        acc.timings = event.timings or acc.timings
         self.num_prompt_tokens[event.index // self.n] = event.num_prompt_tokens
         return acc
 
@@ -57,6 +61,11 @@ class Shape:
 
     def opening(self) -> list[dict]:
         return []
+
+    def with_timings(self, choice: dict, timings: dict[str, float] | None) -> dict:
+        if self.timings and timings:
+            choice["timings"] = {name: round(v, 6) for name, v in timings.items()}
+        return choice
 
     def token_str(self, token_id: int) -> str:
         return self.tokenizer.token_text(token_id)
@@ -75,14 +84,14 @@ class CompletionShape(Shape):
         self.add(event)
         if not event.text and event.finish_reason is None and not event.logprobs:
             return None
-        return self.envelope(self.chunk_name, [{
+        return self.envelope(self.chunk_name, [self.with_timings({
             "index": event.index, "text": event.text, "finish_reason": event.finish_reason,
-            "logprobs": self._logprobs(event.logprobs) if event.logprobs else None}])
+            "logprobs": self._logprobs(event.logprobs) if event.logprobs else None}, event.timings)])
 
     def final(self) -> dict:
-        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                    "logprobs": self._logprobs(c.logprobs) if c.wants_logprobs else None}
-                   for i, c in enumerate(self.choices)]
+        choices = [self.with_timings({"index": i, "text": c.text, "finish_reason": c.finish_reason,
+                                      "logprobs": self._logprobs(c.logprobs) if c.wants_logprobs else None},
+                                     c.timings) for i, c in enumerate(self.choices)]
         return {**self.envelope(self.object_name, choices), "usage": self.usage()}
 
 
@@ -106,13 +115,14 @@ class ChatShape(Shape):
         self.add(event)
         if not event.text and event.finish_reason is None and not event.logprobs:
             return None
-        return self.envelope(self.chunk_name, [{
+        return self.envelope(self.chunk_name, [self.with_timings({
             "index": event.index, "delta": {"content": event.text} if event.text else {},
             "logprobs": self._logprobs(event.logprobs) if event.logprobs else None,
-            "finish_reason": event.finish_reason}])
+            "finish_reason": event.finish_reason}, event.timings)])
 
     def final(self) -> dict:
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self._logprobs(c.logprobs) if c.wants_logprobs else None,
-                    "finish_reason": c.finish_reason} for i, c in enumerate(self.choices)]
+        choices = [self.with_timings({"index": i, "message": {"role": "assistant", "content": c.text},
+                                      "logprobs": self._logprobs(c.logprobs) if c.wants_logprobs else None,
+                                      "finish_reason": c.finish_reason}, c.timings)
+                   for i, c in enumerate(self.choices)]
         return {**self.envelope(self.object_name, choices), "usage": self.usage()}

@@ -29,6 +29,7 @@ class ChoiceEvent:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    timings: dict[str, float] | None = None  # phase seconds, on a sample's last event
 
 
 class _Sample:
@@ -75,14 +76,16 @@ class _Tracker:
             finish = "stop"
             if not out.finished:
                 self.client.abort(self.request_id, out.index)
+        timings = None
         if finish is not None:
+            timings = out.timeline.phases(end_s=now) if out.timeline else None
             sample.finish_reason = finish
             m.finished.labels(finish).inc()
             m.e2e.observe(now - self.arrival_s)
             if sample.num_tokens > 1:
                 m.tpot.observe((now - sample.first_token_s) / (sample.num_tokens - 1))
         return ChoiceEvent(self.index_base + out.index, sample.stream.delta(final=finish is not None),
-                           out.new_logprobs, finish, self.num_prompt, sample.num_tokens)
+                           out.new_logprobs, finish, self.num_prompt, sample.num_tokens, timings)
 
 
 async def generate_events(client: EngineClient, tokenizer: Tokenizer, request_id: str,

@@ -31,6 +31,9 @@ from scheduler.metrics import ServerMetrics
 from scheduler.tokenizer import Tokenizer
 
 
+TIMINGS_HEADER = "x-pdserve-timings"
+
+
 @dataclass
 class ServerState:
     client: EngineClient
@@ -109,7 +112,8 @@ def build_app(state: ServerState) -> FastAPI:
         rid = f"cmpl-{uuid.uuid4().hex}"
         events = merge([generate_events(state.client, state.tokenizer, f"{rid}-{i}", ids, params, metrics,
                                         index_base=i * params.n) for i, ids in enumerate(prompts)])
-        shape = formats.CompletionShape(rid, state.model_name, state.tokenizer, len(prompts), params.n)
+        shape = formats.CompletionShape(rid, state.model_name, state.tokenizer, len(prompts), params.n,
+                                        _wants_timings(request))
         return await _respond(request, body.stream, body.include_usage, events, shape)
 
     @v1.post("/chat/completions")
@@ -122,7 +126,7 @@ def build_app(state: ServerState) -> FastAPI:
         state.client.check(ids, params)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         events = generate_events(state.client, state.tokenizer, rid, ids, params, metrics)
-        shape = formats.ChatShape(rid, state.model_name, state.tokenizer, 1, params.n)
+        shape = formats.ChatShape(rid, state.model_name, state.tokenizer, 1, params.n, _wants_timings(request))
         return await _respond(request, body.stream, body.include_usage, events, shape)
 
     app.include_router(v1)
@@ -133,6 +137,11 @@ def _check_model(state: ServerState, model: str | None) -> None:
     if model is not None and model != state.model_name:
         raise ModelNotFound(f"The model `{model}` does not exist (this server serves `{state.model_name}`).",
                             param="model", code="model_not_found")
+
+
+def _wants_timings(request: Request) -> bool:
+    """`x-pdserve-timings: 1` asks for each choice's per-phase seconds in its last chunk."""
+    return request.headers.get(TIMINGS_HEADER, "").lower() in ("1", "true", "yes")
 
 
 def _tokenize_prompt(state: ServerState, prompt: str | list[int]) -> list[int]:
