@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--num-prompts", type=int, default=100, help="measured requests per phase")
     load.add_argument("--duration-s", type=float, help="stop sending a phase's requests after this long")
     load.add_argument("--seed", type=int, default=0)
-    load.add_argument("--warmup", type=int, default=0, help="warm-up requests per target, not counted")
+    load.add_argument("--warmup", type=int, default=0,
+                      help="per target, first replay this many of the workload's requests (cycling), not "
+                           "counted: servers that specialise kernels by shape reach their steady state")
     w = p.add_argument_group("workload")
     w.add_argument("--dataset", nargs="+", default=["random"], metavar="NAME [PATH]",
                    help=f"one of {', '.join(DATASETS)}; `file PATH` takes JSONL or ShareGPT JSON")
@@ -152,9 +154,11 @@ def from_args(args: argparse.Namespace) -> BenchConfig:
     slo = parse_slo(args)
     if args.find_goodput and slo.empty:
         raise ValueError("--find-goodput needs SLOs (--slo-*-ms or --goodput)")
+    if args.max_search_phases < 1:
+        raise ValueError("--max-search-phases must be >= 1")
     if not 0 < args.attainment_target <= 1:
         raise ValueError("--attainment-target must be in (0, 1]")
-    spec = DatasetSpec(name, args.num_prompts + args.warmup, args.input_len, args.output_len, args.range_ratio,
+    spec = DatasetSpec(name, args.num_prompts, args.input_len, args.output_len, args.range_ratio,
                        rest[0] if rest else None, args.seed)
     return BenchConfig(
         targets=parse_targets(args), model=args.model, endpoint=args.endpoint, request_rate=args.request_rate,

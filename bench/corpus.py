@@ -54,9 +54,14 @@ def corpus_text(kind: Kind) -> str:
 
 
 def _prose(doc: str) -> str:
-    """Docstring paragraphs without doctest and indented code lines."""
-    lines = [ln for ln in doc.splitlines() if not ln.startswith((">>>", "...", "    "))]
+    """Docstring paragraphs without doctests, indented code, or table rules and columns."""
+    lines = [re.sub(r" {2,}", " ", ln) for ln in doc.splitlines()
+             if not ln.startswith((">>>", "...", "    ")) and not _mostly_symbols(ln)]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def _mostly_symbols(line: str) -> bool:
+    return len(line) > 3 and sum(c.isalpha() for c in line) < len(line) / 2
 
 
 @dataclass

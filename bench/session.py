@@ -24,6 +24,17 @@ from bench.report import PhaseResult, rate_label
 from bench.runner import Phase, PhaseState, run_phase
 
 
+def _console() -> Console:
+    console = Console()
+    return console if console.is_terminal else Console(width=160)  # logs: no 80-column wrapping
+
+
+def _status(state: PhaseState) -> str:
+    att = state.attainment
+    return (f"sent {state.sent}  ok {len(state.records) - state.num_failed}  failed {state.num_failed}"
+            + ("" if att is None else f"  attainment {att:.0%}"))
+
+
 @dataclass(frozen=True)
 class TargetInfo:
     name: str
@@ -46,7 +57,7 @@ async def discover(name: str, url: str, api_key: str | None) -> TargetInfo:
 @dataclass
 class Session:
     config: BenchConfig
-    console: Console = field(default_factory=Console)
+    console: Console = field(default_factory=_console)
     targets: list[TargetInfo] = field(default_factory=list)
     requests: list[BenchRequest] = field(default_factory=list)
     results: list[PhaseResult] = field(default_factory=list)
@@ -61,10 +72,11 @@ class Session:
                 self.console.print(f"[yellow]{t.name}: {t.url}/v1/models did not answer; its requests will "
                                    "probably fail and be counted as failures[/yellow]")
         self._build_workload()
+        measured = self.requests  # every phase sends the same requests, at its own rate
         if cfg.warmup:
+            warm = [measured[i % len(measured)] for i in range(cfg.warmup)]
             for t in self.targets:
-                await self._phase(t, math.inf, self.requests[:cfg.warmup], warmup=True)
-        measured = self.requests[cfg.warmup:]
+                await self._phase(t, math.inf, warm, warmup=True)
         if cfg.find_goodput:
             self.searches = {t.name: GoodputSearch(cfg.attainment_target, cfg.request_rate, cfg.max_search_phases)
                              for t in self.targets}
@@ -90,10 +102,10 @@ class Session:
         output = [r.max_tokens for r in self.requests]
         how = "counted with the given tokenizer" if counter.exact else \
             "ESTIMATED at 4 characters a token (give --tokenizer to count exactly)"
+        lengths = (f"prompt tokens mean {sum(prompt) / len(prompt):.0f} [{min(prompt)}-{max(prompt)}] {how}; "
+                   f"output tokens mean {sum(output) / len(output):.0f} [{min(output)}-{max(output)}]")
         self.console.print(f"workload {cfg.dataset.name}: {len(self.requests)} requests "
-                           f"({cfg.warmup} warm-up), prompt tokens mean {sum(prompt) / len(prompt):.0f} "
-                           f"[{min(prompt)}-{max(prompt)}] {how}; output tokens mean "
-                           f"{sum(output) / len(output):.0f} [{min(output)}-{max(output)}]")
+                           f"(+{cfg.warmup} warm-up replays), {lengths}")
 
     async def _phase(self, target: TargetInfo, rate: float, requests: list[BenchRequest],
                      warmup: bool = False) -> PhaseResult:
@@ -104,21 +116,18 @@ class Session:
                       timeout_s=cfg.request_timeout_s, duration_s=None if warmup else cfg.duration_s,
                       ignore_eos=cfg.ignore_eos, api_key=cfg.api_key)
         label = f"{target.name} warm-up" if warmup else f"{target.name} @ {rate_label(rate)} req/s"
+        live = self.console.is_terminal  # a log file gets one plain line per phase instead
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=self.console,
-                      transient=warmup) as progress:
+                      transient=warmup, disable=not live) as progress:
             task = progress.add_task(label, total=len(requests), status="")
-
-            def update(state: PhaseState) -> None:
-                att = state.attainment
-                status = (f"sent {state.sent}  ok {len(state.records) - state.num_failed}  "
-                          f"failed {state.num_failed}" + ("" if att is None else f"  attainment {att:.0%}"))
-                progress.update(task, completed=len(state.records), status=status)
-
-            state = PhaseState(phase, cfg.slo, on_change=update)
+            state = PhaseState(phase, cfg.slo, on_change=lambda s: progress.update(
+                task, completed=len(s.records), status=_status(s)))
             if not warmup:
                 self.current = state
             await run_phase(state)
+        if not live and not warmup:
+            self.console.print(f"{label}: {_status(state)}, {state.elapsed_s:.1f} s", soft_wrap=True)
         result = PhaseResult.of(state, cfg.slo)
         if not warmup:
             self.current = None

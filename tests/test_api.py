@@ -61,6 +61,17 @@ def test_chat_and_streaming(client):
     assert comp[-1].choices[0].finish_reason is not None
 
 
+def test_per_phase_timings_only_when_asked(tiny_server):
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
+    url = tiny_server.url + "/v1/completions"
+    assert "timings" not in httpx.post(url, json=body).json()["choices"][0]
+    timed = httpx.post(url, json=body, headers={"x-pdserve-timings": "1"}).json()["choices"][0]["timings"]
+    assert set(timed) == {"queue", "prefill", "decode"} and all(v >= 0 for v in timed.values())
+    with httpx.stream("POST", url, json={**body, "stream": True}, headers={"x-pdserve-timings": "1"}) as r:
+        chunks = [line for line in r.iter_lines() if line.startswith("data: {")]
+    assert "timings" in chunks[-1] and all("timings" not in c for c in chunks[:-1])  # on the last chunk only
+
+
 def test_logprobs_in_responses(client):
     out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                          temperature=0, logprobs=True, top_logprobs=2)

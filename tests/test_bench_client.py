@@ -1,91 +1,72 @@
 """bench's client and phase runner against pdserve (tiny model) and a misbehaving stub."""
 
 import asyncio
-import json
-import threading
-import time
 
 import pytest
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
-from bench.runner import Phase, run_phase
+from bench_stub import serving, stub_app
+from bench.datasets import BenchRequest
+from bench.runner import Phase, PhaseState, run_phase
 from conftest import free_port
+
+
+def run(url, prompts, max_tokens, arrivals=None, endpoint="completions", model=None, **kw):
+    """Records sorted by send time (the runner appends them as they finish)."""
+    requests = [BenchRequest(p, max_tokens, 1) for p in prompts]
+    phase = Phase("t", url, endpoint, model, 1.0, requests, arrivals or [0.0] * len(prompts), **kw)
+    seen = []
+    state = asyncio.run(run_phase(PhaseState(phase, on_change=lambda s: seen.append(len(s.records)))))
+    assert seen[-1] == len(state.records)  # progress was reported as requests finished
+    return sorted(state.records, key=lambda r: r.send_s), state
 
 
 def test_every_request_against_pdserve_is_accounted_for(tiny_server):
     for endpoint in ("completions", "chat"):
-        phase = Phase(tiny_server.url, endpoint, "tiny", [("Once upon a time", 5)] * 6, [0.0] * 6,
-                      max_concurrency=3, timeout_s=60)
-        records, duration = asyncio.run(run_phase(phase))
-        assert len(records) == 6 and duration > 0
+        records, state = run(tiny_server.url, ["Once upon a time"] * 6, 5, endpoint=endpoint, model="tiny",
+                             max_concurrency=3, timeout_s=60)
+        assert len(records) == 6 and state.elapsed_s > 0
         assert all(r.ok for r in records), [r.error for r in records]
         assert all(r.output_tokens == 5 and r.ttft_s > 0 and r.e2el_s >= r.ttft_s for r in records)
-
-
-def _stub_app() -> FastAPI:
-    app = FastAPI()
-
-    def sse(chunks, done=True):
-        async def gen():
-            for delay, payload in chunks:
-                await asyncio.sleep(delay)
-                yield f"data: {json.dumps(payload)}\n\n"
-            if done:
-                yield "data: [DONE]\n\n"
-        return StreamingResponse(gen(), media_type="text/event-stream")
-
-    def text(t):
-        return {"choices": [{"index": 0, "text": t, "finish_reason": None}]}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        prompt = (await request.json())["prompt"]
-        if prompt == "500":
-            return JSONResponse({"error": {"message": "overloaded"}}, status_code=500)
-        if prompt == "cut":
-            return sse([(0, text("a")), (0, text("b"))], done=False)
-        if prompt == "error":
-            return sse([(0, text("a")), (0, {"error": {"message": "engine died"}})])
-        first_delay = 0.3 if prompt == "slow" else 0.0
-        return sse([(first_delay, text("x")), (0.05, text("y")), (0.05, text("z")),
-                    (0, {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 3}})])
-    return app
+        # pdserve answers the timings header with each request's phases, which add up to its life
+        for r in records:
+            assert set(r.timings) >= {"queue", "prefill", "decode"}
+            assert sum(r.timings.values()) <= r.e2el_s + 0.05
 
 
 @pytest.fixture(scope="module")
 def stub():
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(_stub_app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serving(stub_app()) as url:
+        yield url
 
 
 def test_misbehaving_server_failures_are_counted_with_reasons(stub):
-    prompts = ["ok", "slow", "500", "cut", "error", "ok"]
-    phase = Phase(stub, "completions", None, [(p, 3) for p in prompts], [0.0, 0.0, 0.0, 0.0, 0.0, 0.1], timeout_s=10)
-    seen = []
-    records, _ = asyncio.run(run_phase(phase, on_done=seen.append))
-    assert len(seen) == 6
-    by_prompt = dict(zip(prompts[:5], records[:5]))
-    assert by_prompt["ok"].ok and by_prompt["ok"].output_tokens == 3 and len(by_prompt["ok"].chunk_s) == 3
-    assert by_prompt["slow"].ok and by_prompt["slow"].ttft_s >= 0.3
+    prompts = ["ok", "slow", "500", "cut", "error", "hang", "ok"]
+    records, state = run(stub, prompts, 3, [0.0] * 6 + [0.1], timeout_s=1.5)
+    assert len(records) == 7 and state.sent == 7 and state.num_failed == 4
+    # the first six share send time 0, so each is found by what it did
+    by_prompt = {p: next(r for r in records if _behaves_like(p, r)) for p in prompts[:6]}
+    assert by_prompt["ok"].output_tokens == 3 and len(by_prompt["ok"].chunk_s) == 3
+    assert by_prompt["slow"].ttft_s >= 0.3
     assert by_prompt["ok"].tpot_s >= 0.045  # the stub sleeps 50 ms between tokens
-    assert not by_prompt["500"].ok and "HTTP 500" in by_prompt["500"].error
-    assert not by_prompt["cut"].ok and "before [DONE]" in by_prompt["cut"].error
-    assert not by_prompt["error"].ok and "engine died" in by_prompt["error"].error
-    assert records[5].ok and records[5].send_s >= 0.1  # sent at its arrival time
+    assert "HTTP 500" in by_prompt["500"].error
+    assert "before [DONE]" in by_prompt["cut"].error
+    assert "engine died" in by_prompt["error"].error
+    assert "timed out after 1.5 s" in by_prompt["hang"].error
+    assert records[6].ok and records[6].send_s >= 0.1  # sent at its arrival time
+
+
+def _behaves_like(prompt: str, r) -> bool:
+    if prompt in ("ok", "slow"):
+        return r.ok and (r.ttft_s >= 0.3) == (prompt == "slow")
+    marks = {"500": "HTTP 500", "cut": "before [DONE]", "error": "engine died", "hang": "timed out"}
+    return not r.ok and marks[prompt] in r.error
 
 
 def test_connection_refused_is_a_failure_not_a_crash():
-    phase = Phase(f"http://127.0.0.1:{free_port()}", "completions", None, [("x", 2)] * 2, [0.0, 0.0], timeout_s=5)
-    records, _ = asyncio.run(run_phase(phase))
+    records, _ = run(f"http://127.0.0.1:{free_port()}", ["x", "x"], 2, timeout_s=5)
     assert [r.ok for r in records] == [False, False] and all("Connect" in r.error for r in records)
+
+
+def test_duration_stops_sending():
+    records, state = run("http://127.0.0.1:1", ["x"] * 3, 2, [0.0, 0.5, 0.6], duration_s=0.2, timeout_s=2)
+    assert state.sent == 1 and len(records) == 1
