@@ -57,6 +57,11 @@ class Batcher:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
 
+    def add_running(self, request: Request) -> None:
+        """A request whose prompt KV was computed elsewhere joins the decodes."""
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)

@@ -18,6 +18,8 @@ from engine.models.registry import resolve_model_path
 from engine.request import Request, RequestStatus, Timeline, TokenLogprobs
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
+from engine.transfer.base import KVSink, LayerChunk
+from engine.transfer.exporter import LayerExporter
 
 
 @dataclass
@@ -64,6 +66,11 @@ class Engine:
         self.kv = KVCacheManager(info.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.batcher = Batcher(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, list[Request]] = {}
+        self.exporter: LayerExporter | None = None  # set on a prefill engine: ships prompt KV
+
+    def set_kv_sink(self, sink: KVSink) -> None:
+        """Makes this a prefill engine: every prompt's KV goes to sink, layer by layer."""
+        self.exporter = LayerExporter(self.runner.kv_cache, sink, self.model_config.num_layers)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raises RequestError for a request this engine cannot run."""
@@ -105,6 +112,64 @@ class Engine:
                 self._finish(child, RequestStatus.FINISHED_ABORTED)  # the last one drops the request
         return True
 
+    # decode side of disaggregation: reserve, receive the prompt's KV, then decode
+
+    def reserve_prefilled(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                          arrival_s: float | None = None) -> bool:
+        """Reserves blocks for a prompt that a prefill engine will compute into them. Returns
+        False, changing nothing, when the pool has no room."""
+        if request_id in self.requests:
+            raise RequestError(f"duplicate request id {request_id!r}")
+        if params.n != 1:
+            raise RequestError("disaggregated serving supports n=1 only", param="n")
+        self.validate(prompt_token_ids, params)
+        request = Request(request_id, prompt_token_ids, params, self.model_config.eos_token_ids,
+                          self.max_model_len, arrival_s=arrival_s)
+        if not self.kv.reserve(request, request.num_prompt_tokens):
+            return False
+        request.status = RequestStatus.WAITING_FOR_KV
+        request.timeline.transfer_start_s = time.monotonic()
+        self.requests[request_id] = [request]
+        return True
+
+    def receive_kv(self, chunk: LayerChunk) -> bool:
+        """Writes one layer chunk into the request's reserved blocks (False: no such request,
+        e.g. aborted meanwhile; the chunk is dropped)."""
+        request = self._waiting_for_kv(chunk.request_id)
+        if request is None:
+            return False
+        blocks = request.block_ids[chunk.first_block:chunk.first_block + chunk.num_blocks]
+        assert len(blocks) == chunk.num_blocks, "chunk beyond the reserved blocks"
+        self.runner.kv_cache.import_blocks(chunk.layer, blocks, chunk.packed)
+        return True
+
+    def admit_prefilled(self, request_id: str, first_token_id: int,
+                        first_logprob: TokenLogprobs | None = None) -> StepOutput | None:
+        """All layers have landed: the request joins the decodes with its first token."""
+        request = self._waiting_for_kv(request_id)
+        if request is None:
+            return None
+        now = time.monotonic()
+        t = request.timeline
+        t.transfer_end_s = t.decode_queued_s = t.decode_start_s = t.first_token_s = now
+        t.first_scheduled_s = t.first_scheduled_s or now
+        request.num_computed_tokens = request.num_prompt_tokens
+        if first_logprob is not None:
+            request.logprobs.append(first_logprob)
+        status = request.append_token(first_token_id)
+        if status is not None:
+            self._finish(request, status)
+        else:
+            self.batcher.add_running(request)
+        return StepOutput(request_id, 0, [first_token_id], [first_logprob] if first_logprob else [],
+                          status.value if status else None, request.num_prompt_tokens, 0, t)
+
+    def _waiting_for_kv(self, request_id: str) -> Request | None:
+        children = self.requests.get(request_id)
+        if not children or children[0].status is not RequestStatus.WAITING_FOR_KV:
+            return None
+        return children[0]
+
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
@@ -117,9 +182,14 @@ class Engine:
         for seq in plan.seqs:
             if seq.request.timeline.prefill_start_s is None:
                 seq.request.timeline.prefill_start_s = now
-        result = self.runner.execute(plan)
+        exporter = self.exporter
+        if exporter is not None:
+            exporter.plan(plan)
+        result = self.runner.execute(plan, exporter.layer_done if exporter and exporter.runs else None)
         for seq in plan.seqs:
             seq.request.num_computed_tokens += seq.num_new_tokens
+        if exporter is not None:
+            exporter.finish(plan)
         if result is None:
             return []
         now = time.monotonic()

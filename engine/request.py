@@ -4,6 +4,10 @@ Lifecycle: WAITING -> RUNNING (blocks held, num_computed_tokens advancing) -> FI
 A RUNNING request short of blocks may be PREEMPTED: its blocks are freed, its computed
 count drops to 0 and it waits again at the head of the queue; its generated tokens are
 kept and recomputed as prompt (preemption by recompute). Abort is a finish from any state.
+
+Disaggregated: on a decode engine a request starts WAITING_FOR_KV (prompt blocks reserved,
+a prefill engine filling them layer by layer) and enters RUNNING with its prompt computed
+and its first token given. On a prefill engine `num_sent_blocks` counts the blocks shipped.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from engine.sampling_params import SamplingParams
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_KV = "waiting_for_kv"
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
@@ -83,6 +88,7 @@ class Request:
         self.num_registered_blocks = 0
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0
+        self.num_sent_blocks = 0
         self.logprobs: list[TokenLogprobs] = []
         self.timeline = Timeline() if arrival_s is None else Timeline(arrival_s=arrival_s)
 

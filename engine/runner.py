@@ -6,6 +6,7 @@ one device. Everything per step is built once here and passed down in a ForwardC
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,13 +95,20 @@ class ModelRunner:
                 torch.tensor(positions, dtype=torch.long, device=dev), layout)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> SampleResult | None:
-        """Runs one step; returns tokens for the sequences that sample, in plan order."""
+    def execute(self, plan: StepPlan, layer_done: Callable[[int], None] | None = None) -> SampleResult | None:
+        """Runs one step; returns tokens for the sequences that sample, in plan order.
+        layer_done(i) is called as soon as layer i has written its KV (layer-wise transfer)."""
         input_ids, positions, layout = self._layout(plan)
         cos, sin = self.model.rotary.tables(positions, self.dtype)
         ctx = ForwardContext(positions, cos, sin, self.kv_cache, self.backend,
                              self.backend.prepare(layout, self.device))
-        hidden = self.model.run_layers(self.model.embed(input_ids), ctx)
+        hidden = self.model.embed(input_ids)
+        if layer_done is None:
+            hidden = self.model.run_layers(hidden, ctx)
+        else:
+            for i in range(self.model.num_layers):
+                hidden = self.model.run_layers(hidden, ctx, i, i + 1)
+                layer_done(i)
         rows = [i for i, s in enumerate(plan.seqs) if s.samples]
         if not rows:
             return None

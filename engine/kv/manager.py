@@ -78,6 +78,16 @@ class KVCacheManager:
             request.num_registered_blocks = max(request.num_registered_blocks, num_full)
         return True
 
+    def reserve(self, request: Request, num_tokens: int) -> bool:
+        """Blocks for num_tokens whose KV another engine will write. No prefix hashes yet: they
+        are registered by the first allocate_slots after the KV has landed."""
+        assert not request.block_ids
+        blocks = self.pool.allocate(self.blocks_needed(num_tokens))
+        if blocks is None:
+            return False
+        request.block_ids = blocks
+        return True
+
     def free(self, request: Request) -> None:
         self.pool.release(request.block_ids)
         request.block_ids = []

@@ -1,0 +1,3 @@
+from engine.transfer.base import KVSink, LayerChunk
+
+__all__ = ["KVSink", "LayerChunk"]

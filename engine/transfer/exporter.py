@@ -1,0 +1,56 @@
+"""Per-step export of prompt KV on a prefill engine, one layer at a time.
+
+Before a step, `plan` lists for each prefilling request the run of block indices this step
+writes: from the first block not yet sent complete to the block holding the step's last
+token. The runner calls `layer_done(i)` after layer i; each request's run is exported from
+the cache for that layer and given to the sink. After the step, blocks that are now full
+count as sent; a partially filled last block goes again with the next chunk.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from engine.batcher import StepPlan
+from engine.kv.cache import KVCache
+from engine.transfer.base import KVSink, LayerChunk
+
+
+@dataclass
+class _Run:
+    request_id: str
+    block_ids: list[int]
+    first_block: int
+    prompt_done: bool
+
+
+class LayerExporter:
+    def __init__(self, cache: KVCache, sink: KVSink, num_layers: int):
+        self.cache, self.sink, self.num_layers = cache, sink, num_layers
+        self.runs: list[_Run] = []
+        self.layer_times_s: list[float] = []  # when each layer's sends were issued (last step)
+
+    def plan(self, plan: StepPlan) -> None:
+        bs = self.cache.block_size
+        self.runs = []
+        self.layer_times_s = []
+        for seq in plan.seqs:
+            r = seq.request
+            end = seq.start + seq.num_new_tokens
+            if seq.start >= r.num_prompt_tokens:
+                continue  # decoding: nothing of the prompt left to send
+            first, last = r.num_sent_blocks, (end - 1) // bs
+            self.runs.append(_Run(r.request_id, r.block_ids[first:last + 1], first, end >= r.num_prompt_tokens))
+
+    def layer_done(self, layer: int) -> None:
+        self.layer_times_s.append(time.monotonic())
+        for run in self.runs:
+            packed = self.cache.export_blocks(layer, run.block_ids)
+            self.sink.send(LayerChunk(run.request_id, layer, run.first_block, packed,
+                                      last=run.prompt_done and layer == self.num_layers - 1))
+
+    def finish(self, plan: StepPlan) -> None:
+        bs = self.cache.block_size
+        for seq in plan.seqs:
+            seq.request.num_sent_blocks = min(seq.request.num_computed_tokens, seq.request.num_prompt_tokens) // bs
