@@ -13,6 +13,14 @@ from test_parity import GREEDY, prompts, references  # noqa: F401 (fixture)
 pytestmark = pytest.mark.slow
 
 
+def receiver_for(decode, port: int, timeout_s: float) -> GlooReceiver:
+    """Joins the pair as the decode rank (blocks until the prefill rank joins too)."""
+    cfg = decode.model_config
+    return GlooReceiver(connect_pair("127.0.0.1", port, DECODE_RANK),
+                        (decode.config.block_size, cfg.num_kv_heads, cfg.head_dim),
+                        decode.runner.kv_cache.tensor.dtype, timeout_s=timeout_s)
+
+
 def test_1p1d_across_processes_equals_hf(tiny_llama, references, make_engine):
     decode = make_engine(model=str(tiny_llama))
     prompt_list = prompts()
@@ -22,10 +30,7 @@ def test_1p1d_across_processes_equals_hf(tiny_llama, references, make_engine):
     child = ctx.Process(target=prefill_over_gloo, args=(str(tiny_llama), port, dict(enumerate(prompt_list)), results))
     child.start()
     try:
-        group = connect_pair("127.0.0.1", port, DECODE_RANK)
-        cfg = decode.model_config
-        receiver = GlooReceiver(group, (decode.config.block_size, cfg.num_kv_heads, cfg.head_dim),
-                                decode.runner.kv_cache.tensor.dtype, timeout_s=60)
+        receiver = receiver_for(decode, port, timeout_s=60)
         for i, p in enumerate(prompt_list):
             assert decode.reserve_prefilled(str(i), p, GREEDY)
             receiver.expect(i, str(i))
@@ -58,10 +63,7 @@ def test_a_stalled_transfer_times_out_and_the_request_can_be_freed(tiny_llama, m
     peer = ctx.Process(target=join_and_stall, args=(port,))
     peer.start()
     try:
-        group = connect_pair("127.0.0.1", port, DECODE_RANK)
-        cfg = decode.model_config
-        receiver = GlooReceiver(group, (decode.config.block_size, cfg.num_kv_heads, cfg.head_dim),
-                                decode.runner.kv_cache.tensor.dtype, timeout_s=1)
+        receiver = receiver_for(decode, port, timeout_s=1)
         assert decode.reserve_prefilled("r", prompts()[-1], GREEDY)
         with pytest.raises(TransferTimeout, match="within 1 s"):
             receiver.recv()
