@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 ARGS    ?=
 
-.PHONY: venv serve test test-fast clean
+.PHONY: venv serve test test-fast proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+# regenerates pdserve_rpc/ from proto/ (tests/test_proto.py checks the committed modules are current)
+proto: venv
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/pdserve_rpc/*.proto
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
