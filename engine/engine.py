@@ -173,6 +173,10 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def has_work(self) -> bool:
+        """Whether a step would do anything (a request waiting for its KV gives none)."""
+        return self.batcher.num_unfinished > 0
+
     def step(self) -> list[StepOutput]:
         plan = self.batcher.schedule()
         if not plan.seqs:

@@ -1,7 +1,9 @@
-"""A worker: one Engine driven by its own thread (the colocated role).
+"""A worker: one Engine driven by its own thread.
 
 Lifecycle: `start()` launches the loop thread; callers `submit` and `abort` from any
-thread. The loop applies queued adds and aborts, runs one engine step and hands each
+thread, and `call` runs a function on the engine between steps (how disaggregated roles
+reserve blocks, land KV chunks and admit prefilled requests without locking the engine).
+The loop applies queued calls, adds and aborts, runs one engine step and hands each
 output to the request's sink; with no work it sleeps on a condition (never spins).
 A failing step fails every request in flight with the error and frees their blocks; the
 loop keeps serving new ones. `shutdown()` fails what is left and joins the thread.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from engine.engine import Engine, EngineStats, StepOutput
@@ -42,6 +45,7 @@ class EngineWorker:
         self._cond = threading.Condition()
         self._adds: list[_Add] = []
         self._aborts: list[tuple[str, int | None]] = []
+        self._calls: list[tuple[Callable[[Engine], object], Future]] = []
         self._sinks: dict[str, Sink] = {}
         self._stopped = False
         self._stats = engine.stats()
@@ -61,6 +65,22 @@ class EngineWorker:
             self._adds.append(_Add(request_id, prompt_token_ids, params, arrival_s, sink))
             self._cond.notify()
 
+    def call(self, fn: Callable[[Engine], object]) -> Future:
+        """Runs fn(engine) on the loop thread before the next step; the future holds its result
+        or exception."""
+        future: Future = Future()
+        with self._cond:
+            if self._stopped:
+                raise EngineError("the engine is shutting down")
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future
+
+    def attach(self, request_id: str, sink: Sink) -> None:
+        """Sends a request's outputs to sink (for a request entered through `call`); only on
+        the loop thread, i.e. from inside a `call`."""
+        self._sinks[request_id] = sink
+
     def abort(self, request_id: str, index: int | None = None) -> None:
         with self._cond:
             self._aborts.append((request_id, index))
@@ -79,11 +99,17 @@ class EngineWorker:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._adds or self._aborts or self._stopped or self.engine.has_unfinished()):
+                while not (self._adds or self._aborts or self._calls or self._stopped or self.engine.has_work()):
                     self._cond.wait()
+                calls, self._calls = self._calls, []
                 adds, self._adds = self._adds, []
                 aborts, self._aborts = self._aborts, []
                 stopped = self._stopped
+            for fn, future in calls:
+                try:
+                    future.set_result(fn(self.engine))
+                except Exception as e:  # the caller's problem, delivered to the caller
+                    future.set_exception(e)
             for add in adds:
                 try:
                     self.engine.add_request(add.request_id, add.prompt_token_ids, add.params, add.arrival_s)
