@@ -67,6 +67,7 @@ class Engine:
         self.batcher = Batcher(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, list[Request]] = {}
         self.exporter: LayerExporter | None = None  # set on a prefill engine: ships prompt KV
+        self._ready: list[StepOutput] = []  # first tokens of admitted prefilled requests
 
     def set_kv_sink(self, sink: KVSink) -> None:
         """Makes this a prefill engine: every prompt's KV goes to sink, layer by layer."""
@@ -141,7 +142,24 @@ class Engine:
         blocks = request.block_ids[chunk.first_block:chunk.first_block + chunk.num_blocks]
         assert len(blocks) == chunk.num_blocks, "chunk beyond the reserved blocks"
         self.runner.kv_cache.import_blocks(chunk.layer, blocks, chunk.packed)
+        if chunk.last:
+            request.kv_landed = True
+            self._admit_when_ready(request)
         return True
+
+    def give_first_token(self, request_id: str, token_id: int, logprob: TokenLogprobs | None = None) -> bool:
+        """The prefill side's first token. The request joins the decodes once its KV has landed
+        too, whichever comes last; its first output comes out of the next step."""
+        request = self._waiting_for_kv(request_id)
+        if request is None:
+            return False
+        request.first_token = (token_id, logprob)
+        self._admit_when_ready(request)
+        return True
+
+    def _admit_when_ready(self, request: Request) -> None:
+        if request.kv_landed and request.first_token is not None:
+            self._ready.append(self.admit_prefilled(request.request_id, *request.first_token))
 
     def admit_prefilled(self, request_id: str, first_token_id: int,
                         first_logprob: TokenLogprobs | None = None) -> StepOutput | None:
@@ -175,12 +193,13 @@ class Engine:
 
     def has_work(self) -> bool:
         """Whether a step would do anything (a request waiting for its KV gives none)."""
-        return self.batcher.num_unfinished > 0
+        return self.batcher.num_unfinished > 0 or bool(self._ready)
 
     def step(self) -> list[StepOutput]:
+        outputs, self._ready = self._ready, []
         plan = self.batcher.schedule()
         if not plan.seqs:
-            return []
+            return outputs
         sampling = [s.request for s in plan.seqs if s.samples]
         now = time.monotonic()
         for seq in plan.seqs:
@@ -195,9 +214,8 @@ class Engine:
         if exporter is not None:
             exporter.finish(plan)
         if result is None:
-            return []
+            return outputs
         now = time.monotonic()
-        outputs = []
         for request, token, logprob in zip(sampling, result.token_ids, result.logprobs):
             status = request.append_token(token)
             timeline = request.timeline

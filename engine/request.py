@@ -89,6 +89,8 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0
         self.num_sent_blocks = 0
+        self.kv_landed = False  # decode side: the prompt's last layer chunk has been written
+        self.first_token: tuple[int, TokenLogprobs | None] | None = None  # decode side, from prefill
         self.logprobs: list[TokenLogprobs] = []
         self.timeline = Timeline() if arrival_s is None else Timeline(arrival_s=arrival_s)
 

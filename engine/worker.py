@@ -46,6 +46,7 @@ class EngineWorker:
         self._adds: list[_Add] = []
         self._aborts: list[tuple[str, int | None]] = []
         self._calls: list[tuple[Callable[[Engine], object], Future]] = []
+        self._hooks: list[Callable[[Engine], None]] = []
         self._sinks: dict[str, Sink] = {}
         self._stopped = False
         self._stats = engine.stats()
@@ -76,10 +77,19 @@ class EngineWorker:
             self._cond.notify()
         return future
 
+    def add_hook(self, fn: Callable[[Engine], None]) -> None:
+        """Runs fn(engine) on the loop thread after every iteration (e.g. to retry reservations
+        once blocks have been freed). Add hooks before start()."""
+        self._hooks.append(fn)
+
     def attach(self, request_id: str, sink: Sink) -> None:
         """Sends a request's outputs to sink (for a request entered through `call`); only on
         the loop thread, i.e. from inside a `call`."""
         self._sinks[request_id] = sink
+
+    def detach(self, request_id: str) -> Sink | None:
+        """Stops sending a request's outputs; returns its sink (loop thread only)."""
+        return self._sinks.pop(request_id, None)
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         with self._cond:
@@ -136,6 +146,8 @@ class EngineWorker:
             for out in outputs:  # only once every sample's output of the step is out
                 if out.request_id not in self.engine.requests:
                     self._sinks.pop(out.request_id, None)
+            for hook in self._hooks:
+                hook(self.engine)
             self._stats = self.engine.stats()
 
     def _fail_all(self, error: Exception) -> None:

@@ -1,0 +1,151 @@
+"""Decode role: owns each disaggregated request from block reservation to its last token.
+
+`generate()` reserves the prompt's blocks on the engine (between steps). With no room the
+request waits in a bounded FIFO, retried after every loop iteration (blocks free up as
+requests finish); a full FIFO refuses at once with Overloaded (HTTP 503, Retry-After).
+Once reserved, `start_prefill(request_id)` asks a prefill worker to fill the blocks and
+returns a future of the first token; KV chunks arrive through `land()`. The engine admits
+the request when both are in, and its tokens (the first included) flow to the sink.
+A failed prefill, or KV still incomplete `transfer_timeout_s` after the reservation,
+aborts the request, which frees its blocks, and fails its sink with the reason.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from engine.engine import Engine, StepOutput
+from engine.errors import RequestError
+from engine.request import RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.transfer.base import LayerChunk
+from engine.worker import EngineError, EngineWorker, Sink
+
+StartPrefill = Callable[[str], "Future[StepOutput]"]
+
+
+class Overloaded(RequestError):
+    status_code = 503
+
+
+@dataclass
+class _Pending:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    start_prefill: StartPrefill
+    sink: Sink
+
+
+class DecodeRole:
+    def __init__(self, worker: EngineWorker, max_pending: int = 64, transfer_timeout_s: float = 30.0):
+        self.worker = worker
+        self.max_pending = max_pending
+        self.transfer_timeout_s = transfer_timeout_s
+        self._pending: deque[_Pending] = deque()
+        self._lock = threading.Lock()
+        self._timers: dict[str, threading.Timer] = {}
+        worker.add_hook(self._on_iteration)
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 start_prefill: StartPrefill, sink: Sink) -> None:
+        """Raises RequestError for a bad request and Overloaded when the wait queue is full."""
+        self.worker.engine.validate(prompt_token_ids, params)
+        with self._lock:
+            if len(self._pending) >= self.max_pending:
+                raise Overloaded(f"the decode worker has {self.max_pending} requests waiting for KV blocks; "
+                                 "retry later")
+            self._pending.append(_Pending(request_id, prompt_token_ids, params, start_prefill, sink))
+        self.worker.call(self._reserve_pending)
+
+    def land(self, chunk: LayerChunk) -> None:
+        """A KV chunk from the prefill side (any thread); written between steps."""
+        self.worker.call(lambda engine: engine.receive_kv(chunk))
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._pending = deque(p for p in self._pending if p.request_id != request_id)
+        self._cancel_timer(request_id)
+        self.worker.abort(request_id)
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._pending)
+
+    @property
+    def num_deadlines(self) -> int:
+        """Requests whose KV is still awaited against the transfer timeout."""
+        return len(self._timers)
+
+    def _on_iteration(self, engine: Engine) -> None:
+        for request_id in list(self._timers):  # KV complete (or request gone): no deadline
+            children = engine.requests.get(request_id)
+            if not children or children[0].status is not RequestStatus.WAITING_FOR_KV:
+                self._cancel_timer(request_id)
+        self._reserve_pending(engine)
+
+    def _reserve_pending(self, engine: Engine) -> None:
+        """On the loop thread: reserve for waiting requests in order while blocks allow."""
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                p = self._pending[0]
+                try:
+                    reserved = engine.reserve_prefilled(p.request_id, p.prompt_token_ids, p.params)
+                except RequestError as e:
+                    self._pending.popleft()
+                    p.sink(e)
+                    continue
+                if not reserved:
+                    return
+                self._pending.popleft()
+            self.worker.attach(p.request_id, p.sink)
+            self._start_timer(p.request_id)
+            try:
+                future = p.start_prefill(p.request_id)
+            except Exception as e:
+                self._fail(engine, p.request_id, EngineError(f"prefill could not start: {e}"))
+                continue
+            future.add_done_callback(lambda f, rid=p.request_id: self._on_first_token(rid, f))
+
+    def _on_first_token(self, request_id: str, future: "Future[StepOutput]") -> None:
+        error = future.exception()
+        if error is not None:
+            self.worker.call(lambda engine: self._fail(engine, request_id, EngineError(f"prefill failed: {error}")))
+            return
+        out = future.result()
+        logprob = out.new_logprobs[0] if out.new_logprobs else None
+        self.worker.call(lambda engine: engine.give_first_token(request_id, out.new_token_ids[0], logprob))
+
+    def _start_timer(self, request_id: str) -> None:
+        def expire() -> None:
+            self.worker.call(lambda engine: self._expire(engine, request_id))
+        timer = threading.Timer(self.transfer_timeout_s, expire)
+        timer.daemon = True
+        self._timers[request_id] = timer
+        timer.start()
+
+    def _cancel_timer(self, request_id: str) -> None:
+        timer = self._timers.pop(request_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _expire(self, engine: Engine, request_id: str) -> None:
+        self._timers.pop(request_id, None)
+        children = engine.requests.get(request_id)
+        if children and children[0].status is RequestStatus.WAITING_FOR_KV:
+            self._fail(engine, request_id, EngineError(
+                f"the prompt's KV did not arrive within {self.transfer_timeout_s:g} s"))
+
+    def _fail(self, engine: Engine, request_id: str, error: Exception) -> None:
+        """On the loop thread: end the request, free its blocks, tell its client."""
+        self._cancel_timer(request_id)
+        sink = self.worker.detach(request_id)
+        engine.abort(request_id)
+        if sink is not None:
+            sink(error)

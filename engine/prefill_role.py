@@ -1,0 +1,65 @@
+"""Prefill role: computes prompts into the blocks that decode workers reserved.
+
+`prefill()` routes the request's KV chunks to the given sink (one per decode peer, e.g. a
+GlooSender), runs the prompt for one token and resolves a future with that first token
+(its StepOutput) or with the error. The first token is sampled with the request's own
+parameters (EOS masked when min_tokens asks for it), so the decode side continues exactly
+where colocated serving would.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import replace
+
+from engine.engine import StepOutput
+from engine.sampling_params import SamplingParams
+from engine.transfer.base import KVSink, LayerChunk
+from engine.worker import EngineWorker
+
+
+class RoutingSink(KVSink):
+    """Sends each request's chunks to its decode peer's sink; drops those of unknown ones."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, KVSink] = {}
+
+    def send(self, chunk: LayerChunk) -> None:
+        sink = self.routes.get(chunk.request_id)
+        if sink is not None:
+            sink.send(chunk)
+        if chunk.last:
+            self.routes.pop(chunk.request_id, None)
+
+
+class PrefillRole:
+    def __init__(self, worker: EngineWorker):
+        self.worker = worker
+        self.sink = RoutingSink()
+        worker.engine.set_kv_sink(self.sink)
+
+    def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                sink: KVSink) -> "Future[StepOutput]":
+        future: Future = Future()
+
+        def on_output(out: "StepOutput | Exception") -> None:
+            if future.done():
+                return
+            if isinstance(out, Exception):
+                self.sink.routes.pop(request_id, None)
+                future.set_exception(out)
+            elif out.finished:
+                future.set_result(out)
+
+        first_only = replace(params, n=1, max_tokens=1, min_tokens=min(1, params.min_tokens))
+        self.sink.routes[request_id] = sink
+        try:
+            self.worker.submit(request_id, prompt_token_ids, first_only, on_output)
+        except Exception:
+            self.sink.routes.pop(request_id, None)
+            raise
+        return future
+
+    def abort(self, request_id: str) -> None:
+        self.sink.routes.pop(request_id, None)
+        self.worker.abort(request_id)
