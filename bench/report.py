@@ -44,6 +44,14 @@ def sweep_goodput(results: list[PhaseResult], target: str, attainment_target: fl
     return max(ok) if ok else None
 
 
+def distserve_goodput(results: list[PhaseResult], searches: dict[str, GoodputSearch], target: str,
+                      attainment_target: float) -> float | None:
+    """From the target's goodput search when there was one, else from its sweep."""
+    if target in searches:
+        return searches[target].goodput
+    return sweep_goodput(results, target, attainment_target)
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.1f}"
 
@@ -104,8 +112,7 @@ def _print_goodput(console: Console, results: list[PhaseResult], targets: list[s
     table.add_column("best SLO-met req/s", justify="right")
     table.add_column("ratio", justify="right")
     best = {t: max((r.report.goodput_rps or 0.0 for r in results if r.target == t), default=0.0) for t in targets}
-    distserve = {t: searches[t].goodput if t in searches else sweep_goodput(results, t, attainment_target)
-                 for t in targets}
+    distserve = {t: distserve_goodput(results, searches, t, attainment_target) for t in targets}
     base = targets[0]
     for t in targets:
         text = searches[t].describe() if t in searches else (
@@ -129,8 +136,7 @@ def write_json(path: Path, config: dict, results: list[PhaseResult], searches: d
         "phases": [{"target": r.target, "rate": rate_label(r.rate), "duration_s": r.duration_s,
                     "interrupted": r.interrupted, "summary": asdict(r.report),
                     "records": [asdict(x) for x in r.records]} for r in results],
-        "goodput": {t: {"distserve_rps": (searches[t].goodput if t in searches
-                                          else sweep_goodput(results, t, attainment_target)),
+        "goodput": {t: {"distserve_rps": distserve_goodput(results, searches, t, attainment_target),
                         "search": searches[t].history if t in searches else None}
                     for t in dict.fromkeys(r.target for r in results)},
     }
