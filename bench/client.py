@@ -19,6 +19,10 @@ from bench.metrics import RequestRecord
 TIMINGS_HEADERS = {"x-pdserve-timings": "1"}
 
 
+def auth_headers(api_key: str | None) -> dict[str, str] | None:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else None
+
+
 def request_body(endpoint: str, model: str | None, prompt: str, max_tokens: int, ignore_eos: bool) -> dict:
     body: dict = {"max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
                   "temperature": 0.0}

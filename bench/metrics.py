@@ -63,6 +63,13 @@ class SLO:
         checks = ((self.ttft_ms, r.ttft_s), (self.tpot_ms, r.tpot_s), (self.e2el_ms, r.e2el_s))
         return all(limit is None or value is None or value * 1000 <= limit for limit, value in checks)
 
+    def attainment(self, records: list[RequestRecord]) -> float | None:
+        """Share of all records (failures count against it) meeting every SLO; None without
+        SLOs or records."""
+        if self.empty or not records:
+            return None
+        return sum(1 for r in records if self.met(r)) / len(records)
+
 
 def percentile(values: list[float], q: float) -> float | None:
     """Linear interpolation between closest ranks (numpy's default), q in [0, 100]."""
@@ -105,7 +112,7 @@ class Report:
 
 def summarize(records: list[RequestRecord], duration_s: float, slo: SLO = SLO()) -> Report:
     ok = [r for r in records if r.ok]
-    met = sum(1 for r in ok if slo.met(r))
+    met = sum(1 for r in ok if slo.met(r))  # failed requests do not meet any SLO
     return Report(
         num_ok=len(ok), num_failed=len(records) - len(ok), duration_s=duration_s,
         request_throughput=len(ok) / duration_s if duration_s > 0 else 0.0,
@@ -114,7 +121,6 @@ def summarize(records: list[RequestRecord], duration_s: float, slo: SLO = SLO())
         tpot_s=Summary.of([r.tpot_s for r in ok if r.tpot_s is not None]),
         itl_s=Summary.of([gap for r in ok for gap in r.itl_s]),
         e2el_s=Summary.of([r.e2el_s for r in ok if r.e2el_s is not None]),
-        # failed requests count against attainment: they did not meet the SLO
-        attainment=None if slo.empty or not records else met / len(records),
+        attainment=slo.attainment(records),
         goodput_rps=None if slo.empty or duration_s <= 0 else met / duration_s,
     )

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from bench.client import request_body, send
+from bench.client import auth_headers, request_body, send
 from bench.datasets import BenchRequest
 from bench.metrics import SLO, RequestRecord
 
@@ -57,9 +57,7 @@ class PhaseState:
 
     @property
     def attainment(self) -> float | None:
-        if self.slo.empty or not self.records:
-            return None
-        return sum(1 for r in self.records if self.slo.met(r)) / len(self.records)
+        return self.slo.attainment(self.records)
 
     def _changed(self) -> None:
         if self.on_change:
@@ -72,8 +70,7 @@ async def run_phase(state: PhaseState) -> PhaseState:
     limit = asyncio.Semaphore(phase.max_concurrency or len(phase.requests) or 1)
     timeout = httpx.Timeout(phase.timeout_s, connect=10.0)
     limits = httpx.Limits(max_connections=phase.max_concurrency or 1000, max_keepalive_connections=100)
-    headers = {"Authorization": f"Bearer {phase.api_key}"} if phase.api_key else None
-    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers) as http:
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=auth_headers(phase.api_key)) as http:
         state.start_s = t0 = time.perf_counter()
 
         async def one(index: int) -> None:

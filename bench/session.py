@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench.arrivals import arrival_times
+from bench.client import auth_headers
 from bench.config import BenchConfig
 from bench.corpus import TokenCounter
 from bench.datasets import BenchRequest, build_requests
@@ -45,9 +46,8 @@ class TargetInfo:
 
 async def discover(name: str, url: str, api_key: str | None) -> TargetInfo:
     """The served model and context length from /v1/models; unknown when that fails."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     try:
-        async with httpx.AsyncClient(timeout=10.0, headers=headers) as http:
+        async with httpx.AsyncClient(timeout=10.0, headers=auth_headers(api_key)) as http:
             data = (await http.get(f"{url}/v1/models")).raise_for_status().json()["data"][0]
         return TargetInfo(name, url, data["id"], data.get("max_model_len"))
     except (httpx.HTTPError, KeyError, IndexError, ValueError):
