@@ -84,6 +84,22 @@ def run_to_end(engine, prompts, params, ids=None) -> dict[str, list[int]]:
     return out
 
 
+@pytest.fixture(scope="session")
+def references(tiny_dirs):
+    """HF transformers' greedy ids for parity_cases.prompts(), per architecture, computed once."""
+    import transformers
+
+    from parity_cases import NUM_TOKENS, prompts
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dirs[arch], dtype=torch.float32)
+            cache[arch] = hf_greedy(model, prompts(), NUM_TOKENS)
+        return cache[arch]
+    return get
+
+
 def hf_greedy(model, prompts: list[list[int]], num_tokens: int) -> list[list[int]]:
     outs = []
     for prompt in prompts:

@@ -7,7 +7,7 @@ import pytest
 
 from engine.sampling_params import SamplingParams
 from engine.transfer.loopback import LoopbackSink
-from test_parity import GREEDY, PROMPT_LENS, prompts, references  # noqa: F401 (fixture)
+from parity_cases import GREEDY, PROMPT_LENS, prompts
 
 
 def run_1p1d(prefill, decode, prompt_list, params):

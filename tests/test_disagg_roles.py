@@ -14,7 +14,7 @@ from engine.engine import Engine, StepOutput
 from engine.prefill_role import PrefillRole
 from engine.transfer.base import KVSink
 from engine.worker import EngineError, EngineWorker
-from test_parity import GREEDY, prompts, references  # noqa: F401 (fixture)
+from parity_cases import GREEDY, prompts
 
 
 class Collector:

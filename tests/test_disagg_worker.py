@@ -10,7 +10,7 @@ from engine.engine import Engine
 from engine.sampling_params import SamplingParams
 from engine.transfer.base import KVSink
 from engine.worker import EngineWorker
-from test_parity import GREEDY, prompts, references  # noqa: F401 (fixture)
+from parity_cases import GREEDY, prompts
 
 
 def test_prefill_and_decode_workers_equal_hf(tiny_llama, references):

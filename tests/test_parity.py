@@ -1,36 +1,10 @@
 """Greedy token ids equal to HF transformers `generate` (fp32) on the same weights."""
 
 import pytest
-import torch
-import transformers
 
-from conftest import hf_greedy, run_to_end
+from conftest import run_to_end
 from engine.sampling_params import SamplingParams
-
-NUM_TOKENS = 32
-# very different lengths in one batch; 200 tokens span 13 blocks of 16
-PROMPT_LENS = (1, 5, 17, 40, 64, 100, 3, 200)
-
-
-def prompts(vocab=512, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
-
-
-@pytest.fixture(scope="module")
-def references(tiny_dirs):
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dirs[arch], dtype=torch.float32)
-            cache[arch] = hf_greedy(model, prompts(), NUM_TOKENS)
-        return cache[arch]
-    return get
-
-
-# min_tokens masks EOS the way HF generate(min_new_tokens=...) does
-GREEDY = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, min_tokens=NUM_TOKENS)
+from parity_cases import GREEDY, PROMPT_LENS, prompts
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2", "llama3", "mistral"])

@@ -8,7 +8,7 @@ import pytest
 from conftest import free_port
 from disagg_procs import join_and_stall, prefill_over_gloo
 from engine.transfer.gloo import DECODE_RANK, GlooReceiver, TransferTimeout, connect_pair
-from test_parity import GREEDY, prompts, references  # noqa: F401 (fixture)
+from parity_cases import GREEDY, prompts
 
 pytestmark = pytest.mark.slow
 
