@@ -26,6 +26,7 @@ class RequestRecord:
     ok: bool = True
     error: str | None = None
     timings: dict[str, float] | None = None  # per-phase seconds, when the server reports them
+    index: int = -1  # the request's position in the workload
 
     @property
     def ttft_s(self) -> float | None:

@@ -85,6 +85,7 @@ async def run_phase(state: PhaseState) -> PhaseState:
                 state.sent += 1
                 state._changed()
                 record = await send(http, phase.base_url, phase.endpoint, body, t0, phase.timeout_s)
+            record.index = index
             if not record.prompt_tokens:
                 record.prompt_tokens = request.prompt_tokens
             state.records.append(record)

@@ -24,6 +24,7 @@ GAP_S = 0.05
 def stub_app() -> FastAPI:
     app = FastAPI()
     app.state.prompts = []
+    app.state.num_completed = 0  # streams that reached [DONE]
 
     def sse(chunks, done=True):
         async def gen():
@@ -32,6 +33,7 @@ def stub_app() -> FastAPI:
                 yield f"data: {json.dumps(payload)}\n\n"
             if done:
                 yield "data: [DONE]\n\n"
+                app.state.num_completed += 1
         return StreamingResponse(gen(), media_type="text/event-stream")
 
     def text(t):
