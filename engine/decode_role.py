@@ -49,6 +49,7 @@ class DecodeRole:
         self._pending: deque[_Pending] = deque()
         self._lock = threading.Lock()
         self._timers: dict[str, threading.Timer] = {}
+        self._prefills: dict[str, Future] = {}  # first tokens still awaited
         worker.add_hook(self._on_iteration)
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -70,6 +71,7 @@ class DecodeRole:
         with self._lock:
             self._pending = deque(p for p in self._pending if p.request_id != request_id)
         self._cancel_timer(request_id)
+        self._cancel_prefill(request_id)
         self.worker.abort(request_id)
 
     @property
@@ -111,16 +113,21 @@ class DecodeRole:
             except Exception as e:
                 self._fail(engine, p.request_id, EngineError(f"prefill could not start: {e}"))
                 continue
+            self._prefills[p.request_id] = future
             future.add_done_callback(lambda f, rid=p.request_id: self._on_first_token(rid, f))
 
     def _on_first_token(self, request_id: str, future: "Future[StepOutput]") -> None:
+        self._prefills.pop(request_id, None)
+        if future.cancelled():
+            return
         error = future.exception()
         if error is not None:
             self.worker.call(lambda engine: self._fail(engine, request_id, EngineError(f"prefill failed: {error}")))
             return
         out = future.result()
         logprob = out.new_logprobs[0] if out.new_logprobs else None
-        self.worker.call(lambda engine: engine.give_first_token(request_id, out.new_token_ids[0], logprob))
+        prefill_s = out.timeline.phases().get("prefill", 0.0) if out.timeline else 0.0
+        self.worker.call(lambda engine: engine.give_first_token(request_id, out.new_token_ids[0], logprob, prefill_s))
 
     def _start_timer(self, request_id: str) -> None:
         def expire() -> None:
@@ -129,6 +136,11 @@ class DecodeRole:
         timer.daemon = True
         self._timers[request_id] = timer
         timer.start()
+
+    def _cancel_prefill(self, request_id: str) -> None:
+        future = self._prefills.pop(request_id, None)
+        if future is not None:
+            future.cancel()
 
     def _cancel_timer(self, request_id: str) -> None:
         timer = self._timers.pop(request_id, None)
@@ -145,6 +157,7 @@ class DecodeRole:
     def _fail(self, engine: Engine, request_id: str, error: Exception) -> None:
         """On the loop thread: end the request, free its blocks, tell its client."""
         self._cancel_timer(request_id)
+        self._cancel_prefill(request_id)
         sink = self.worker.detach(request_id)
         engine.abort(request_id)
         if sink is not None:

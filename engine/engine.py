@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 from engine.batcher import Batcher
 from engine.config import EngineConfig
-from engine.errors import ContextLengthExceeded, RequestError
+from engine.errors import RequestError
 from engine.kv.manager import KVCacheManager
 from engine.models.registry import resolve_model_path
-from engine.request import Request, RequestStatus, Timeline, TokenLogprobs
+from engine.request import Request, RequestStatus, Timeline, TokenLogprobs, validate_request
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.transfer.base import KVSink, LayerChunk
@@ -48,6 +48,7 @@ class EngineStats:
     num_kv_blocks_total: int
     prefix_cache_queries_tokens: int
     prefix_cache_hit_tokens: int
+    num_pending_prefill_tokens: int = 0  # prompt tokens admitted or queued but not yet computed
 
 
 class Engine:
@@ -75,18 +76,7 @@ class Engine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raises RequestError for a request this engine cannot run."""
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise RequestError("the prompt is empty", param="prompt")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_token_ids):
-            raise RequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
-        wanted = n + (params.max_tokens or 1)
-        if n >= self.max_model_len or wanted > self.max_model_len:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                f"requested {wanted} tokens ({n} in the prompt, {params.max_tokens or 1} for the "
-                f"completion). Please reduce the prompt or max_tokens.")
+        validate_request(prompt_token_ids, params, self.max_model_len, self.model_config.vocab_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_s: float | None = None) -> None:
@@ -129,7 +119,7 @@ class Engine:
         if not self.kv.reserve(request, request.num_prompt_tokens):
             return False
         request.status = RequestStatus.WAITING_FOR_KV
-        request.timeline.transfer_start_s = time.monotonic()
+        request.timeline.reserved_s = time.monotonic()
         self.requests[request_id] = [request]
         return True
 
@@ -142,18 +132,27 @@ class Engine:
         blocks = request.block_ids[chunk.first_block:chunk.first_block + chunk.num_blocks]
         assert len(blocks) == chunk.num_blocks, "chunk beyond the reserved blocks"
         self.runner.kv_cache.import_blocks(chunk.layer, blocks, chunk.packed)
+        t = request.timeline
+        t.kv_last_s = time.monotonic()
+        t.kv_first_s = t.kv_first_s or t.kv_last_s
+        t.kv_bytes += chunk.packed.nbytes
         if chunk.last:
             request.kv_landed = True
             self._admit_when_ready(request)
         return True
 
-    def give_first_token(self, request_id: str, token_id: int, logprob: TokenLogprobs | None = None) -> bool:
-        """The prefill side's first token. The request joins the decodes once its KV has landed
-        too, whichever comes last; its first output comes out of the next step."""
+    def give_first_token(self, request_id: str, token_id: int, logprob: TokenLogprobs | None = None,
+                         prefill_s: float = 0.0) -> bool:
+        """The prefill side's first token, which took it prefill_s of compute. The request joins
+        the decodes once its KV has landed too, whichever comes last; its first output comes out
+        of the next step."""
         request = self._waiting_for_kv(request_id)
         if request is None:
             return False
         request.first_token = (token_id, logprob)
+        t = request.timeline
+        t.prefill_end_s = time.monotonic()
+        t.first_scheduled_s = t.prefill_start_s = max(t.reserved_s or t.arrival_s, t.prefill_end_s - prefill_s)
         self._admit_when_ready(request)
         return True
 
@@ -169,8 +168,10 @@ class Engine:
             return None
         now = time.monotonic()
         t = request.timeline
-        t.transfer_end_s = t.decode_queued_s = t.decode_start_s = t.first_token_s = now
         t.first_scheduled_s = t.first_scheduled_s or now
+        t.prefill_end_s = t.transfer_start_s = t.prefill_end_s or now
+        t.transfer_end_s = max(t.kv_last_s or now, t.prefill_end_s)
+        t.decode_queued_s = t.decode_start_s = t.first_token_s = now
         request.num_computed_tokens = request.num_prompt_tokens
         if first_logprob is not None:
             request.logprobs.append(first_logprob)
@@ -239,5 +240,7 @@ class Engine:
             self.requests.pop(request.parent_id, None)
 
     def stats(self) -> EngineStats:
+        pending = sum(max(0, r.num_prompt_tokens - r.num_computed_tokens)
+                      for r in (*self.batcher.waiting, *self.batcher.running))
         return EngineStats(len(self.batcher.running), len(self.batcher.waiting), self.kv.num_used_blocks,
-                           self.num_kv_blocks, self.kv.stats.queries_tokens, self.kv.stats.hit_tokens)
+                           self.num_kv_blocks, self.kv.stats.queries_tokens, self.kv.stats.hit_tokens, pending)

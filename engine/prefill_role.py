@@ -2,14 +2,15 @@
 
 `prefill()` routes the request's KV chunks to the given sink (one per decode peer, e.g. a
 GlooSender), runs the prompt for one token and resolves a future with that first token
-(its StepOutput) or with the error. The first token is sampled with the request's own
+(its StepOutput) or with the error; cancelling the future aborts the request. The first token is sampled with the request's own
 parameters (EOS masked when min_tokens asks for it), so the decode side continues exactly
 where colocated serving would.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+import logging
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import replace
 
 from engine.engine import StepOutput
@@ -17,9 +18,13 @@ from engine.sampling_params import SamplingParams
 from engine.transfer.base import KVSink, LayerChunk
 from engine.worker import EngineWorker
 
+log = logging.getLogger(__name__)
+
 
 class RoutingSink(KVSink):
-    """Sends each request's chunks to its decode peer's sink; drops those of unknown ones."""
+    """Sends each request's chunks to its decode peer's sink; drops those of unknown ones.
+    A failing peer (its link broke: the decode worker died) loses its route and nothing else:
+    the prefill finishes and the other requests' KV keeps flowing."""
 
     def __init__(self) -> None:
         self.routes: dict[str, KVSink] = {}
@@ -27,7 +32,11 @@ class RoutingSink(KVSink):
     def send(self, chunk: LayerChunk) -> None:
         sink = self.routes.get(chunk.request_id)
         if sink is not None:
-            sink.send(chunk)
+            try:
+                sink.send(chunk)
+            except Exception as e:
+                log.warning("KV of %s could not be sent, dropping it: %s", chunk.request_id, e)
+                self.routes.pop(chunk.request_id, None)
         if chunk.last:
             self.routes.pop(chunk.request_id, None)
 
@@ -43,13 +52,18 @@ class PrefillRole:
         future: Future = Future()
 
         def on_output(out: "StepOutput | Exception") -> None:
-            if future.done():
-                return
-            if isinstance(out, Exception):
-                self.sink.routes.pop(request_id, None)
-                future.set_exception(out)
-            elif out.finished:
-                future.set_result(out)
+            try:
+                if isinstance(out, Exception):
+                    self.sink.routes.pop(request_id, None)
+                    future.set_exception(out)
+                elif out.finished:
+                    future.set_result(out)
+            except InvalidStateError:
+                pass  # cancelled meanwhile
+
+        def on_done(f: Future) -> None:
+            if f.cancelled():  # the decode side gave up on it: stop computing and sending
+                self.abort(request_id)
 
         first_only = replace(params, n=1, max_tokens=1, min_tokens=min(1, params.min_tokens))
         self.sink.routes[request_id] = sink
@@ -58,6 +72,7 @@ class PrefillRole:
         except Exception:
             self.sink.routes.pop(request_id, None)
             raise
+        future.add_done_callback(on_done)
         return future
 
     def abort(self, request_id: str) -> None:

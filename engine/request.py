@@ -16,6 +16,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from engine.errors import ContextLengthExceeded, RequestError
 from engine.sampling_params import SamplingParams
 
 
@@ -35,7 +36,12 @@ class RequestStatus(enum.Enum):
 
 @dataclass
 class Timeline:
-    """Wall-clock marks (time.monotonic seconds) of one request's life; None = not reached."""
+    """Wall-clock marks (time.monotonic seconds) of one request's life; None = not reached.
+
+    On a decode worker (disaggregated) `reserved_s` is when its prompt blocks were
+    reserved; prefill start and end are placed on this worker's clock from the first token's
+    arrival and the prefill worker's reported compute time, and `kv_*` describe the prompt's
+    KV as it landed."""
 
     arrival_s: float = field(default_factory=time.monotonic)
     first_scheduled_s: float | None = None
@@ -47,17 +53,31 @@ class Timeline:
     decode_start_s: float | None = None
     first_token_s: float | None = None
     finish_s: float | None = None
+    reserved_s: float | None = None
+    kv_first_s: float | None = None
+    kv_last_s: float | None = None
+    kv_bytes: int = 0
 
     def phases(self, end_s: float | None = None) -> dict[str, float]:
         """Seconds spent in each phase reached so far (the `timings` a client may ask for):
-        queue (arrival to first schedule), prefill (to the first token), transfer,
-        decode_queue and decode (first token to finish, or to end_s)."""
-        spans = {"queue": (self.arrival_s, self.first_scheduled_s),
+        queue (to the first prefill step), prefill (to the first token), transfer (KV still
+        landing after the first token: the part layer-wise sending did not hide), decode_queue
+        (disaggregated: waiting for the decode worker's KV blocks; colocated: none) and decode
+        (first token to finish, or to end_s). Disaggregated requests add kv_span (first to last
+        KV chunk landed, overlapping prefill) and kv_bytes."""
+        start = self.reserved_s if self.reserved_s is not None else self.arrival_s
+        decode_queue = ((self.arrival_s, self.reserved_s) if self.reserved_s is not None
+                        else (self.decode_queued_s, self.decode_start_s))
+        spans = {"queue": (start, self.first_scheduled_s),
                  "prefill": (self.first_scheduled_s, self.prefill_end_s),
                  "transfer": (self.transfer_start_s, self.transfer_end_s),
-                 "decode_queue": (self.decode_queued_s, self.decode_start_s),
-                 "decode": (self.decode_start_s, self.finish_s or end_s)}
-        return {name: max(0.0, b - a) for name, (a, b) in spans.items() if a is not None and b is not None}
+                 "decode_queue": decode_queue,
+                 "decode": (self.decode_start_s, self.finish_s or end_s),
+                 "kv_span": (self.kv_first_s, self.kv_last_s)}
+        out = {name: max(0.0, b - a) for name, (a, b) in spans.items() if a is not None and b is not None}
+        if self.kv_bytes:
+            out["kv_bytes"] = float(self.kv_bytes)
+        return out
 
 
 @dataclass
@@ -131,3 +151,19 @@ class Request:
     def __repr__(self) -> str:
         return (f"Request({self.request_id}, prompt={self.num_prompt_tokens}, out={self.num_output_tokens}, "
                 f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)}, {self.status.name})")
+
+
+def validate_request(prompt_token_ids: list[int], params: SamplingParams, max_model_len: int, vocab_size: int) -> None:
+    """Raises RequestError for a request no engine of this model can run (engines call it, and
+    so does the disaggregated front door, so bad input never reaches a worker)."""
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise RequestError("the prompt is empty", param="prompt")
+    if any(not isinstance(t, int) or t < 0 or t >= vocab_size for t in prompt_token_ids):
+        raise RequestError(f"prompt token ids must be integers in [0, {vocab_size})", param="prompt")
+    wanted = n + (params.max_tokens or 1)
+    if n >= max_model_len or wanted > max_model_len:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested {wanted} "
+            f"tokens ({n} in the prompt, {params.max_tokens or 1} for the completion). Please reduce the prompt "
+            "or max_tokens.")

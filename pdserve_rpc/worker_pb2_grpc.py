@@ -44,6 +44,11 @@ class WorkerStub:
                 request_serializer=pdserve__rpc_dot_worker__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=pdserve__rpc_dot_worker__pb2.PrefillReply.FromString,
                 _registered_method=True)
+        self.Connect = channel.unary_unary(
+                '/pdserve.worker.v1.Worker/Connect',
+                request_serializer=pdserve__rpc_dot_worker__pb2.ConnectRequest.SerializeToString,
+                response_deserializer=pdserve__rpc_dot_worker__pb2.ConnectReply.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pdserve.worker.v1.Worker/Abort',
                 request_serializer=pdserve__rpc_dot_worker__pb2.AbortRequest.SerializeToString,
@@ -73,6 +78,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Connect(self, request, context):
+        """Joins the KV link a decode worker opened (once per pair, again after either restarts).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Abort(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -97,6 +109,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=pdserve__rpc_dot_worker__pb2.PrefillRequest.FromString,
                     response_serializer=pdserve__rpc_dot_worker__pb2.PrefillReply.SerializeToString,
+            ),
+            'Connect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=pdserve__rpc_dot_worker__pb2.ConnectRequest.FromString,
+                    response_serializer=pdserve__rpc_dot_worker__pb2.ConnectReply.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -163,6 +180,33 @@ class Worker:
             '/pdserve.worker.v1.Worker/Prefill',
             pdserve__rpc_dot_worker__pb2.PrefillRequest.SerializeToString,
             pdserve__rpc_dot_worker__pb2.PrefillReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Connect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.worker.v1.Worker/Connect',
+            pdserve__rpc_dot_worker__pb2.ConnectRequest.SerializeToString,
+            pdserve__rpc_dot_worker__pb2.ConnectReply.FromString,
             options,
             channel_credentials,
             insecure,

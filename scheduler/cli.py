@@ -29,15 +29,47 @@ def build_server(engine_config: EngineConfig, api_key: str | None = None):
     return build_app(state), worker
 
 
+def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
+    """Ray cluster (scheduler, prefill and decode worker actors), client and FastAPI app for
+    disaggregated serving. Returns (app, cluster); the caller stops the cluster."""
+    from engine.models.registry import model_name, resolve_model_path
+    from scheduler.api.server import ServerState, build_app
+    from scheduler.cluster import Cluster, ClusterSpec
+    from scheduler.disagg_client import DisaggClient
+    from scheduler.engine_client import ModelInfo
+    from scheduler.tokenizer import Tokenizer
+    from scheduler.worker_actor import WorkerOptions
+
+    tokenizer = Tokenizer.load(resolve_model_path(engine_config.model))  # fails fast on a bad --model
+    spec = ClusterSpec(config.prefill_workers, config.decode_workers, config.ray_address, config.policy,
+                       WorkerOptions(config.max_waiting_for_blocks, config.transfer_timeout_s))
+    cluster = Cluster(spec, engine_config).start()
+    try:
+        max_model_len, vocab_size = cluster.limits()
+        name = engine_config.served_model_name or model_name(engine_config.model)
+        client = DisaggClient(cluster.scheduler, ModelInfo(name, max_model_len, vocab_size))
+        return build_app(ServerState(client, tokenizer, name, api_key=config.api_key)), cluster
+    except BaseException:
+        cluster.stop()
+        raise
+
+
 def serve(config: ServeConfig, engine_config: EngineConfig) -> None:
     import uvicorn
-    app, worker = build_server(engine_config, config.api_key)
-    log.info("serving %s on http://%s:%d (%d KV blocks)", app.state.pd.model_name, config.host, config.port,
-             worker.engine.num_kv_blocks)
+    if config.mode == "colocated":
+        app, worker = build_server(engine_config, config.api_key)
+        log.info("serving %s on http://%s:%d (%d KV blocks)", app.state.pd.model_name, config.host, config.port,
+                 worker.engine.num_kv_blocks)
+        stop = worker.shutdown
+    else:
+        app, cluster = build_disagg_server(config, engine_config)
+        log.info("serving %s on http://%s:%d (%d prefill, %d decode workers)", app.state.pd.model_name,
+                 config.host, config.port, config.prefill_workers, config.decode_workers)
+        stop = cluster.stop
     try:
         uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=5)
     finally:
-        worker.shutdown()
+        stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,8 @@ from engine.config import field_help
 
 @dataclass(frozen=True)
 class ServeConfig:
-    mode: str = "colocated"
-    """Serving mode: colocated (one engine does prefill and decode)."""
+    mode: str = "disagg"
+    """Serving mode: disagg (prefill and decode worker pools on Ray, KV shipped layer by layer) or colocated (one engine in this process does both)."""
     host: str = "127.0.0.1"
     """Address to bind the HTTP server to."""
     port: int = 8000
@@ -26,11 +26,32 @@ class ServeConfig:
     """If set, /v1 requests must send Authorization: Bearer <key>."""
     log_level: str = "info"
     """Log level of the server (debug, info, warning, error)."""
+    prefill_workers: int = 1
+    """disagg: number of prefill worker actors (one GPU each, or a share of the CPU cores)."""
+    decode_workers: int = 1
+    """disagg: number of decode worker actors."""
+    ray_address: str | None = None
+    """disagg: address of a running Ray cluster to join (e.g. 10.0.0.1:6379); default: start one on this machine."""
+    policy: str = "jsq"
+    """disagg: routing policy (jsq: prefill by pending prompt tokens, decode by free KV blocks; round-robin)."""
+    max_waiting_for_blocks: int = 64
+    """disagg: requests a decode worker queues while it has no KV blocks for them; beyond that, 503 with Retry-After."""
+    transfer_timeout_s: float = 30.0
+    """disagg: a request whose prompt KV has not fully arrived this long after its blocks were reserved fails."""
 
     def __post_init__(self) -> None:
-        if self.mode not in ("colocated",):
-            raise ValueError(f"--mode {self.mode!r} is not available (choices: colocated)")
+        from scheduler.policies import POLICIES
+        if self.mode not in MODES:
+            raise ValueError(f"--mode {self.mode!r} is not available (choices: {', '.join(MODES)})")
+        if self.prefill_workers < 1 or self.decode_workers < 1:
+            raise ValueError("--prefill-workers and --decode-workers must be at least 1")
+        if self.policy not in POLICIES:
+            raise ValueError(f"--policy {self.policy!r} is unknown (choices: {', '.join(POLICIES)})")
+        if self.max_waiting_for_blocks < 0 or self.transfer_timeout_s <= 0:
+            raise ValueError("--max-waiting-for-blocks must be >= 0 and --transfer-timeout-s positive")
 
+
+MODES = ("disagg", "colocated")
 
 
 

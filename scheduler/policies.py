@@ -37,13 +37,18 @@ class Route:
 Policy = Callable[[Sequence[WorkerLoad], Sequence[WorkerLoad], int], "Route | None"]
 
 
+def least_loaded_prefill(prefill: Sequence[WorkerLoad]) -> WorkerLoad | None:
+    """The live prefill worker with the fewest pending prompt tokens (ties: less busy, lower id)."""
+    return min((w for w in prefill if w.alive),
+               key=lambda w: (w.pending_prefill_tokens, w.num_running + w.num_waiting, w.worker_id), default=None)
+
+
 def join_shortest_queue(prefill: Sequence[WorkerLoad], decode: Sequence[WorkerLoad],
                         num_prompt_tokens: int) -> Route | None:
     """Splitwise's JSQ: the prefill worker with the fewest pending prompt tokens, the decode
     worker with the most free KV blocks among those that can hold the prompt. Ties go to
     the less busy worker, then to the lower id, so the choice is deterministic."""
-    p = min((w for w in prefill if w.alive),
-            key=lambda w: (w.pending_prefill_tokens, w.num_running + w.num_waiting, w.worker_id), default=None)
+    p = least_loaded_prefill(prefill)
     fits = [w for w in decode if w.alive and w.num_free_blocks >= w.blocks_for(num_prompt_tokens)]
     d = min(fits, key=lambda w: (-w.num_free_blocks, w.num_running + w.num_waiting, w.worker_id), default=None)
     if p is None or d is None:
@@ -63,7 +68,7 @@ def round_robin() -> Policy:
         return live[(turn[key] - 1) % len(live)]
 
     def policy(prefill: Sequence[WorkerLoad], decode: Sequence[WorkerLoad], num_prompt_tokens: int) -> Route | None:
-        fits = [w for w in decode if w.num_free_blocks >= w.blocks_for(num_prompt_tokens)]
+        fits = [w for w in decode if w.alive and w.num_free_blocks >= w.blocks_for(num_prompt_tokens)]
         p, d = pick(prefill, "p"), pick(fits, "d")
         return Route(p.worker_id, d.worker_id) if p and d else None
 

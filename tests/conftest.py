@@ -116,12 +116,17 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """pdserve's app under uvicorn on 127.0.0.1 in a thread; stopped by `stop()`."""
+    """pdserve's app under uvicorn on 127.0.0.1 in a thread; stopped by `stop()`. Colocated by
+    default; with a ServeConfig of mode disagg, a cluster on the running Ray instance."""
 
-    def __init__(self, engine_config, api_key: str | None = None):
+    def __init__(self, engine_config, api_key: str | None = None, serve_config=None):
         import uvicorn
-        from scheduler.cli import build_server
-        self.app, self.worker = build_server(engine_config, api_key)
+        from scheduler.cli import build_disagg_server, build_server
+        self.worker = self.cluster = None
+        if serve_config is not None and serve_config.mode == "disagg":
+            self.app, self.cluster = build_disagg_server(serve_config, engine_config)
+        else:
+            self.app, self.worker = build_server(engine_config, api_key)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -139,7 +144,10 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
-        self.worker.shutdown()
+        if self.worker is not None:
+            self.worker.shutdown()
+        if self.cluster is not None:
+            self.cluster.stop()
         assert not self.thread.is_alive()
 
 

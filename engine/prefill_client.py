@@ -1,0 +1,203 @@
+"""The decode worker's side of its prefill peers: one gRPC channel and one KV link each.
+
+A peer is opened on first use and kept: this worker hosts the gloo rendezvous, asks the
+prefill worker to `Connect` to it, and starts a thread that lands every chunk arriving on
+the link (`DecodeRole.land`). `start()` hands the request a transfer id on that link, calls
+`Prefill` and resolves a future with the first token. Cancelling the future (abort,
+transfer timeout) cancels the call, which makes the prefill worker drop the request.
+
+A peer that fails (the call is UNAVAILABLE, the link cannot be opened) is dropped; the
+request is retried on another prefill worker that `reroute` names (the global scheduler,
+told which ones failed), into the same reserved blocks, or fails with a clear error when
+there is none. A peer restarted by Ray comes back at a new address: a new peer, a new link.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from engine.decode_role import DecodeRole, StartPrefill
+from engine.engine import StepOutput
+from engine.sampling_params import SamplingParams
+from engine.server import RemoteTimeline, logprob_from_proto, params_to_proto, typed_error
+from engine.transfer.gloo import DECODE_RANK, GlooReceiver, connect_pair
+from engine.worker import EngineError
+from pdserve_rpc import worker_pb2 as pb
+from pdserve_rpc import worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+# (prefill worker ids that failed) -> another live one as (id, address), or None
+Reroute = Callable[[list[str]], "tuple[str, str] | None"]
+_IDLE_LINK_S = 10 * 365 * 86400.0  # a link waits for chunks as long as it lives; stalls are timed per request
+
+
+@dataclass(eq=False)
+class _Peer:
+    worker_id: str
+    address: str
+    channel: grpc.Channel
+    stub: pb_grpc.WorkerStub
+    receiver: GlooReceiver
+    broken: bool = False
+
+
+class PeerFailed(RuntimeError):
+    pass
+
+
+class PrefillClient:
+    def __init__(self, decode_worker_id: str, host: str, role: DecodeRole, block_shape: tuple[int, int, int],
+                 dtype: torch.dtype, reroute: Reroute, link_timeout_s: float = 30.0, max_calls: int = 256):
+        self.worker_id, self.host, self.role = decode_worker_id, host, role
+        self.block_shape, self.dtype, self.reroute = block_shape, dtype, reroute
+        self.link_timeout_s = link_timeout_s
+        self._peers: dict[str, _Peer] = {}  # by address
+        self._lock = threading.Lock()
+        self._transfer_ids = itertools.count(1)
+        self._calls = ThreadPoolExecutor(max_calls, thread_name_prefix="pdserve-prefill-call")
+        self.num_retries = 0
+
+    def starter(self, prefill_id: str, address: str, prompt_token_ids: list[int],
+                params: SamplingParams) -> StartPrefill:
+        return lambda request_id: self.start(request_id, prefill_id, address, prompt_token_ids, params)
+
+    def start(self, request_id: str, prefill_id: str, address: str, prompt_token_ids: list[int],
+              params: SamplingParams) -> "Future[StepOutput]":
+        future: Future = Future()
+        self._calls.submit(self._run, future, request_id, prefill_id, address, prompt_token_ids, params)
+        return future
+
+    def close(self) -> None:
+        self._calls.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            for peer in self._peers.values():
+                peer.broken = True
+                peer.channel.close()
+            self._peers.clear()
+
+    def _run(self, future: Future, request_id: str, prefill_id: str, address: str,
+             prompt_token_ids: list[int], params: SamplingParams) -> None:
+        failed: list[str] = []
+        request = pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
+                                    params=params_to_proto(params), decode_worker=self.worker_id)
+        while not future.cancelled():
+            try:
+                reply = self._call(self._peer(prefill_id, address), future, request)
+            except (PeerFailed, grpc.RpcError) as e:
+                if isinstance(e, grpc.RpcError) and e.code() is not grpc.StatusCode.UNAVAILABLE:
+                    if e.code() is not grpc.StatusCode.CANCELLED:
+                        _settle(future, error=typed_error(e, "prefill failed"))
+                    return
+                self._drop(address)
+                failed.append(prefill_id)
+                log.warning("prefill worker %s failed for %s (%s)", prefill_id, request_id, _brief(e))
+                try:
+                    nxt = self.reroute(failed)
+                except Exception as reroute_error:
+                    nxt, e = None, reroute_error
+                if nxt is None:
+                    _settle(future, error=EngineError(f"prefill worker {prefill_id} failed ({_brief(e)}) and no "
+                                                      "other prefill worker is available"))
+                    return
+                prefill_id, address = nxt
+                self.num_retries += 1
+                continue
+            except Exception as e:
+                _settle(future, error=EngineError(f"prefill failed: {e}"))
+                return
+            logprobs = [logprob_from_proto(reply.first_logprob)] if reply.HasField("first_logprob") else []
+            timeline = RemoteTimeline({"queue": reply.queue_s, "prefill": reply.prefill_s})
+            _settle(future, StepOutput(request_id, 0, [reply.first_token_id], logprobs, timeline=timeline))
+            return
+
+    def _call(self, peer: _Peer, future: Future, request: pb.PrefillRequest) -> pb.PrefillReply:
+        transfer_id = next(self._transfer_ids)
+        peer.receiver.expect(transfer_id, request.request_id)
+        request.transfer_id = transfer_id
+        call = peer.stub.Prefill.future(request)
+        future.add_done_callback(lambda f: call.cancel() if f.cancelled() else None)
+        return call.result()
+
+    def _peer(self, worker_id: str, address: str) -> _Peer:
+        with self._lock:
+            peer = self._peers.get(address)
+            if peer is not None and not peer.broken:
+                return peer
+            channel = grpc.insecure_channel(address)
+            try:
+                peer = self._connect(worker_id, address, channel)
+            except Exception as e:
+                channel.close()
+                raise PeerFailed(f"could not open a KV link to {worker_id} at {address}: {_brief(e)}") from e
+            self._peers[address] = peer
+        threading.Thread(target=self._receive, args=(peer,), name=f"pdserve-kv-{worker_id}", daemon=True).start()
+        return peer
+
+    def _connect(self, worker_id: str, address: str, channel: grpc.Channel) -> _Peer:
+        with socket.socket() as s:  # a free port for this link's rendezvous
+            s.bind((self.host, 0))
+            port = s.getsockname()[1]
+        group: Future = Future()
+
+        def host_rendezvous() -> None:
+            try:
+                group.set_result(connect_pair(self.host, port, DECODE_RANK, self.link_timeout_s))
+            except Exception as e:
+                group.set_exception(e)
+
+        threading.Thread(target=host_rendezvous, daemon=True).start()
+        stub = pb_grpc.WorkerStub(channel)
+        stub.Connect(pb.ConnectRequest(decode_worker=self.worker_id, host=self.host, port=port),
+                     timeout=self.link_timeout_s)
+        receiver = GlooReceiver(group.result(self.link_timeout_s), self.block_shape, self.dtype,
+                                timeout_s=_IDLE_LINK_S)
+        log.info("%s: KV link to %s (%s) up", self.worker_id, worker_id, address)
+        return _Peer(worker_id, address, channel, stub, receiver)
+
+    def _receive(self, peer: _Peer) -> None:
+        while not peer.broken:
+            try:
+                chunk = peer.receiver.recv()
+            except Exception as e:  # the peer died or went away: its calls fail on their own
+                if not peer.broken:
+                    log.warning("KV link to %s closed: %s", peer.worker_id, _brief(e))
+                peer.broken = True
+                return
+            if chunk.request_id:
+                try:
+                    self.role.land(chunk)
+                except EngineError:  # shutting down
+                    return
+
+    def _drop(self, address: str) -> None:
+        with self._lock:
+            peer = self._peers.pop(address, None)
+        if peer is not None:
+            peer.broken = True
+            peer.channel.close()
+
+
+def _settle(future: Future, result: StepOutput | None = None, error: Exception | None = None) -> None:
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass  # cancelled meanwhile
+
+
+def _brief(e: BaseException) -> str:
+    if isinstance(e, grpc.RpcError):
+        return f"{e.code().name}: {e.details()}"
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__

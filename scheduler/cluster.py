@@ -1,0 +1,119 @@
+"""Ray start/connect, the global scheduler actor, and the worker actors in a placement group.
+
+`Cluster.start()` joins the Ray cluster at `ray_address`, or starts an embedded one on this
+machine (loopback only, no dashboard, no token auth files), then creates the global
+scheduler and one actor per worker. Each worker gets a bundle of a placement group: one
+GPU when Ray has GPUs, otherwise a share of the CPU cores (its torch threads), so workers
+do not fight over cores. Workers restart when their process dies and register again.
+`stop()` kills the actors, removes the placement group and, if it started Ray, stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+
+from engine.config import EngineConfig
+from scheduler.global_scheduler import GlobalScheduler, WorkerInfo
+from scheduler.worker_actor import WorkerActor, WorkerOptions
+
+log = logging.getLogger(__name__)
+
+# Ray would otherwise bind the node to the machine's external address and write a token file
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    num_prefill: int = 1
+    num_decode: int = 1
+    ray_address: str | None = None
+    policy: str = "jsq"
+    worker: WorkerOptions = WorkerOptions()
+    start_timeout_s: float = 600.0
+
+
+class Cluster:
+    def __init__(self, spec: ClusterSpec, engine_config: EngineConfig):
+        if spec.num_prefill < 1 or spec.num_decode < 1:
+            raise ValueError("disaggregated serving needs at least one prefill and one decode worker")
+        self.spec, self.engine_config = spec, engine_config
+        self.scheduler = None
+        self.workers: dict[str, object] = {}  # worker id -> actor handle
+        self._pg = None
+        self._owns_ray = False
+
+    def start(self) -> "Cluster":
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        spec = self.spec
+        num_workers = spec.num_prefill + spec.num_decode
+        for key, value in LOOPBACK_ENV.items():
+            os.environ.setdefault(key, value)
+        threads = self.engine_config.num_threads or max(1, (os.cpu_count() or 1) // num_workers)
+        if not ray.is_initialized():
+            if spec.ray_address:
+                ray.init(address=spec.ray_address, log_to_driver=True)
+            else:
+                ray.init(num_cpus=max(os.cpu_count() or 1, threads * num_workers), include_dashboard=False,
+                         log_to_driver=True)
+                self._owns_ray = True
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        use_gpu = gpus > 0 and self.engine_config.device in ("auto", "cuda")
+        if use_gpu and gpus < num_workers:
+            raise ValueError(f"{num_workers} workers need {num_workers} GPUs; the Ray cluster has {gpus}")
+        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": threads}
+        self._pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy="PACK")
+        ray.get(self._pg.ready(), timeout=spec.start_timeout_s)
+        self.scheduler = ray.remote(GlobalScheduler).options(num_cpus=0).remote(spec.policy)
+        worker_config = replace(self.engine_config, device="cuda" if use_gpu else self.engine_config.device,
+                                num_threads=None if use_gpu else threads)
+        actor = ray.remote(WorkerActor)
+        roles = [("prefill", i) for i in range(spec.num_prefill)] + [("decode", i) for i in range(spec.num_decode)]
+        for bundle_index, (role, i) in enumerate(roles):
+            worker_id = f"{role}-{i}"
+            self.workers[worker_id] = actor.options(
+                name=None, num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=-1,
+                max_task_retries=0, max_concurrency=4,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=bundle_index),
+            ).remote(worker_id, role, worker_config, self.scheduler, spec.worker)
+        started = time.monotonic()
+        ray.get([w.describe.remote() for w in self.workers.values()], timeout=spec.start_timeout_s)
+        log.info("%d prefill and %d decode workers up in %.1f s (%s)", spec.num_prefill, spec.num_decode,
+                 time.monotonic() - started, "one GPU each" if use_gpu else f"{threads} CPU threads each")
+        return self
+
+    def limits(self) -> tuple[int, int]:
+        """(max_model_len, vocab_size) of the served model."""
+        import ray
+        return ray.get(self.scheduler.model_limits.remote())
+
+    def describe(self) -> list[WorkerInfo]:
+        import ray
+        return ray.get([w.describe.remote() for w in self.workers.values()])
+
+    def stop(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        if not ray.is_initialized():
+            return
+        for handle in self.workers.values():
+            try:
+                ray.get(handle.stop.remote(), timeout=10)
+            except Exception:
+                pass  # dead or restarting: killed below
+            ray.kill(handle, no_restart=True)
+        self.workers.clear()
+        if self.scheduler is not None:
+            ray.kill(self.scheduler)
+            self.scheduler = None
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+        if self._owns_ray:
+            ray.shutdown()

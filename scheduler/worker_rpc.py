@@ -1,0 +1,112 @@
+"""The scheduler side's gRPC client of workers: the front door's token streams and the global
+scheduler's load polls. Protobuf stays here (and in engine/server.py); callers see engine
+types (StepOutput, SamplingParams) and policy snapshots (WorkerLoad).
+
+Channels are opened once per worker address and reused; a worker restarted by Ray comes
+back at a new address, so a stale channel is simply never asked again (and closed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from engine.engine import StepOutput
+from engine.sampling_params import SamplingParams
+from engine.server import delta_to_output, params_to_proto, typed_error
+from engine.worker import EngineError
+from pdserve_rpc import worker_pb2 as pb
+from pdserve_rpc import worker_pb2_grpc as pb_grpc
+from scheduler.policies import WorkerLoad
+
+
+class WorkerFailed(EngineError):
+    """The worker could not be reached or went away mid-call (HTTP 502 / an error event)."""
+
+    def __init__(self, worker_id: str, message: str):
+        super().__init__(message)
+        self.worker_id = worker_id
+
+
+class StreamClient:
+    """Front door: streams a request's tokens from its decode worker (asyncio)."""
+
+    def __init__(self) -> None:
+        self._stubs: dict[str, pb_grpc.WorkerStub] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    async def generate(self, decode_id: str, decode_address: str, prefill_id: str, prefill_address: str,
+                       request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[StepOutput]:
+        """Yields StepOutputs until the request finishes; closing the iterator cancels the call,
+        which aborts the request on the decode worker (and its prefill)."""
+        request = pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
+                                     params=params_to_proto(params), prefill_worker=prefill_id,
+                                     prefill_address=prefill_address)
+        call = self._stub(decode_address).Generate(request)
+        try:
+            async for delta in call:
+                if delta.finish_reason == "error":
+                    raise EngineError(delta.error)
+                yield delta_to_output(delta)
+        except grpc.aio.AioRpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+                raise WorkerFailed(decode_id, f"decode worker {decode_id} failed: {e.details()}") from None
+            raise typed_error(e, f"decode worker {decode_id}") from None
+        finally:
+            call.cancel()
+
+    async def forget(self, address: str) -> None:
+        self._stubs.pop(address, None)
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            await channel.close()
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+        self._stubs.clear()
+
+    def _stub(self, address: str) -> pb_grpc.WorkerStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            self._channels[address] = channel = grpc.aio.insecure_channel(address)
+            self._stubs[address] = stub = pb_grpc.WorkerStub(channel)
+        return stub
+
+
+class LoadClient:
+    """Global scheduler: polls every worker's load snapshot (thread-based)."""
+
+    def __init__(self) -> None:
+        self._stubs: dict[str, pb_grpc.WorkerStub] = {}
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def poll(self, addresses: list[str], timeout_s: float) -> dict[str, "tuple[WorkerLoad, str] | Exception"]:
+        """Asks all at once; returns each address's (snapshot, incarnation) or the error."""
+        calls = {a: self._stub(a).Load.future(pb.LoadRequest(), timeout=timeout_s) for a in addresses}
+        out: dict[str, tuple[WorkerLoad, str] | Exception] = {}
+        for address, call in calls.items():
+            try:
+                m = call.result()
+            except grpc.RpcError as e:
+                out[address] = e
+                continue
+            out[address] = (WorkerLoad(m.worker_id, m.pending_prefill_tokens, m.num_running, m.num_waiting,
+                                       m.num_free_blocks, m.block_size), m.incarnation)
+        return out
+
+    def forget(self, address: str) -> None:
+        self._stubs.pop(address, None)
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            channel.close()
+
+    def _stub(self, address: str) -> pb_grpc.WorkerStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            self._channels[address] = channel = grpc.insecure_channel(address)
+            self._stubs[address] = stub = pb_grpc.WorkerStub(channel)
+        return stub

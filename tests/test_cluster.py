@@ -1,0 +1,287 @@
+"""pdserve serve --mode disagg end to end on a local Ray cluster (loopback, tiny model):
+greedy outputs equal HF (hence colocated) in 1P1D and 2P2D, per-phase timings, random
+aborts leave no block behind, and killed workers fail only their own requests, fast."""
+
+import os
+import random
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from conftest import LiveServer
+from engine.config import EngineConfig
+from parity_cases import NUM_TOKENS, prompts
+from scheduler.cluster import LOOPBACK_ENV
+from scheduler.config import ServeConfig
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+    os.environ.update(LOOPBACK_ENV)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def deploy(model, num_prefill: int, num_decode: int, **serve) -> LiveServer:
+    engine_config = EngineConfig(model=str(model), num_kv_blocks=128, max_model_len=256, max_num_batched_tokens=64,
+                                 served_model_name="tiny", num_threads=1)
+    return LiveServer(engine_config, serve_config=ServeConfig(mode="disagg", prefill_workers=num_prefill,
+                                                              decode_workers=num_decode, **serve))
+
+
+def complete(server: LiveServer, prompt: list[int], n_tokens: int = NUM_TOKENS, **extra) -> httpx.Response:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": n_tokens, "min_tokens": n_tokens, "temperature": 0,
+            **extra}
+    return httpx.post(f"{server.url}/v1/completions", json=body, timeout=TIMEOUT_S,
+                      headers={"x-pdserve-timings": "1"})
+
+
+def text(server: LiveServer, prompt: list[int], n_tokens: int = NUM_TOKENS) -> str:
+    r = complete(server, prompt, n_tokens)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert r.json()["usage"]["completion_tokens"] == n_tokens
+    return choice["text"]
+
+
+def all_in_parallel(fn, items, workers: int = 8) -> list:
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def workers(server: LiveServer) -> dict[str, dict]:
+    import ray
+    return {w["worker_id"]: w for w in ray.get(server.cluster.scheduler.workers.remote())}
+
+
+def wait_until(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def assert_clean(server: LiveServer, timeout_s: float = 10) -> None:
+    """Leak check: every worker holds no request and no KV block."""
+    import ray
+    handles = list(server.cluster.workers.values())
+
+    def clean() -> bool:
+        return all(b == 0 for b in ray.get([h.num_used_blocks.remote() for h in handles])) and \
+            all(n == 0 for n in ray.get([h.num_requests.remote() for h in handles]))
+    wait_until(clean, timeout_s, "every worker to free its blocks")
+
+
+def stop_and_check_processes(server: LiveServer) -> None:
+    pids = [info.pid for info in server.cluster.describe()]
+    server.stop()
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    wait_until(lambda: all(gone(p) for p in pids), 15, "worker processes to exit")
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_llama, references):
+    """The parity prompts' greedy continuations as text: HF's token ids (which the colocated
+    engine matches, tests/test_parity.py), detokenized the way the server does."""
+    from scheduler.tokenizer import TextStream, Tokenizer
+    tokenizer = Tokenizer.load(tiny_llama)
+    out = []
+    for prompt, ids in zip(prompts(), references("llama")):
+        stream = TextStream(tokenizer, prompt, (), True)
+        stream.add(ids)
+        out.append(stream.delta(final=True))
+    return out
+
+
+@pytest.fixture(scope="module")
+def p1d1(ray_local, tiny_llama):
+    server = deploy(tiny_llama, 1, 1)
+    yield server
+    stop_and_check_processes(server)
+
+
+@pytest.fixture(scope="module")
+def p2d2(ray_local, tiny_llama):
+    server = deploy(tiny_llama, 2, 2)
+    yield server
+    stop_and_check_processes(server)
+
+
+def test_1p1d_equals_hf_and_reports_its_phases(p1d1, expected, tiny_server):
+    outputs = all_in_parallel(lambda p: text(p1d1, p), prompts())
+    assert outputs == expected
+    assert outputs == all_in_parallel(lambda p: text(tiny_server, p), prompts())  # and colocated
+    timings = complete(p1d1, prompts()[-1]).json()["choices"][0]["timings"]
+    assert {"queue", "prefill", "transfer", "decode_queue", "decode", "kv_span"} <= timings.keys()
+    layers, blocks, block_bytes = 2, 15, 16 * 2 * 16 * 4  # 200 prompt tokens: 13 blocks, K and V, fp32
+    assert timings["kv_bytes"] >= 13 * layers * block_bytes  # every layer of every prompt block arrived
+    assert_clean(p1d1)
+
+
+def test_2p2d_equals_hf_and_uses_every_worker(p2d2, expected):
+    outputs = all_in_parallel(lambda p: text(p2d2, p), prompts() * 2, workers=16)
+    assert outputs == expected * 2
+    assert all(w["num_routed"] > 0 and w["alive"] for w in workers(p2d2).values())
+    assert_clean(p2d2)
+
+
+def test_bad_input_is_refused_at_the_front_door(p1d1):
+    r = complete(p1d1, [1] * 300)
+    assert r.status_code == 400 and "context length" in r.json()["error"]["message"]
+    r = complete(p1d1, [10_000])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert text(p1d1, prompts()[1])  # still serving
+
+
+def test_n_samples_and_stop_strings(p1d1):
+    body = {"model": "tiny", "prompt": prompts()[2], "max_tokens": 8, "temperature": 0.8, "n": 3, "seed": 1}
+    r = httpx.post(f"{p1d1.url}/v1/completions", json=body, timeout=TIMEOUT_S)
+    assert r.status_code == 200 and sorted(c["index"] for c in r.json()["choices"]) == [0, 1, 2]
+    greedy = text(p1d1, prompts()[2], 8)
+    stop = greedy[len(greedy) // 2:len(greedy) // 2 + 2]
+    r = complete(p1d1, prompts()[2], 8, stop=[stop], min_tokens=0)
+    assert r.json()["choices"][0]["finish_reason"] == "stop" and stop not in r.json()["choices"][0]["text"]
+    assert_clean(p1d1)
+
+
+def _stream_and_cut(server: LiveServer, prompt: list[int], max_tokens: int, cut_after_events: int,
+                    cut_after_s: float) -> str:
+    """Streams a request and hangs up after some events or some time, whichever first."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    start = time.monotonic()
+    events = 0
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=TIMEOUT_S) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events += 1
+                if line == "data: [DONE]":
+                    return "done"
+            if events >= cut_after_events or time.monotonic() - start > cut_after_s:
+                return "cut"
+    return "ended"
+
+
+def test_200_random_aborts_leave_no_block_behind(p2d2, expected):
+    rng = random.Random(0)
+    jobs = [([rng.randrange(3, 500) for _ in range(rng.choice((1, 7, 40, 120, 200)))], rng.randrange(1, 48),
+             rng.choice((0, 1, 2, 5, 20, 1000)), rng.choice((0.0, 0.005, 0.02, 0.1, 10.0))) for _ in range(200)]
+    outcomes = all_in_parallel(lambda job: _stream_and_cut(p2d2, *job), jobs, workers=24)
+    assert outcomes.count("cut") > 50 and outcomes.count("done") > 10
+    assert_clean(p2d2, timeout_s=15)
+    assert text(p2d2, prompts()[-1]) == expected[-1]  # the server still serves, correctly
+    assert_clean(p2d2)
+
+
+def _pid(server: LiveServer, worker_id: str) -> int:
+    return workers(server)[worker_id]["pid"]
+
+
+def _stream_all(server: LiveServer, prompt: list[int], max_tokens: int, first: threading.Event,
+                ends: dict, key) -> list[str]:
+    """Streams to the end, recording each data line and when the stream ended."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "min_tokens": max_tokens,
+            "temperature": 0, "stream": True}
+    lines = []
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=TIMEOUT_S) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                lines.append(line)
+                first.set()
+    ends[key] = time.monotonic()
+    return lines
+
+
+def _rejoined(server: LiveServer, worker_id: str, old_incarnation: str) -> bool:
+    w = workers(server)[worker_id]
+    return w["alive"] and w["incarnation"] != old_incarnation
+
+
+def test_killed_decode_worker_fails_only_its_streams_and_rejoins(p2d2):
+    before = workers(p2d2)["decode-0"]
+    started = [threading.Event() for _ in range(8)]
+    ends: dict = {}
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(_stream_all, p2d2, prompts()[i % 4], 200, started[i], ends, i) for i in range(8)]
+        for e in started:
+            assert e.wait(60), "streams did not start"
+        killed_at = time.monotonic()
+        os.kill(before["pid"], signal.SIGKILL)
+        results = [f.result(TIMEOUT_S) for f in futures]
+    failed = [i for i, lines in enumerate(results) if any('"error"' in x for x in lines)]
+    ok = [i for i, lines in enumerate(results) if i not in failed]
+    assert failed and ok, "the requests should have been spread over both decode workers"
+    for i in failed:
+        assert ends[i] - killed_at < 10, "an affected stream took too long to end"
+        assert results[i][-1] == "data: [DONE]"
+    for i in ok:
+        assert len([x for x in results[i] if '"text"' in x]) >= 200 - 1
+    # not routed to while down; every request meanwhile succeeds on decode-1
+    assert all(r.status_code == 200 for r in all_in_parallel(lambda p: complete(p2d2, p, 4), prompts()[:4]))
+    wait_until(lambda: _rejoined(p2d2, "decode-0", before["incarnation"]), 90, "decode-0 to rejoin")
+    assert all(r.status_code == 200 for r in all_in_parallel(lambda p: complete(p2d2, p, 4), prompts()))
+    assert_clean(p2d2)
+
+
+def test_killed_prefill_worker_requests_are_retried_on_another(p2d2, expected):
+    import ray
+    before = workers(p2d2)["prefill-0"]
+    os.kill(before["pid"], signal.SIGSTOP)  # hung: the scheduler still routes to it for a moment
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(text, p2d2, p) for p in prompts()]
+            time.sleep(0.3)
+            killed_at = time.monotonic()
+            os.kill(before["pid"], signal.SIGKILL)
+            outputs = [f.result(TIMEOUT_S) for f in futures]
+        assert time.monotonic() - killed_at < 10
+    finally:
+        try:
+            os.kill(before["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert outputs == expected  # same blocks, refilled by prefill-1
+    decode_handles = [h for wid, h in p2d2.cluster.workers.items() if wid.startswith("decode")]
+    assert sum(ray.get([h.num_prefill_retries.remote() for h in decode_handles])) > 0
+    wait_until(lambda: _rejoined(p2d2, "prefill-0", before["incarnation"]), 90, "prefill-0 to rejoin")
+    assert all_in_parallel(lambda p: text(p2d2, p), prompts()) == expected
+    assert_clean(p2d2)
+
+
+def test_killed_only_prefill_worker_fails_its_requests_clearly(p1d1, expected):
+    before = workers(p1d1)["prefill-0"]
+    os.kill(before["pid"], signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(complete, p1d1, p) for p in prompts()[:4]]
+            time.sleep(0.3)
+            killed_at = time.monotonic()
+            os.kill(before["pid"], signal.SIGKILL)
+            responses = [f.result(TIMEOUT_S) for f in futures]
+        assert time.monotonic() - killed_at < 10
+    finally:
+        try:
+            os.kill(before["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for r in responses:
+        assert r.status_code >= 500 and "prefill" in r.json()["error"]["message"], r.text
+    assert_clean(p1d1)
+    wait_until(lambda: _rejoined(p1d1, "prefill-0", before["incarnation"]), 90, "prefill-0 to rejoin")
+    assert text(p1d1, prompts()[3]) == expected[3]
+    assert_clean(p1d1)
