@@ -68,7 +68,14 @@ class Cluster:
             raise ValueError(f"{num_workers} workers need {num_workers} GPUs; the Ray cluster has {gpus}")
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": threads}
         self._pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy="PACK")
-        ray.get(self._pg.ready(), timeout=spec.start_timeout_s)
+        wait_s = spec.start_timeout_s if spec.ray_address else 30.0  # an external cluster may scale up
+        try:
+            ray.get(self._pg.ready(), timeout=wait_s)
+        except ray.exceptions.GetTimeoutError:
+            free = ray.available_resources()
+            self.stop()
+            raise RuntimeError(f"Ray could not place {num_workers} workers of {bundle} within {wait_s:g} s "
+                               f"(available: {free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU)") from None
         self.scheduler = ray.remote(GlobalScheduler).options(num_cpus=0).remote(spec.policy)
         worker_config = replace(self.engine_config, device="cuda" if use_gpu else self.engine_config.device,
                                 num_threads=None if use_gpu else threads)

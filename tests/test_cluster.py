@@ -27,7 +27,8 @@ TIMEOUT_S = 120
 def ray_local():
     import ray
     os.environ.update(LOOPBACK_ENV)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # logical CPUs: the 1P1D and 2P2D deployments (a thread each) are up at once on 2 cores
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -230,7 +231,7 @@ def test_killed_decode_worker_fails_only_its_streams_and_rejoins(p2d2):
         assert ends[i] - killed_at < 10, "an affected stream took too long to end"
         assert results[i][-1] == "data: [DONE]"
     for i in ok:
-        assert len([x for x in results[i] if '"text"' in x]) >= 200 - 1
+        assert '"finish_reason": "length"' in results[i][-2] and results[i][-1] == "data: [DONE]"
     # not routed to while down; every request meanwhile succeeds on decode-1
     assert all(r.status_code == 200 for r in all_in_parallel(lambda p: complete(p2d2, p, 4), prompts()[:4]))
     wait_until(lambda: _rejoined(p2d2, "decode-0", before["incarnation"]), 90, "decode-0 to rejoin")
@@ -281,7 +282,6 @@ def test_killed_only_prefill_worker_fails_its_requests_clearly(p1d1, expected):
             pass
     for r in responses:
         assert r.status_code >= 500 and "prefill" in r.json()["error"]["message"], r.text
-    assert_clean(p1d1)
     wait_until(lambda: _rejoined(p1d1, "prefill-0", before["incarnation"]), 90, "prefill-0 to rejoin")
     assert text(p1d1, prompts()[3]) == expected[3]
     assert_clean(p1d1)

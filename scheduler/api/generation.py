@@ -79,6 +79,8 @@ class _Tracker:
         timings = None
         if finish is not None:
             timings = out.timeline.phases(end_s=now) if out.timeline else None
+            if timings:
+                m.observe_phases(timings)
             sample.finish_reason = finish
             m.finished.labels(finish).inc()
             m.e2e.observe(now - self.arrival_s)

@@ -32,6 +32,7 @@ from scheduler.tokenizer import Tokenizer
 
 
 TIMINGS_HEADER = "x-pdserve-timings"
+RETRY_AFTER_S = "1"  # what a 503 (no worker has room now) asks clients to wait
 
 
 @dataclass
@@ -49,8 +50,9 @@ class ServerState:
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     kind = {401: "authentication_error", 404: "not_found_error"}.get(
         status, "invalid_request_error" if status < 500 else "internal_server_error")
+    headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code or status}},
-                        status_code=status)
+                        status_code=status, headers=headers)
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -198,7 +200,9 @@ async def _sse(events: AsyncIterator[ChoiceEvent], shape: formats.Shape, include
         if include_usage:
             yield f"data: {json.dumps(shape.usage_chunk())}\n\n"
     except Exception as e:  # after the headers went out, errors travel as an event
-        yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'internal_server_error', 'code': 500}})}\n\n"
+        status = e.status_code if isinstance(e, RequestError) else 500
+        kind = "internal_server_error" if status >= 500 else "invalid_request_error"
+        yield f"data: {json.dumps({'error': {'message': str(e), 'type': kind, 'code': status}})}\n\n"
     yield "data: [DONE]\n\n"
 
 
