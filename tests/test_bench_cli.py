@@ -35,7 +35,7 @@ def test_against_pdserve_sweep_with_tables_json_and_plots(tiny_server, tiny_llam
     assert [p["rate"] for p in result["phases"]] == ["20", "40"]  # warm-up requests are not phases
     for phase in result["phases"]:
         records = phase["records"]
-        assert len(records) == 8 and all(r["ok"] for r in records)
+        assert len(records) == 8 and all(r["ok"] for r in records), [r["error"] for r in records]
         assert all(r["output_tokens"] == 6 and len(r["chunk_s"]) >= 1 for r in records)
         assert all(abs(r["prompt_tokens"] - 24) <= 2 for r in records)  # the server's own count
         assert all(set(r["timings"]) >= {"queue", "prefill", "decode"} for r in records)
