@@ -36,8 +36,8 @@ from pdserve_rpc import worker_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-# (prefill worker ids that failed) -> another live one as (id, address), or None
-Reroute = Callable[[list[str]], "tuple[str, str] | None"]
+# (the (id, address) of prefill workers that failed) -> another live one as (id, address), or None
+Reroute = Callable[[list[tuple[str, str]]], "tuple[str, str] | None"]
 _IDLE_LINK_S = 10 * 365 * 86400.0  # a link waits for chunks as long as it lives; stalls are timed per request
 
 
@@ -87,7 +87,7 @@ class PrefillClient:
 
     def _run(self, future: Future, request_id: str, prefill_id: str, address: str,
              prompt_token_ids: list[int], params: SamplingParams) -> None:
-        failed: list[str] = []
+        failed: list[tuple[str, str]] = []
         request = pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                                     params=params_to_proto(params), decode_worker=self.worker_id)
         while not future.cancelled():
@@ -99,7 +99,7 @@ class PrefillClient:
                         _settle(future, error=typed_error(e, "prefill failed"))
                     return
                 self._drop(address)
-                failed.append(prefill_id)
+                failed.append((prefill_id, address))
                 log.warning("prefill worker %s failed for %s (%s)", prefill_id, request_id, _brief(e))
                 try:
                     nxt = self.reroute(failed)

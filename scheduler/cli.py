@@ -47,7 +47,7 @@ def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
     try:
         max_model_len, vocab_size = cluster.limits()
         name = engine_config.served_model_name or model_name(engine_config.model)
-        client = DisaggClient(cluster.scheduler, ModelInfo(name, max_model_len, vocab_size))
+        client = DisaggClient(cluster.scheduler, ModelInfo(name, max_model_len, vocab_size), config.policy)
         return build_app(ServerState(client, tokenizer, name, api_key=config.api_key)), cluster
     except BaseException:
         cluster.stop()

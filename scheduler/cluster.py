@@ -46,14 +46,15 @@ class Cluster:
         self._owns_ray = False
 
     def start(self) -> "Cluster":
+        if not self.spec.ray_address:  # must precede Ray's first import in this process
+            for key, value in LOOPBACK_ENV.items():
+                os.environ.setdefault(key, value)
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         spec = self.spec
         num_workers = spec.num_prefill + spec.num_decode
-        for key, value in LOOPBACK_ENV.items():
-            os.environ.setdefault(key, value)
         threads = self.engine_config.num_threads or max(1, (os.cpu_count() or 1) // num_workers)
         if not ray.is_initialized():
             if spec.ray_address:
@@ -62,6 +63,9 @@ class Cluster:
                 ray.init(num_cpus=max(os.cpu_count() or 1, threads * num_workers), include_dashboard=False,
                          log_to_driver=True)
                 self._owns_ray = True
+                if ray.util.get_node_ip_address() != "127.0.0.1":
+                    log.warning("Ray was imported before pdserve could ask for loopback: workers listen on %s",
+                                ray.util.get_node_ip_address())
         gpus = int(ray.cluster_resources().get("GPU", 0))
         use_gpu = gpus > 0 and self.engine_config.device in ("auto", "cuda")
         if use_gpu and gpus < num_workers:

@@ -1,14 +1,15 @@
 """DisaggClient: the front door's EngineClient over the cluster.
 
-Each request asks the global scheduler for a (prefill, decode) pair, then streams its tokens
-from the decode worker over gRPC; the decode worker does the rest (reserve, prefill, KV,
+Each request is routed to a (prefill, decode) pair on a replica of the global scheduler's
+view (scheduler/router.py), refreshed in the background when older than `refresh_s` and
+awaited first when older than `stale_s` (after an idle spell), then
+streams its tokens from the decode worker over gRPC; the decode worker does the rest (reserve, prefill, KV,
 decode). n > 1 runs as n independent requests (`<id>#<i>`, each with its own seed) whose
 outputs are merged. No route (no live worker of a role, or no decode worker with room for
 the prompt) is a 503 with Retry-After; a decode worker that dies mid-stream fails its own
 requests at once and is reported to the scheduler, which stops routing to it.
 
-Engine gauges on /metrics are the decode pool's, from the scheduler's registry (refreshed
-at most every `stats_ttl_s`).
+Engine gauges on /metrics are the decode pool's, from the same view.
 """
 
 from __future__ import annotations
@@ -22,17 +23,21 @@ from engine.engine import EngineStats, StepOutput
 from engine.request import validate_request
 from engine.sampling_params import SamplingParams
 from scheduler.engine_client import EngineClient, ModelInfo
+from scheduler.router import Router
 from scheduler.worker_rpc import StreamClient, WorkerFailed
 
 
 class DisaggClient(EngineClient):
-    def __init__(self, scheduler, info: ModelInfo, stats_ttl_s: float = 1.0):
+    def __init__(self, scheduler, info: ModelInfo, policy: str = "jsq", refresh_s: float = 0.02,
+                 stale_s: float = 0.5):
         self.scheduler = scheduler  # the GlobalScheduler actor handle
         self.info = info
+        self.router = Router(policy)
+        self.refresh_s, self.stale_s = refresh_s, stale_s
         self.streams = StreamClient()
-        self.stats_ttl_s = stats_ttl_s
-        self._stats = EngineStats(0, 0, 0, 0, 0, 0)
-        self._stats_at = 0.0
+        self._refreshed_at = 0.0
+        self._refresh: asyncio.Task | None = None
+        self._reported: dict[str, int] = {}  # routes already counted at the scheduler
         self._samples: dict[str, list[asyncio.Task]] = {}  # n > 1: one streaming task per sample
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -73,7 +78,8 @@ class DisaggClient(EngineClient):
 
     async def _one(self, request_id: str, prompt_token_ids: list[int],
                    params: SamplingParams) -> AsyncIterator[StepOutput]:
-        target = await self.scheduler.route.remote(len(prompt_token_ids))
+        await self._refresh_view()
+        target = self.router.route(len(prompt_token_ids))
         if target is None:
             raise Overloaded("no decode worker can take this prompt now (all busy or down); retry later")
         try:
@@ -81,6 +87,7 @@ class DisaggClient(EngineClient):
                                                    target.prefill_address, request_id, prompt_token_ids, params):
                 yield out
         except WorkerFailed as e:
+            self.router.set_alive(e.worker_id, False)
             self.scheduler.report_failure.remote(e.worker_id, target.decode_address)
             await self.streams.forget(target.decode_address)
             raise
@@ -93,21 +100,30 @@ class DisaggClient(EngineClient):
             tasks[index].cancel()
 
     def stats(self) -> EngineStats:
-        now = time.monotonic()
-        if now - self._stats_at > self.stats_ttl_s:
-            self._stats_at = now
-            ref = self.scheduler.workers.remote()
-            asyncio.get_running_loop().create_task(self._refresh(ref))
-        return self._stats
+        decode = [v for v in self.router.views.values() if v.role == "decode" and v.load.alive]
+        total = sum(v.num_total_blocks for v in decode)
+        return EngineStats(sum(v.load.num_running for v in decode), sum(v.load.num_waiting for v in decode),
+                           total - sum(v.load.num_free_blocks for v in decode), total, 0, 0)
 
-    async def _refresh(self, ref) -> None:
+    async def _refresh_view(self) -> None:
+        """Starts a refresh when the view is older than refresh_s; waits for it only when the
+        view is missing or stale (older than stale_s: the front door sat idle meanwhile)."""
+        age = time.monotonic() - self._refreshed_at
+        if age > self.refresh_s and (self._refresh is None or self._refresh.done()):
+            self._refresh = asyncio.create_task(self._pull())
+        if age > self.stale_s and self._refresh is not None:
+            await asyncio.shield(self._refresh)
+
+    async def _pull(self) -> None:
+        routed = dict(self.router.num_routed)
+        delta = {w: n - self._reported.get(w, 0) for w, n in routed.items() if n > self._reported.get(w, 0)}
+        if delta:
+            self.scheduler.count_routes.remote(delta)
+            self._reported = routed
         try:
-            workers = [w for w in await ref if w["role"] == "decode" and w["alive"]]
-        except Exception:
-            return
-        total = sum(w["num_total_blocks"] for w in workers)
-        self._stats = EngineStats(sum(w["num_running"] for w in workers), sum(w["num_waiting"] for w in workers),
-                                  total - sum(w["num_free_blocks"] for w in workers), total, 0, 0)
+            self.router.update(await self.scheduler.snapshot.remote())
+        finally:
+            self._refreshed_at = time.monotonic()
 
     async def close(self) -> None:
         await self.streams.close()

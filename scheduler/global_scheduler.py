@@ -8,9 +8,10 @@ front door saw a stream break) takes it out at once. Between polls each route is
 against the chosen workers' snapshots (prompt tokens pending, blocks taken), so a burst of
 requests spreads out instead of all landing on the worker that looked emptiest.
 
-`route` asks the policy (a pure function of the snapshots, scheduler/policies.py) for a
-(prefill, decode) pair; `reroute_prefill` names another prefill worker for a request whose
-prefill worker failed. No torch here.
+The view and the policy live in a Router (scheduler/router.py). Front doors route on
+replicas of it refreshed from `snapshot()`; `route` serves callers without one;
+`reroute_prefill` names another prefill worker for a request whose prefill worker failed.
+No torch here.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import logging
 import threading
 from dataclasses import dataclass, replace
 
-from scheduler.policies import POLICIES, WorkerLoad, least_loaded_prefill
+from scheduler.policies import WorkerLoad
+from scheduler.router import Router, Target, WorkerView
 
 log = logging.getLogger(__name__)
 
@@ -39,103 +41,80 @@ class WorkerInfo:
     num_total_blocks: int
 
 
-@dataclass(frozen=True)
-class Target:
-    prefill_id: str
-    prefill_address: str
-    decode_id: str
-    decode_address: str
-
-
-@dataclass
-class _Entry:
-    info: WorkerInfo
-    load: WorkerLoad
-    num_routed: int = 0
-    num_failures: int = 0
-
-
 class GlobalScheduler:
     def __init__(self, policy: str = "jsq", poll_interval_s: float = 0.05, load_timeout_s: float = 1.0,
                  load_client=None):
-        if policy not in POLICIES:
-            raise ValueError(f"unknown routing policy {policy!r} (choices: {', '.join(POLICIES)})")
-        self._policy = POLICIES[policy]()
+        self.policy = policy
+        self._router = Router(policy)
         self.poll_interval_s, self.load_timeout_s = poll_interval_s, load_timeout_s
-        self._entries: dict[str, _Entry] = {}
+        self._infos: dict[str, WorkerInfo] = {}
+        self._failures: dict[str, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         if load_client is None:
             from scheduler.worker_rpc import LoadClient
             load_client = LoadClient()
         self._loads = load_client
-        self.num_routes = self.num_unroutable = 0
         threading.Thread(target=self._poll_loop, name="pdserve-load-poll", daemon=True).start()
 
     def register(self, info: WorkerInfo) -> None:
         with self._lock:
-            old = self._entries.get(info.worker_id)
+            old = self._infos.get(info.worker_id)
+            self._infos[info.worker_id] = info
             load = WorkerLoad(info.worker_id, num_free_blocks=info.num_total_blocks, block_size=info.block_size)
-            self._entries[info.worker_id] = _Entry(info, load, *(
-                (old.num_routed, old.num_failures) if old else (0, 0)))
-        if old is not None and old.info.address != info.address:
-            self._loads.forget(old.info.address)
+            self._router.put(WorkerView(info.worker_id, info.role, info.address, load, info.num_total_blocks))
+        if old is not None and old.address != info.address:
+            self._loads.forget(old.address)
         log.info("%s %s at %s (%s)", "rejoined:" if old else "registered:", info.worker_id, info.address,
                  info.incarnation)
 
+    def snapshot(self) -> list[WorkerView]:
+        """The current view, for front doors' router replicas."""
+        with self._lock:
+            return list(self._router.views.values())
+
     def route(self, num_prompt_tokens: int) -> Target | None:
         with self._lock:
-            prefill, decode = self._loads_of("prefill"), self._loads_of("decode")
-            route = self._policy(prefill, decode, num_prompt_tokens)
-            if route is None:
-                self.num_unroutable += 1
-                return None
-            p, d = self._entries[route.prefill_id], self._entries[route.decode_id]
-            p.num_routed += 1
-            d.num_routed += 1
-            p.load = replace(p.load, pending_prefill_tokens=p.load.pending_prefill_tokens + num_prompt_tokens)
-            d.load = replace(d.load, num_free_blocks=max(0, d.load.num_free_blocks - d.load.blocks_for(num_prompt_tokens)),
-                             num_running=d.load.num_running + 1)
-            self.num_routes += 1
-            return Target(p.info.worker_id, p.info.address, d.info.worker_id, d.info.address)
+            return self._router.route(num_prompt_tokens)
 
-    def reroute_prefill(self, failed_ids: list[str]) -> tuple[str, str] | None:
-        """Another live prefill worker (id, address) for a request whose prefill failed on
-        failed_ids, which stop being routed to until a poll finds them alive again."""
+    def reroute_prefill(self, failed: list[tuple[str, str]]) -> tuple[str, str] | None:
+        """Another live prefill worker (id, address) for a request whose prefill failed on the
+        failed (id, address) pairs, which stop being routed to until a poll finds them alive."""
         with self._lock:
-            for worker_id in failed_ids:
-                self._mark_failed(worker_id)
-            candidates = [e.load for e in self._entries.values()
-                          if e.info.role == "prefill" and e.info.worker_id not in failed_ids]
-            best = least_loaded_prefill(candidates)
-            if best is None:
-                return None
-            entry = self._entries[best.worker_id]
-            entry.num_routed += 1
-            return entry.info.worker_id, entry.info.address
+            for worker_id, address in failed:
+                self._mark_failed(worker_id, address)
+            view = self._router.another_prefill([address for _, address in failed])
+            return (view.worker_id, view.address) if view else None
 
     def report_failure(self, worker_id: str, address: str) -> None:
         """A caller saw this worker fail: no routes to it until it answers a poll again."""
         with self._lock:
-            entry = self._entries.get(worker_id)
-            if entry is not None and entry.info.address == address:
-                self._mark_failed(worker_id)
+            self._mark_failed(worker_id, address)
 
     def workers(self) -> list[dict]:
-        """The registry as plain values (tests, metrics, `pdserve` logs)."""
+        """The registry as plain values (tests, metrics, logs)."""
         with self._lock:
-            return [{"worker_id": e.info.worker_id, "role": e.info.role, "address": e.info.address,
-                     "incarnation": e.info.incarnation, "pid": e.info.pid, "alive": e.load.alive,
-                     "num_routed": e.num_routed, "num_failures": e.num_failures,
-                     "num_running": e.load.num_running, "num_waiting": e.load.num_waiting,
-                     "pending_prefill_tokens": e.load.pending_prefill_tokens,
-                     "num_free_blocks": e.load.num_free_blocks, "num_total_blocks": e.info.num_total_blocks}
-                    for e in sorted(self._entries.values(), key=lambda e: e.info.worker_id)]
+            out = []
+            for worker_id, view in sorted(self._router.views.items()):
+                info, load = self._infos[worker_id], view.load
+                out.append({"worker_id": worker_id, "role": info.role, "address": info.address,
+                            "incarnation": info.incarnation, "pid": info.pid, "alive": load.alive,
+                            "num_routed": self._router.num_routed.get(worker_id, 0),
+                            "num_failures": self._failures.get(worker_id, 0), "num_running": load.num_running,
+                            "num_waiting": load.num_waiting, "pending_prefill_tokens": load.pending_prefill_tokens,
+                            "num_free_blocks": load.num_free_blocks, "num_total_blocks": info.num_total_blocks})
+            return out
+
+    def count_routes(self, counts: dict[str, int]) -> None:
+        """Front doors route on replicas and report how many requests went to each worker."""
+        with self._lock:
+            for worker_id, n in counts.items():
+                self._router.num_routed[worker_id] = self._router.num_routed.get(worker_id, 0) + n
 
     def model_limits(self) -> tuple[int, int] | None:
         """(max_model_len, vocab_size), the smallest over registered workers; None before any."""
         with self._lock:
-            infos = [e.info for e in self._entries.values()]
+            infos = list(self._infos.values())
         if not infos:
             return None
         return min(i.max_model_len for i in infos), min(i.vocab_size for i in infos)
@@ -143,20 +122,19 @@ class GlobalScheduler:
     def stop(self) -> None:
         self._stop.set()
 
-    def _loads_of(self, role: str) -> list[WorkerLoad]:
-        return [e.load for e in self._entries.values() if e.info.role == role]
-
-    def _mark_failed(self, worker_id: str) -> None:
-        entry = self._entries.get(worker_id)
-        if entry is not None and entry.load.alive:
-            entry.load = replace(entry.load, alive=False)
-            entry.num_failures += 1
+    def _mark_failed(self, worker_id: str, address: str | None = None) -> None:
+        """Only the incarnation at `address` when given (a report may concern an older one)."""
+        info = self._infos.get(worker_id)
+        if info is None or (address is not None and info.address != address):
+            return
+        if self._router.set_alive(worker_id, False):
+            self._failures[worker_id] = self._failures.get(worker_id, 0) + 1
             log.warning("worker %s is not answering: no longer routed to", worker_id)
 
     def _poll_loop(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
             with self._lock:
-                targets = {e.info.address: (e.info.worker_id, e.info.incarnation) for e in self._entries.values()}
+                targets = {i.address: (i.worker_id, i.incarnation) for i in self._infos.values()}
             if not targets:
                 continue
             try:
@@ -167,12 +145,13 @@ class GlobalScheduler:
             with self._lock:
                 for address, result in results.items():
                     worker_id, incarnation = targets[address]
-                    entry = self._entries.get(worker_id)
-                    if entry is None or entry.info.incarnation != incarnation:
+                    info = self._infos.get(worker_id)
+                    if info is None or info.incarnation != incarnation:
                         continue  # re-registered meanwhile
                     if isinstance(result, Exception):
                         self._mark_failed(worker_id)
                         continue
                     load, seen = result
                     if seen == incarnation:
-                        entry.load = replace(load, worker_id=worker_id, alive=True)
+                        view = self._router.views[worker_id]
+                        self._router.put(replace(view, load=replace(load, worker_id=worker_id, alive=True)))

@@ -5,7 +5,9 @@ pulls KV from prefill peers), serves the Worker gRPC service on its node's addre
 registers with the global scheduler. Ray restarts it when its process dies (the cluster
 creates it with max_restarts=-1): the constructor runs again, serves at a new port under a
 new incarnation and registers again, which is how a restarted worker rejoins.
-Requests never travel through Ray: only the registry does.
+Requests never travel through Ray: only the registry does. (Ray is imported lazily here and
+in scheduler/cluster.py: its node address is fixed when it is first imported, after
+`Cluster.start` has asked for loopback.)
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass
-
-import ray
 
 from engine.config import EngineConfig
 from scheduler.global_scheduler import WorkerInfo
@@ -41,6 +41,7 @@ class WorkerActor:
         from engine.prefill_role import PrefillRole
         from engine.server import WorkerService, start_server
         from engine.worker import EngineWorker
+        import ray
 
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {worker_id}: %(message)s")
         self.worker_id, self.role, self.scheduler = worker_id, role, scheduler
@@ -87,5 +88,6 @@ class WorkerActor:
             self.links.close()
         self.worker.shutdown()
 
-    def _reroute(self, failed_ids: list[str]) -> tuple[str, str] | None:
-        return ray.get(self.scheduler.reroute_prefill.remote(failed_ids), timeout=10)
+    def _reroute(self, failed: list[tuple[str, str]]) -> tuple[str, str] | None:
+        import ray
+        return ray.get(self.scheduler.reroute_prefill.remote(failed), timeout=10)

@@ -25,8 +25,8 @@ TIMEOUT_S = 120
 
 @pytest.fixture(scope="module")
 def ray_local():
+    os.environ.update(LOOPBACK_ENV)  # before Ray's first import, which fixes its node address
     import ray
-    os.environ.update(LOOPBACK_ENV)
     # logical CPUs: the 1P1D and 2P2D deployments (a thread each) are up at once on 2 cores
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield ray
@@ -125,6 +125,7 @@ def p2d2(ray_local, tiny_llama):
 
 
 def test_1p1d_equals_hf_and_reports_its_phases(p1d1, expected, tiny_server):
+    assert all(i.address.startswith("127.0.0.1:") for i in p1d1.cluster.describe())  # loopback only
     outputs = all_in_parallel(lambda p: text(p1d1, p), prompts())
     assert outputs == expected
     assert outputs == all_in_parallel(lambda p: text(tiny_server, p), prompts())  # and colocated
@@ -138,7 +139,9 @@ def test_1p1d_equals_hf_and_reports_its_phases(p1d1, expected, tiny_server):
 def test_2p2d_equals_hf_and_uses_every_worker(p2d2, expected):
     outputs = all_in_parallel(lambda p: text(p2d2, p), prompts() * 2, workers=16)
     assert outputs == expected * 2
-    assert all(w["num_routed"] > 0 and w["alive"] for w in workers(p2d2).values())
+    routed = p2d2.app.state.pd.client.router.num_routed  # the front door routes on its replica
+    assert sorted(routed) == ["decode-0", "decode-1", "prefill-0", "prefill-1"] and min(routed.values()) > 0
+    assert all(w["alive"] for w in workers(p2d2).values())
     assert_clean(p2d2)
 
 
