@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 serve: venv
-	$(BIN)/pdserve serve --mode colocated $(ARGS)
+	$(BIN)/pdserve serve $(ARGS)
 
 test: venv
 	$(BIN)/python -m pytest -q -ra $(ARGS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,6 +78,24 @@ def _rows(r: PhaseResult) -> list[tuple[str, str]]:
     return rows
 
 
+_PHASES = ("queue", "prefill", "transfer", "decode_queue", "decode", "kv_span")
+
+
+def _timing_rows(records: list[RequestRecord]) -> list[tuple[str, str]]:
+    """Means of the per-phase seconds the server reported (pdserve's x-pdserve-timings), the
+    prompt KV moved per request and its rate, and the share of TTFT the exposed transfer took."""
+    timed = [x.timings for x in records if x.ok and x.timings]
+    mean = lambda key: statistics.fmean([t.get(key, 0.0) for t in timed]) if timed else None  # noqa: E731
+    rows = [(f"server {name} mean (ms)", _ms(mean(name))) for name in _PHASES]
+    kv_bytes, span, exposed = mean("kv_bytes"), mean("kv_span"), mean("transfer")
+    ttfts = [x.ttft_s for x in records if x.ok and x.timings and x.ttft_s is not None]
+    ttft = statistics.fmean(ttfts) if ttfts else None
+    rows += [("server KV per request (MB)", "-" if not kv_bytes else f"{kv_bytes / 1e6:.2f}"),
+             ("server KV transfer rate (MB/s)", "-" if not kv_bytes or not span else f"{kv_bytes / span / 1e6:.0f}"),
+             ("exposed transfer / TTFT", "-" if exposed is None or not ttft or not kv_bytes else f"{exposed / ttft:.1%}")]
+    return rows
+
+
 def print_report(console: Console, results: list[PhaseResult], slo: SLO, attainment_target: float,
                  searches: dict[str, GoodputSearch] | None = None) -> None:
     targets = list(dict.fromkeys(r.target for r in results))
@@ -87,7 +106,8 @@ def print_report(console: Console, results: list[PhaseResult], slo: SLO, attainm
         for r in mine:
             table.add_column(f"rate {rate_label(r.rate)}" + (" (interrupted)" if r.interrupted else ""),
                              justify="right")
-        columns = [_rows(r) for r in mine]
+        timed = any(x.timings for r in mine for x in r.records)
+        columns = [_rows(r) + (_timing_rows(r.records) if timed else []) for r in mine]
         for i, (name, _) in enumerate(columns[0]):
             table.add_row(name, *(col[i][1] for col in columns))
         console.print(table)

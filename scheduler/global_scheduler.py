@@ -2,9 +2,10 @@
 
 Runs as a Ray actor (scheduler/cluster.py wraps this class). Workers `register` when they
 start, and again when Ray restarts them (a new address and incarnation replace the entry).
-A thread polls every worker's load over gRPC each `poll_interval_s`; a worker whose poll
-fails or times out is not routed to until a poll succeeds again, and `report_failure` (the
-front door saw a stream break) takes it out at once. Between polls each route is counted
+A thread polls every worker's load over gRPC each `poll_interval_s`; a worker that cannot be
+reached, or leaves `max_missed_polls` polls in a row unanswered (a busy worker answers late
+now and then), is not routed to until a poll succeeds again, and `report_failure` (a caller
+saw a stream or call break) takes it out at once. Between polls each route is counted
 against the chosen workers' snapshots (prompt tokens pending, blocks taken), so a burst of
 requests spreads out instead of all landing on the worker that looked emptiest.
 
@@ -43,12 +44,14 @@ class WorkerInfo:
 
 class GlobalScheduler:
     def __init__(self, policy: str = "jsq", poll_interval_s: float = 0.05, load_timeout_s: float = 1.0,
-                 load_client=None):
+                 max_missed_polls: int = 3, load_client=None):
         self.policy = policy
         self._router = Router(policy)
         self.poll_interval_s, self.load_timeout_s = poll_interval_s, load_timeout_s
         self._infos: dict[str, WorkerInfo] = {}
         self._failures: dict[str, int] = {}
+        self.max_missed_polls = max_missed_polls
+        self._missed: dict[str, int] = {}  # consecutive unanswered polls
         self._lock = threading.Lock()
         self._stop = threading.Event()
         if load_client is None:
@@ -133,25 +136,35 @@ class GlobalScheduler:
 
     def _poll_loop(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
-            with self._lock:
-                targets = {i.address: (i.worker_id, i.incarnation) for i in self._infos.values()}
-            if not targets:
-                continue
             try:
-                results = self._loads.poll(list(targets), self.load_timeout_s)
+                self.poll_once()
             except Exception:
                 log.exception("load poll failed")
-                continue
-            with self._lock:
-                for address, result in results.items():
-                    worker_id, incarnation = targets[address]
-                    info = self._infos.get(worker_id)
-                    if info is None or info.incarnation != incarnation:
-                        continue  # re-registered meanwhile
-                    if isinstance(result, Exception):
+
+    def poll_once(self) -> None:
+        """Asks every worker for its load and updates the view (the poll thread's step)."""
+        with self._lock:
+            targets = {i.address: (i.worker_id, i.incarnation) for i in self._infos.values()}
+        if not targets:
+            return
+        results = self._loads.poll(list(targets), self.load_timeout_s)
+        with self._lock:
+            for address, result in results.items():
+                worker_id, incarnation = targets[address]
+                info = self._infos.get(worker_id)
+                if info is None or info.incarnation != incarnation:
+                    continue  # re-registered meanwhile
+                if isinstance(result, Exception):
+                    self._missed[worker_id] = missed = self._missed.get(worker_id, 0) + 1
+                    if not _timed_out(result) or missed >= self.max_missed_polls:
                         self._mark_failed(worker_id)
-                        continue
-                    load, seen = result
-                    if seen == incarnation:
-                        view = self._router.views[worker_id]
-                        self._router.put(replace(view, load=replace(load, worker_id=worker_id, alive=True)))
+                    continue
+                self._missed[worker_id] = 0
+                load, seen = result
+                if seen == incarnation:
+                    view = self._router.views[worker_id]
+                    self._router.put(replace(view, load=replace(load, worker_id=worker_id, alive=True)))
+
+def _timed_out(error: Exception) -> bool:
+    code = getattr(error, "code", None)
+    return callable(code) and code().name == "DEADLINE_EXCEEDED"

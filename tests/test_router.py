@@ -1,8 +1,6 @@
 """Routing without Ray: the Router's view and charging, and the global scheduler's registry,
 polls, failures and restarts against a fake load client."""
 
-import time
-
 from scheduler.global_scheduler import GlobalScheduler, WorkerInfo
 from scheduler.policies import WorkerLoad
 from scheduler.router import Router, WorkerView
@@ -47,15 +45,15 @@ class FakeLoads:
         self.forgotten.append(address)
 
 
+class Late(Exception):
+    """What a poll that timed out raises (a grpc.RpcError with DEADLINE_EXCEEDED)."""
+
+    def code(self):
+        return type("Code", (), {"name": "DEADLINE_EXCEEDED"})()
+
+
 def info(worker_id, role, address, incarnation="a", max_len=512):
     return WorkerInfo(worker_id, role, address, incarnation, 1, max_len, 1000, 16, 64)
-
-
-def wait_for(predicate, timeout_s=5):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
 
 
 def alive(scheduler):
@@ -64,33 +62,40 @@ def alive(scheduler):
 
 def test_scheduler_registry_polls_failures_and_restarts():
     loads = FakeLoads()
-    s = GlobalScheduler("jsq", poll_interval_s=0.01, load_client=loads)
-    try:
-        ok = lambda wid, inc="a": (WorkerLoad(wid, num_free_blocks=64), inc)  # noqa: E731
-        loads.answers = {"p:1": ok("p0"), "d:1": ok("d0")}
-        s.register(info("p0", "prefill", "p:1"))
-        s.register(info("d0", "decode", "d:1", max_len=256))
-        assert s.model_limits() == (256, 1000)
-        target = s.route(40)
-        assert (target.prefill_id, target.decode_id, target.decode_address) == ("p0", "d0", "d:1")
-        del loads.answers["d:1"]  # the decode worker stops answering
-        wait_for(lambda: not alive(s)["d0"])
-        assert s.route(40) is None
-        loads.answers["d:1"] = ok("d0")  # it answers again
-        wait_for(lambda: alive(s)["d0"])
-        s.report_failure("d0", "stale:9")  # a report about an older incarnation changes nothing
-        assert alive(s)["d0"]
-        s.report_failure("d0", "d:1")
-        assert not alive(s)["d0"] and s.workers()[0]["num_failures"] == 2  # the poll's, then this one
-        # Ray restarted it: a new address and incarnation replace the entry
-        loads.answers["d:2"] = ok("d0", "b")
-        s.register(info("d0", "decode", "d:2", incarnation="b"))
-        assert loads.forgotten == ["d:1"] and s.route(40).decode_address == "d:2"
-        assert s.reroute_prefill([("p0", "p:1")]) is None and not alive(s)["p0"]
-        s.register(info("p0", "prefill", "p:2", incarnation="b"))  # restarted: another worker for a retry
-        assert s.reroute_prefill([("p0", "p:1")]) == ("p0", "p:2")
-    finally:
-        s.stop()
+    s = GlobalScheduler("jsq", poll_interval_s=3600, max_missed_polls=3, load_client=loads)  # polled by hand
+    ok = lambda wid, inc="a": (WorkerLoad(wid, num_free_blocks=64), inc)  # noqa: E731
+    loads.answers = {"p:1": ok("p0"), "d:1": ok("d0")}
+    s.register(info("p0", "prefill", "p:1"))
+    s.register(info("d0", "decode", "d:1", max_len=256))
+    assert s.model_limits() == (256, 1000)
+    target = s.route(40)
+    assert (target.prefill_id, target.decode_id, target.decode_address) == ("p0", "d0", "d:1")
+    loads.answers["d:1"] = Late()  # a busy worker answering late is still routed to, for a while
+    s.poll_once()
+    s.poll_once()
+    assert alive(s)["d0"]
+    s.poll_once()
+    assert not alive(s)["d0"] and s.route(40) is None
+    loads.answers["d:1"] = ok("d0")  # it answers again
+    s.poll_once()
+    assert alive(s)["d0"]
+    del loads.answers["d:1"]  # cannot be reached: out at once
+    s.poll_once()
+    assert not alive(s)["d0"]
+    loads.answers["d:1"] = ok("d0")
+    s.poll_once()
+    s.report_failure("d0", "stale:9")  # a report about an older incarnation changes nothing
+    assert alive(s)["d0"]
+    s.report_failure("d0", "d:1")
+    assert not alive(s)["d0"] and s.workers()[0]["num_failures"] == 3
+    # Ray restarted it: a new address and incarnation replace the entry
+    loads.answers["d:2"] = ok("d0", "b")
+    s.register(info("d0", "decode", "d:2", incarnation="b"))
+    assert loads.forgotten == ["d:1"] and s.route(40).decode_address == "d:2"
+    assert s.reroute_prefill([("p0", "p:1")]) is None and not alive(s)["p0"]
+    s.register(info("p0", "prefill", "p:2", incarnation="b"))  # restarted: another worker for a retry
+    assert s.reroute_prefill([("p0", "p:1")]) == ("p0", "p:2")
+    s.stop()
 
 
 def test_scheduler_snapshot_feeds_a_replica():
