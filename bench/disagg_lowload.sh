@@ -2,10 +2,10 @@
 # Low-load comparison for issue #4: pdserve 1P1D, pdserve colocated and vLLM 1P1D (NixlConnector),
 # SmolLM2 on CPU, one request at a time, the same chatbot requests for each. Servers run one at a
 # time: vLLM's 1P1D pair busy-polls both cores, and every server here gets the whole box to itself.
-#   bash bench/disagg_lowload.sh [PEER_DIR=/work/peer] [NUM_PROMPTS=16]
+#   bash bench/disagg_lowload.sh [PEER_DIR=/work/peer] [NUM_PROMPTS=16] [WHICH="pdserve-1p1d pdserve-colocated vllm-1p1d"]
 # Results: bench/results/lowload-{pdserve-1p1d,pdserve-colocated,vllm-1p1d}.json
 set -euo pipefail
-peer=${1:-/work/peer}; n=${2:-16}
+peer=${1:-/work/peer}; n=${2:-16}; which=${3:-pdserve-1p1d pdserve-colocated vllm-1p1d}
 cd "$(dirname "$0")/.."
 bin=.venv/bin
 wait_up() { for _ in $(seq 300); do curl -sf "http://127.0.0.1:$1/health" >/dev/null && return 0; sleep 1; done; return 1; }
@@ -16,12 +16,15 @@ run() {  # NAME PORT: bench the server listening on PORT
 }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; sleep 3; }
 
-# pdserve 1P1D: a prefill and a decode worker actor, one core (thread) each
-$bin/pdserve serve --mode disagg --port 8041 --log-level warning & pid=$!
-wait_up 8041 && run pdserve-1p1d 8041; stop $pid
-# pdserve colocated: compute on one core, as in the goodput comparison
-$bin/pdserve serve --mode colocated --num-threads 1 --port 8011 --log-level warning & pid=$!
-wait_up 8011 && run pdserve-colocated 8011; stop $pid
-# vLLM 1P1D: prefill on core 0, decode on core 1, NixlConnector, a proxy in front
-TMPDIR=$(mktemp -d) bash ../shared/peers/vllm-serve.sh "$peer" 1p1d 8031 & pid=$!
-wait_up 8031 && run vllm-1p1d 8031; stop $pid
+for target in $which; do
+  case $target in
+    # a prefill and a decode worker actor, one core (torch thread) each
+    pdserve-1p1d) $bin/pdserve serve --mode disagg --port 8041 --log-level warning & pid=$!; port=8041 ;;
+    # compute on one core, as in the goodput comparison
+    pdserve-colocated) $bin/pdserve serve --mode colocated --num-threads 1 --port 8011 --log-level warning & pid=$!; port=8011 ;;
+    # prefill on core 0, decode on core 1, NixlConnector, a proxy in front
+    vllm-1p1d) TMPDIR=$(mktemp -d) bash ../shared/peers/vllm-serve.sh "$peer" 1p1d 8031 & pid=$!; port=8031 ;;
+    *) echo "unknown target $target" >&2; exit 2 ;;
+  esac
+  wait_up $port && run "$target" $port; stop $pid
+done

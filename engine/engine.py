@@ -197,7 +197,10 @@ class Engine:
         return self.batcher.num_unfinished > 0 or bool(self._ready)
 
     def step(self) -> list[StepOutput]:
-        outputs, self._ready = self._ready, []
+        if self._ready:  # first tokens of admitted prefilled requests go out before the next forward
+            outputs, self._ready = self._ready, []
+            return outputs
+        outputs: list[StepOutput] = []
         plan = self.batcher.schedule()
         if not plan.seqs:
             return outputs

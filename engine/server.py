@@ -185,7 +185,10 @@ class WorkerService(pb_grpc.WorkerServicer):
             group = connect_pair(request.host, request.port, PREFILL_RANK, self.link_timeout_s)
         except Exception as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"could not join the KV link: {e}")
+        old = self.senders.get(request.decode_worker)
         self.senders[request.decode_worker] = GlooSender(group)
+        if old is not None:  # the decode worker restarted: its old link is dead
+            old.close()
         log.info("%s: KV link to %s up", self.worker_id, request.decode_worker)
         return pb.ConnectReply()
 

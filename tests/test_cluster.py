@@ -192,10 +192,6 @@ def test_200_random_aborts_leave_no_block_behind(p2d2, expected):
     assert_clean(p2d2)
 
 
-def _pid(server: LiveServer, worker_id: str) -> int:
-    return workers(server)[worker_id]["pid"]
-
-
 def _stream_all(server: LiveServer, prompt: list[int], max_tokens: int, first: threading.Event,
                 ends: dict, key) -> list[str]:
     """Streams to the end, recording each data line and when the stream ended."""
@@ -242,23 +238,31 @@ def test_killed_decode_worker_fails_only_its_streams_and_rejoins(p2d2):
     assert_clean(p2d2)
 
 
-def test_killed_prefill_worker_requests_are_retried_on_another(p2d2, expected):
-    import ray
-    before = workers(p2d2)["prefill-0"]
-    os.kill(before["pid"], signal.SIGSTOP)  # hung: the scheduler still routes to it for a moment
+def _hang_then_kill(server: LiveServer, worker_id: str, call, items) -> list:
+    """Stops the worker (it looks alive for a moment, so requests are routed to it), sends the
+    requests, kills it, and returns their results: each must end within 10 s of the kill."""
+    pid = workers(server)[worker_id]["pid"]
+    os.kill(pid, signal.SIGSTOP)
     try:
-        with ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(text, p2d2, p) for p in prompts()]
+        with ThreadPoolExecutor(len(items)) as pool:
+            futures = [pool.submit(call, server, item) for item in items]
             time.sleep(0.3)
             killed_at = time.monotonic()
-            os.kill(before["pid"], signal.SIGKILL)
-            outputs = [f.result(TIMEOUT_S) for f in futures]
+            os.kill(pid, signal.SIGKILL)
+            results = [f.result(TIMEOUT_S) for f in futures]
         assert time.monotonic() - killed_at < 10
     finally:
         try:
-            os.kill(before["pid"], signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    return results
+
+
+def test_killed_prefill_worker_requests_are_retried_on_another(p2d2, expected):
+    import ray
+    before = workers(p2d2)["prefill-0"]
+    outputs = _hang_then_kill(p2d2, "prefill-0", text, prompts())
     assert outputs == expected  # same blocks, refilled by prefill-1
     decode_handles = [h for wid, h in p2d2.cluster.workers.items() if wid.startswith("decode")]
     assert sum(ray.get([h.num_prefill_retries.remote() for h in decode_handles])) > 0
@@ -269,20 +273,7 @@ def test_killed_prefill_worker_requests_are_retried_on_another(p2d2, expected):
 
 def test_killed_only_prefill_worker_fails_its_requests_clearly(p1d1, expected):
     before = workers(p1d1)["prefill-0"]
-    os.kill(before["pid"], signal.SIGSTOP)
-    try:
-        with ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(complete, p1d1, p) for p in prompts()[:4]]
-            time.sleep(0.3)
-            killed_at = time.monotonic()
-            os.kill(before["pid"], signal.SIGKILL)
-            responses = [f.result(TIMEOUT_S) for f in futures]
-        assert time.monotonic() - killed_at < 10
-    finally:
-        try:
-            os.kill(before["pid"], signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    responses = _hang_then_kill(p1d1, "prefill-0", complete, prompts()[:4])
     for r in responses:
         assert r.status_code >= 500 and "prefill" in r.json()["error"]["message"], r.text
     wait_until(lambda: _rejoined(p1d1, "prefill-0", before["incarnation"]), 90, "prefill-0 to rejoin")

@@ -7,13 +7,17 @@ created once, independently of any global process group, and recreated after a r
 On the wire each LayerChunk is two messages: a header of int64s (transfer id, layer, first
 block, number of blocks, last) and the packed KV. The decode side names each request by a
 transfer id it handed out when it reserved the blocks; the prefill side maps its request
-ids to those (`expect`). Sends are asynchronous (the forward continues with the next layer
-while the previous one is on the wire); the sender keeps each buffer alive until its send
-completes. A receive that waits past the timeout raises TransferTimeout.
+ids to those (`expect`). Sends are asynchronous: `send` only queues the chunk, and a thread
+of the sender's own puts it on the wire (gloo writes part of a message on the calling
+thread, which would otherwise slow the forward), so the forward continues with the next
+layer while the previous one travels. A send that failed (the peer died) makes the next
+`send` raise. A receive that waits past the timeout raises TransferTimeout.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from datetime import timedelta
 
 import torch
@@ -44,26 +48,45 @@ class GlooSender(KVSink):
     def __init__(self, group: dist.ProcessGroupGloo):
         self.group = group
         self.transfer_ids: dict[str, int] = {}
-        self._in_flight: list[tuple[object, torch.Tensor]] = []
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = threading.Condition()
+        self._num_queued = 0
+        self._error: Exception | None = None
+        threading.Thread(target=self._pump, name="pdserve-kv-send", daemon=True).start()
 
     def expect(self, request_id: str, transfer_id: int) -> None:
         self.transfer_ids[request_id] = transfer_id
 
     def send(self, chunk: LayerChunk) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the KV link is down: {self._error}")
         header = torch.tensor([self.transfer_ids[chunk.request_id], chunk.layer, chunk.first_block,
                                chunk.num_blocks, int(chunk.last)], dtype=torch.int64)
-        packed = chunk.packed.contiguous()
-        for tensor in (header, packed):  # each buffer stays referenced until its send completes
-            self._in_flight.append((self.group.send([tensor], DECODE_RANK, _TAG), tensor))
         if chunk.last:
             self.transfer_ids.pop(chunk.request_id, None)
-        self._in_flight = [(w, t) for w, t in self._in_flight if not w.is_completed()]
+        with self._idle:
+            self._num_queued += 1
+        self._queue.put((header, chunk.packed.contiguous()))
 
     def flush(self) -> None:
-        """Waits until every send has completed."""
-        for work, _ in self._in_flight:
-            work.wait()
-        self._in_flight = []
+        """Waits until every queued chunk has been sent (or the link failed)."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._num_queued == 0)
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _pump(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    for tensor in item:
+                        self.group.send([tensor], DECODE_RANK, _TAG).wait()
+                except Exception as e:  # the peer is gone: every later send fails fast
+                    self._error = e
+            with self._idle:
+                self._num_queued -= 1
+                self._idle.notify_all()
 
 
 class GlooReceiver:
