@@ -57,8 +57,9 @@ class PeerFailed(RuntimeError):
 
 class PrefillClient:
     def __init__(self, decode_worker_id: str, host: str, role: DecodeRole, block_shape: tuple[int, int, int],
-                 dtype: torch.dtype, reroute: Reroute, link_timeout_s: float = 30.0, max_calls: int = 256):
-        self.worker_id, self.host, self.role = decode_worker_id, host, role
+                 dtype: torch.dtype, reroute: Reroute, link_timeout_s: float = 30.0, max_calls: int = 256,
+                 device: torch.device | str = "cpu"):
+        self.worker_id, self.host, self.role, self.device = decode_worker_id, host, role, device
         self.block_shape, self.dtype, self.reroute = block_shape, dtype, reroute
         self.link_timeout_s = link_timeout_s
         self._peers: dict[str, _Peer] = {}  # by address
@@ -151,7 +152,7 @@ class PrefillClient:
 
         def host_rendezvous() -> None:
             try:
-                group.set_result(connect_pair(self.host, port, DECODE_RANK, self.link_timeout_s))
+                group.set_result(connect_pair(self.host, port, DECODE_RANK, self.link_timeout_s, self.device))
             except Exception as e:
                 group.set_exception(e)
 
@@ -160,7 +161,7 @@ class PrefillClient:
         stub.Connect(pb.ConnectRequest(decode_worker=self.worker_id, host=self.host, port=port),
                      timeout=self.link_timeout_s)
         receiver = GlooReceiver(group.result(self.link_timeout_s), self.block_shape, self.dtype,
-                                timeout_s=_IDLE_LINK_S)
+                                timeout_s=_IDLE_LINK_S, device=self.device)
         log.info("%s: KV link to %s (%s) up", self.worker_id, worker_id, address)
         return _Peer(worker_id, address, channel, stub, receiver)
 

@@ -113,10 +113,10 @@ def error_code(e: Exception) -> grpc.StatusCode:
 class WorkerService(pb_grpc.WorkerServicer):
     def __init__(self, worker_id: str, incarnation: str, worker: EngineWorker, role: str,
                  decode: DecodeRole | None = None, prefill: PrefillRole | None = None, links=None,
-                 link_timeout_s: float = 30.0):
+                 link_timeout_s: float = 30.0, kv_device: str = "cpu"):
         self.worker_id, self.incarnation, self.worker, self.role = worker_id, incarnation, worker, role
         self.decode, self.prefill, self.links = decode, prefill, links  # links: PrefillClient (decode)
-        self.link_timeout_s = link_timeout_s
+        self.link_timeout_s, self.kv_device = link_timeout_s, kv_device  # KV links: gloo on CPU, NCCL on CUDA
         self.senders: dict[str, GlooSender] = {}  # prefill side: decode worker id -> its KV link
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
@@ -182,11 +182,11 @@ class WorkerService(pb_grpc.WorkerServicer):
         if self.prefill is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.worker_id} is a {self.role} worker")
         try:
-            group = connect_pair(request.host, request.port, PREFILL_RANK, self.link_timeout_s)
+            group = connect_pair(request.host, request.port, PREFILL_RANK, self.link_timeout_s, self.kv_device)
         except Exception as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"could not join the KV link: {e}")
         old = self.senders.get(request.decode_worker)
-        self.senders[request.decode_worker] = GlooSender(group)
+        self.senders[request.decode_worker] = GlooSender(group, self.kv_device)
         if old is not None:  # the decode worker restarted: its old link is dead
             old.close()
         log.info("%s: KV link to %s up", self.worker_id, request.decode_worker)

@@ -55,14 +55,15 @@ class WorkerActor:
             decode = DecodeRole(self.worker, options.max_pending, options.transfer_timeout_s)
             cfg = engine.model_config
             links = PrefillClient(worker_id, host, decode, (engine_config.block_size, cfg.num_kv_heads, cfg.head_dim),
-                                  engine.runner.kv_cache.tensor.dtype, self._reroute, options.link_timeout_s)
+                                  engine.runner.kv_cache.tensor.dtype, self._reroute, options.link_timeout_s,
+                                  device=engine.runner.device)
         else:
             raise ValueError(f"a worker actor is a prefill or decode worker, not {role!r}")
         self.links = links
         self.worker.start()
         incarnation = uuid.uuid4().hex[:12]
         self.service = WorkerService(worker_id, incarnation, self.worker, role, decode, prefill, links,
-                                     options.link_timeout_s)
+                                     options.link_timeout_s, str(engine.runner.device))
         self.server, port = start_server(self.service, host)
         self.info = WorkerInfo(worker_id, role, f"{host}:{port}", incarnation, os.getpid(), engine.max_model_len,
                                engine.model_config.vocab_size, engine_config.block_size, engine.num_kv_blocks)

@@ -37,3 +37,19 @@ def join_and_stall(port: int) -> None:
     from engine.transfer.gloo import PREFILL_RANK, connect_pair
     connect_pair("127.0.0.1", port, PREFILL_RANK)
     time.sleep(60)
+
+
+def send_chunks_over_nccl(port: int, device: str, chunks: int) -> None:
+    """A prefill rank on a CUDA device that sends `chunks` seeded layer chunks over NCCL."""
+    import torch
+
+    from engine.transfer.base import LayerChunk
+    from engine.transfer.gloo import PREFILL_RANK, GlooSender, connect_pair
+
+    sender = GlooSender(connect_pair("127.0.0.1", port, PREFILL_RANK, device=device), device)
+    sender.expect("r", 7)
+    g = torch.Generator().manual_seed(0)
+    for layer in range(chunks):
+        packed = torch.randn((2, 3, 16, 2, 8), generator=g).to(device)
+        sender.send(LayerChunk("r", layer, 0, packed, last=layer == chunks - 1))
+    sender.flush()

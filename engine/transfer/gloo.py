@@ -34,10 +34,15 @@ class TransferTimeout(RuntimeError):
     pass
 
 
-def connect_pair(host: str, port: int, rank: int, timeout_s: float = 30.0) -> dist.ProcessGroupGloo:
-    """Blocks until both ranks of the pair have joined (the decode rank hosts the store)."""
+def connect_pair(host: str, port: int, rank: int, timeout_s: float = 30.0,
+                 device: torch.device | str = "cpu") -> dist.ProcessGroup:
+    """Blocks until both ranks of the pair have joined (the decode rank hosts the store). On a
+    CUDA device the pair is a ProcessGroupNCCL (engine/transfer/nccl.py), otherwise gloo."""
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(host, port, world_size=2, is_master=rank == DECODE_RANK, timeout=timeout)
+    if torch.device(device).type == "cuda":
+        from engine.transfer.nccl import nccl_pair
+        return nccl_pair(dist.PrefixStore("pdserve-kv", store), rank, torch.device(device), timeout)
     options = dist.ProcessGroupGloo._Options()
     options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
     options._timeout = timeout
@@ -45,8 +50,9 @@ def connect_pair(host: str, port: int, rank: int, timeout_s: float = 30.0) -> di
 
 
 class GlooSender(KVSink):
-    def __init__(self, group: dist.ProcessGroupGloo):
+    def __init__(self, group: dist.ProcessGroup, device: torch.device | str = "cpu"):
         self.group = group
+        self.device = torch.device(device)  # where headers live (NCCL sends CUDA tensors only)
         self.transfer_ids: dict[str, int] = {}
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._idle = threading.Condition()
@@ -61,7 +67,7 @@ class GlooSender(KVSink):
         if self._error is not None:
             raise RuntimeError(f"the KV link is down: {self._error}")
         header = torch.tensor([self.transfer_ids[chunk.request_id], chunk.layer, chunk.first_block,
-                               chunk.num_blocks, int(chunk.last)], dtype=torch.int64)
+                               chunk.num_blocks, int(chunk.last)], dtype=torch.int64, device=self.device)
         if chunk.last:
             self.transfer_ids.pop(chunk.request_id, None)
         with self._idle:
@@ -90,9 +96,10 @@ class GlooSender(KVSink):
 
 
 class GlooReceiver:
-    def __init__(self, group: dist.ProcessGroupGloo, block_shape: tuple[int, int, int], dtype: torch.dtype,
-                 timeout_s: float = 30.0):
+    def __init__(self, group: dist.ProcessGroup, block_shape: tuple[int, int, int], dtype: torch.dtype,
+                 timeout_s: float = 30.0, device: torch.device | str = "cpu"):
         self.group = group
+        self.device = torch.device(device)
         self.block_shape = block_shape  # (block_size, num_kv_heads, head_dim)
         self.dtype = dtype
         self.timeout = timedelta(seconds=timeout_s)
@@ -103,10 +110,10 @@ class GlooReceiver:
 
     def recv(self) -> LayerChunk:
         """The next chunk; its request id is the transfer id's, or '' when nobody waits on it."""
-        header = torch.empty(_HEADER_LEN, dtype=torch.int64)
+        header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
         self._wait(self.group.recv([header], PREFILL_RANK, _TAG))
         transfer_id, layer, first_block, num_blocks, last = header.tolist()
-        packed = torch.empty((2, num_blocks, *self.block_shape), dtype=self.dtype)
+        packed = torch.empty((2, num_blocks, *self.block_shape), dtype=self.dtype, device=self.device)
         self._wait(self.group.recv([packed], PREFILL_RANK, _TAG))
         request_id = self.request_ids.pop(transfer_id, "") if last else self.request_ids.get(transfer_id, "")
         return LayerChunk(request_id, layer, first_block, packed, bool(last))
