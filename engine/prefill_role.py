@@ -2,9 +2,9 @@
 
 `prefill()` routes the request's KV chunks to the given sink (one per decode peer, e.g. a
 GlooSender), runs the prompt for one token and resolves a future with that first token
-(its StepOutput) or with the error; cancelling the future aborts the request. The first token is sampled with the request's own
-parameters (EOS masked when min_tokens asks for it), so the decode side continues exactly
-where colocated serving would.
+(its StepOutput) or with the error; cancelling the future aborts the request. The first
+token is sampled with the request's own parameters (EOS masked when min_tokens asks for
+it), so the decode side continues exactly where colocated serving would.
 """
 
 from __future__ import annotations
