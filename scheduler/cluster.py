@@ -5,7 +5,11 @@ machine (loopback only, no dashboard, no token auth files), then creates the glo
 scheduler and one actor per worker. Each worker gets a bundle of a placement group: one
 GPU when Ray has GPUs, otherwise a share of the CPU cores (its torch threads), so workers
 do not fight over cores. Workers restart when their process dies and register again.
-`stop()` kills the actors, removes the placement group and, if it started Ray, stops it.
+On a Ray cluster whose nodes advertise the custom resources `pdserve_prefill` or
+`pdserve_decode` (the Helm chart's worker groups do), each worker's bundle also asks for one
+unit of its pool's resource, so prefill workers land on prefill nodes and decode workers on
+decode nodes. `stop()` kills the actors, removes the placement group and, if it started Ray,
+stops it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # Ray would otherwise bind the node to the machine's external address and write a token file
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+# custom Ray resources a node may advertise to host one pool's workers (deploy/helm sets them)
+POOL_RESOURCE = {"prefill": "pdserve_prefill", "decode": "pdserve_decode"}
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,11 @@ class Cluster:
         if use_gpu and gpus < num_workers:
             raise ValueError(f"{num_workers} workers need {num_workers} GPUs; the Ray cluster has {gpus}")
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": threads}
-        self._pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy="PACK")
+        roles = [("prefill", i) for i in range(spec.num_prefill)] + [("decode", i) for i in range(spec.num_decode)]
+        pools = ray.cluster_resources()
+        bundles = [dict(bundle, **({POOL_RESOURCE[role]: 1} if POOL_RESOURCE[role] in pools else {}))
+                   for role, _ in roles]
+        self._pg = placement_group(bundles, strategy="PACK")
         wait_s = spec.start_timeout_s if spec.ray_address else 30.0  # an external cluster may scale up
         try:
             ray.get(self._pg.ready(), timeout=wait_s)
@@ -84,7 +94,6 @@ class Cluster:
         worker_config = replace(self.engine_config, device="cuda" if use_gpu else self.engine_config.device,
                                 num_threads=None if use_gpu else threads)
         actor = ray.remote(WorkerActor)
-        roles = [("prefill", i) for i in range(spec.num_prefill)] + [("decode", i) for i in range(spec.num_decode)]
         for bundle_index, (role, i) in enumerate(roles):
             worker_id = f"{role}-{i}"
             self.workers[worker_id] = actor.options(

@@ -28,8 +28,10 @@ TIMEOUT_S = 120
 def ray_local():
     os.environ.update(LOOPBACK_ENV)  # before Ray's first import, which fixes its node address
     import ray
-    # logical CPUs: the 1P1D and 2P2D deployments (a thread each) are up at once on 2 cores
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    # logical CPUs: the 1P1D and 2P2D deployments (a thread each) are up at once on 2 cores; the
+    # pool resources make each worker's bundle ask for its pool's, as on the Helm chart's nodes
+    ray.init(num_cpus=8, resources={"pdserve_prefill": 4, "pdserve_decode": 4}, include_dashboard=False,
+             log_to_driver=False)
     yield ray
     ray.shutdown()
 
