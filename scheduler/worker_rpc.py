@@ -29,12 +29,32 @@ class WorkerFailed(EngineError):
         self.worker_id = worker_id
 
 
+class _Stubs:
+    """One channel and stub per worker address, opened on first use (sync or asyncio channels)."""
+
+    def __init__(self, open_channel) -> None:
+        self.open_channel = open_channel
+        self.channels: dict = {}
+        self.stubs: dict[str, pb_grpc.WorkerStub] = {}
+
+    def get(self, address: str) -> pb_grpc.WorkerStub:
+        stub = self.stubs.get(address)
+        if stub is None:
+            self.channels[address] = channel = self.open_channel(address)
+            self.stubs[address] = stub = pb_grpc.WorkerStub(channel)
+        return stub
+
+    def pop(self, address: str):
+        """Forgets the address; returns its channel (for the caller to close), if any."""
+        self.stubs.pop(address, None)
+        return self.channels.pop(address, None)
+
+
 class StreamClient:
     """Front door: streams a request's tokens from its decode worker (asyncio)."""
 
     def __init__(self) -> None:
-        self._stubs: dict[str, pb_grpc.WorkerStub] = {}
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs = _Stubs(grpc.aio.insecure_channel)
 
     async def generate(self, decode_id: str, decode_address: str, prefill_id: str, prefill_address: str,
                        request_id: str, prompt_token_ids: list[int],
@@ -44,7 +64,7 @@ class StreamClient:
         request = pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                                      params=params_to_proto(params), prefill_worker=prefill_id,
                                      prefill_address=prefill_address)
-        call = self._stub(decode_address).Generate(request)
+        call = self._stubs.get(decode_address).Generate(request)
         try:
             async for delta in call:
                 if delta.finish_reason == "error":
@@ -58,35 +78,24 @@ class StreamClient:
             call.cancel()
 
     async def forget(self, address: str) -> None:
-        self._stubs.pop(address, None)
-        channel = self._channels.pop(address, None)
+        channel = self._stubs.pop(address)
         if channel is not None:
             await channel.close()
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
-        self._stubs.clear()
-
-    def _stub(self, address: str) -> pb_grpc.WorkerStub:
-        stub = self._stubs.get(address)
-        if stub is None:
-            self._channels[address] = channel = grpc.aio.insecure_channel(address)
-            self._stubs[address] = stub = pb_grpc.WorkerStub(channel)
-        return stub
+        for address in list(self._stubs.channels):
+            await self.forget(address)
 
 
 class LoadClient:
     """Global scheduler: polls every worker's load snapshot (thread-based)."""
 
     def __init__(self) -> None:
-        self._stubs: dict[str, pb_grpc.WorkerStub] = {}
-        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs = _Stubs(grpc.insecure_channel)
 
     def poll(self, addresses: list[str], timeout_s: float) -> dict[str, "tuple[WorkerLoad, str] | Exception"]:
         """Asks all at once; returns each address's (snapshot, incarnation) or the error."""
-        calls = {a: self._stub(a).Load.future(pb.LoadRequest(), timeout=timeout_s) for a in addresses}
+        calls = {a: self._stubs.get(a).Load.future(pb.LoadRequest(), timeout=timeout_s) for a in addresses}
         out: dict[str, tuple[WorkerLoad, str] | Exception] = {}
         for address, call in calls.items():
             try:
@@ -99,14 +108,6 @@ class LoadClient:
         return out
 
     def forget(self, address: str) -> None:
-        self._stubs.pop(address, None)
-        channel = self._channels.pop(address, None)
+        channel = self._stubs.pop(address)
         if channel is not None:
             channel.close()
-
-    def _stub(self, address: str) -> pb_grpc.WorkerStub:
-        stub = self._stubs.get(address)
-        if stub is None:
-            self._channels[address] = channel = grpc.insecure_channel(address)
-            self._stubs[address] = stub = pb_grpc.WorkerStub(channel)
-        return stub
