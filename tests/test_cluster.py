@@ -122,7 +122,9 @@ def p1d1(ray_local, tiny_llama):
 
 @pytest.fixture(scope="module")
 def p2d2(ray_local, tiny_llama):
-    server = deploy(tiny_llama, 2, 2)
+    # round-robin: the kill tests need requests on both workers of a pool whatever the load
+    # snapshots say at that instant (JSQ itself is tested on snapshots in test_router/test_policies)
+    server = deploy(tiny_llama, 2, 2, policy="round-robin")
     yield server
     stop_and_check_processes(server)
 
