@@ -64,6 +64,7 @@ class PrefillClient:
         self.link_timeout_s = link_timeout_s
         self._peers: dict[str, _Peer] = {}  # by address
         self._lock = threading.Lock()
+        self._opening: dict[str, threading.Lock] = {}  # by address: held while its link is opened
         self._transfer_ids = itertools.count(1)
         self._calls = ThreadPoolExecutor(max_calls, thread_name_prefix="pdserve-prefill-call")
         self.num_retries = 0
@@ -130,7 +131,9 @@ class PrefillClient:
         return call.result()
 
     def _peer(self, worker_id: str, address: str) -> _Peer:
-        with self._lock:
+        with self._lock:  # one connect per address at a time; a hung peer holds up no other
+            opening = self._opening.setdefault(address, threading.Lock())
+        with opening:
             peer = self._peers.get(address)
             if peer is not None and not peer.broken:
                 return peer
@@ -140,7 +143,8 @@ class PrefillClient:
             except Exception as e:
                 channel.close()
                 raise PeerFailed(f"could not open a KV link to {worker_id} at {address}: {_brief(e)}") from e
-            self._peers[address] = peer
+            with self._lock:
+                self._peers[address] = peer
         threading.Thread(target=self._receive, args=(peer,), name=f"pdserve-kv-{worker_id}", daemon=True).start()
         return peer
 
