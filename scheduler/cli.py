@@ -12,20 +12,21 @@ from scheduler.config import ServeConfig, add_dataclass_args, from_args
 log = logging.getLogger("pdserve")
 
 
-def build_server(engine_config: EngineConfig, api_key: str | None = None):
+def build_server(engine_config: EngineConfig, config: ServeConfig = ServeConfig(mode="colocated")):
     """Engine, worker thread, client and FastAPI app for colocated serving. Returns (app, worker)."""
     from engine.engine import Engine
     from engine.models.registry import model_name
     from engine.worker import EngineWorker
     from scheduler.api.server import ServerState, build_app
     from scheduler.engine_client import InProcessClient
+    from scheduler.metrics import ServerMetrics
     from scheduler.tokenizer import Tokenizer
 
     engine = Engine(engine_config)
     tokenizer = Tokenizer.load(engine.model_path)
     name = engine_config.served_model_name or model_name(engine_config.model)
     worker = EngineWorker(engine).start()
-    state = ServerState(InProcessClient(worker, name), tokenizer, name, api_key=api_key)
+    state = ServerState(InProcessClient(worker, name), tokenizer, name, config.api_key, ServerMetrics(config))
     return build_app(state), worker
 
 
@@ -37,6 +38,7 @@ def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
     from scheduler.cluster import Cluster, ClusterSpec
     from scheduler.disagg_client import DisaggClient
     from scheduler.engine_client import ModelInfo
+    from scheduler.metrics import ServerMetrics
     from scheduler.tokenizer import Tokenizer
     from scheduler.worker_actor import WorkerOptions
 
@@ -48,7 +50,7 @@ def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
         max_model_len, vocab_size = cluster.limits()
         name = engine_config.served_model_name or model_name(engine_config.model)
         client = DisaggClient(cluster.scheduler, ModelInfo(name, max_model_len, vocab_size), config.policy)
-        return build_app(ServerState(client, tokenizer, name, api_key=config.api_key)), cluster
+        return build_app(ServerState(client, tokenizer, name, config.api_key, ServerMetrics(config))), cluster
     except BaseException:
         cluster.stop()
         raise
@@ -57,7 +59,7 @@ def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
 def serve(config: ServeConfig, engine_config: EngineConfig) -> None:
     import uvicorn
     if config.mode == "colocated":
-        app, worker = build_server(engine_config, config.api_key)
+        app, worker = build_server(engine_config, config)
         log.info("serving %s on http://%s:%d (%d KV blocks)", app.state.pd.model_name, config.host, config.port,
                  worker.engine.num_kv_blocks)
         stop = worker.shutdown
@@ -72,18 +74,22 @@ def serve(config: ServeConfig, engine_config: EngineConfig) -> None:
         stop()
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # its own parser, so `pdserve bench --help` shows every flag
-        from bench.cli import main as bench_main
-        return bench_main(argv[1:])
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     add_dataclass_args(p_serve, ServeConfig)
     add_dataclass_args(p_serve, EngineConfig)
     sub.add_parser("bench", help="load-test OpenAI-compatible servers under latency SLOs (see `pdserve bench -h`)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser, so `pdserve bench --help` shows every flag
+        from bench.cli import main as bench_main
+        return bench_main(argv[1:])
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":

@@ -38,6 +38,12 @@ class ServeConfig:
     """disagg: requests a decode worker queues while it has no KV blocks for them; beyond that, 503 with Retry-After."""
     transfer_timeout_s: float = 30.0
     """disagg: a request whose prompt KV has not fully arrived this long after its blocks were reserved fails."""
+    slo_ttft_ms: float = 2000.0
+    """TTFT SLO for /metrics: a finished request meets the SLOs when its TTFT and its TPOT are both within them (set both to your targets)."""
+    slo_tpot_ms: float = 200.0
+    """TPOT SLO for /metrics (mean time per output token after the first)."""
+    slo_attainment_target: float = 0.9
+    """Fraction of requests that should meet the SLOs; exported for dashboards and alert rules."""
 
     def __post_init__(self) -> None:
         from scheduler.policies import POLICIES
@@ -49,6 +55,8 @@ class ServeConfig:
             raise ValueError(f"--policy {self.policy!r} is unknown (choices: {', '.join(POLICIES)})")
         if self.max_waiting_for_blocks < 0 or self.transfer_timeout_s <= 0:
             raise ValueError("--max-waiting-for-blocks must be >= 0 and --transfer-timeout-s positive")
+        if self.slo_ttft_ms <= 0 or self.slo_tpot_ms <= 0 or not 0 < self.slo_attainment_target <= 1:
+            raise ValueError("--slo-ttft-ms and --slo-tpot-ms must be positive, --slo-attainment-target in (0, 1]")
 
 
 MODES = ("disagg", "colocated")

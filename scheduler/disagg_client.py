@@ -9,7 +9,7 @@ outputs are merged. No route (no live worker of a role, or no decode worker with
 the prompt) is a 503 with Retry-After; a decode worker that dies mid-stream fails its own
 requests at once and is reported to the scheduler, which stops routing to it.
 
-Engine gauges on /metrics are the decode pool's, from the same view.
+Worker gauges on /metrics come from the same view, pulled fresh for each scrape.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import time
 from collections.abc import AsyncIterator
 
 from engine.decode_role import Overloaded
-from engine.engine import EngineStats, StepOutput
+from engine.engine import StepOutput
 from engine.request import validate_request
 from engine.sampling_params import SamplingParams
 from scheduler.engine_client import EngineClient, ModelInfo
-from scheduler.router import Router
+from scheduler.router import Router, WorkerView
 from scheduler.worker_rpc import StreamClient, WorkerFailed
 
 
@@ -99,11 +99,11 @@ class DisaggClient(EngineClient):
         if index is not None and index < len(tasks):
             tasks[index].cancel()
 
-    def stats(self) -> EngineStats:
-        decode = [v for v in self.router.views.values() if v.role == "decode" and v.load.alive]
-        total = sum(v.num_total_blocks for v in decode)
-        return EngineStats(sum(v.load.num_running for v in decode), sum(v.load.num_waiting for v in decode),
-                           total - sum(v.load.num_free_blocks for v in decode), total, 0, 0)
+    async def workers(self) -> list[WorkerView]:
+        """The scheduler's view, fresh (no routing charges), dead workers included."""
+        if time.monotonic() - self._refreshed_at > self.refresh_s:
+            await self._pull()
+        return list(self.router.views.values())
 
     async def _refresh_view(self) -> None:
         """Starts a refresh when the view is older than refresh_s; waits for it only when the

@@ -13,9 +13,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from engine.engine import EngineStats, StepOutput
+from engine.engine import StepOutput
 from engine.sampling_params import SamplingParams
 from engine.worker import EngineWorker
+from scheduler.policies import WorkerLoad
+from scheduler.router import WorkerView
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,8 @@ class EngineClient(abc.ABC):
     def abort(self, request_id: str, index: int | None = None) -> None: ...
 
     @abc.abstractmethod
-    def stats(self) -> EngineStats: ...
+    async def workers(self) -> list[WorkerView]:
+        """Every engine worker behind this client with its current load (for /metrics)."""
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raises RequestError for a request the engine would refuse (before any response starts)."""
@@ -74,5 +77,9 @@ class InProcessClient(EngineClient):
     def abort(self, request_id: str, index: int | None = None) -> None:
         self.worker.abort(request_id, index)
 
-    def stats(self) -> EngineStats:
-        return self.worker.stats()
+    async def workers(self) -> list[WorkerView]:
+        stats = self.worker.stats()
+        free = stats.num_kv_blocks_total - stats.num_kv_blocks_used
+        load = WorkerLoad("colocated-0", stats.num_pending_prefill_tokens, stats.num_running, stats.num_waiting,
+                          free, self.worker.engine.config.block_size)
+        return [WorkerView("colocated-0", "colocated", "", load, stats.num_kv_blocks_total)]

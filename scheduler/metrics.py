@@ -1,17 +1,26 @@
 """Prometheus metrics of one front door, in a registry of its own (several servers may share
-a process in tests). Engine gauges are read from the engine's stats at scrape time."""
+a process in tests). Worker gauges are read from the client's view of its workers at scrape
+time, one series per worker labelled with its pool (prefill, decode or colocated).
+
+SLO attainment is judged per finished sample, jointly: TTFT <= --slo-ttft-ms and TPOT <=
+--slo-tpot-ms (TPOT only when it produced 2+ tokens). A request failed by the server (5xx)
+counts as missed. deploy/grafana and deploy/prometheus read these names; a test checks that
+each one they use is served.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from engine.engine import EngineStats
+from scheduler.config import ServeConfig
+from scheduler.router import WorkerView
 
 _LATENCY_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class ServerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, config: ServeConfig = ServeConfig()) -> None:
+        self.slo_ttft_s, self.slo_tpot_s = config.slo_ttft_ms / 1000, config.slo_tpot_ms / 1000
         self.registry = r = CollectorRegistry()
         self.ttft = Histogram("pdserve_request_ttft_seconds", "Time to first token (server side)", buckets=_LATENCY_S, registry=r)
         self.itl = Histogram("pdserve_request_itl_seconds", "Gap between consecutive output tokens", buckets=_LATENCY_S, registry=r)
@@ -30,10 +39,26 @@ class ServerMetrics:
         self.cached_tokens = Counter("pdserve_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", registry=r)
         self.finished = Counter("pdserve_requests_finished", "Finished requests (samples) by reason", ["reason"], registry=r)
         self.errors = Counter("pdserve_requests_rejected", "Requests refused with a 4xx or failed with a 5xx", ["status"], registry=r)
-        self.running = Gauge("pdserve_engine_running_requests", "Requests in the running batch", registry=r)
-        self.waiting = Gauge("pdserve_engine_waiting_requests", "Requests waiting for admission", registry=r)
-        self.kv_used = Gauge("pdserve_kv_blocks_used", "KV-cache blocks in use", registry=r)
-        self.kv_total = Gauge("pdserve_kv_blocks_total", "KV-cache blocks in all", registry=r)
+        self.slo = Counter("pdserve_slo_requests", "Finished samples by whether they met both the TTFT and "
+                           "the TPOT SLO (result: met, missed; a 5xx counts as missed)", ["result"], registry=r)
+        for result in ("met", "missed"):
+            self.slo.labels(result)
+        Gauge("pdserve_slo_ttft_seconds", "TTFT SLO (--slo-ttft-ms)", registry=r).set(self.slo_ttft_s)
+        Gauge("pdserve_slo_tpot_seconds", "TPOT SLO (--slo-tpot-ms)", registry=r).set(self.slo_tpot_s)
+        Gauge("pdserve_slo_attainment_target", "Fraction of requests that should meet the SLOs "
+              "(--slo-attainment-target)", registry=r).set(config.slo_attainment_target)
+        worker = ["pool", "worker"]
+        self.worker_gauges = {
+            "up": Gauge("pdserve_worker_up", "1 while the worker answers the scheduler's polls", worker, registry=r),
+            "running": Gauge("pdserve_worker_running_requests", "Requests in the worker's running batch",
+                             worker, registry=r),
+            "waiting": Gauge("pdserve_worker_waiting_requests", "Requests queued on the worker (for admission, "
+                             "or for KV blocks on a decode worker)", worker, registry=r),
+            "pending": Gauge("pdserve_worker_pending_prefill_tokens", "Prompt tokens queued or being prefilled",
+                             worker, registry=r),
+            "used": Gauge("pdserve_worker_kv_blocks_used", "KV-cache blocks in use", worker, registry=r),
+            "total": Gauge("pdserve_worker_kv_blocks_total", "KV-cache blocks in all", worker, registry=r),
+        }
 
     def observe_phases(self, timings: dict[str, float]) -> None:
         for name, value in timings.items():
@@ -44,9 +69,25 @@ class ServerMetrics:
             else:
                 self.phase.labels(name).observe(value)
 
-    def render(self, stats: EngineStats) -> bytes:
-        self.running.set(stats.num_running)
-        self.waiting.set(stats.num_waiting)
-        self.kv_used.set(stats.num_kv_blocks_used)
-        self.kv_total.set(stats.num_kv_blocks_total)
+    def judge(self, ttft_s: float, tpot_s: float | None) -> None:
+        met = ttft_s <= self.slo_ttft_s and (tpot_s is None or tpot_s <= self.slo_tpot_s)
+        self.slo.labels("met" if met else "missed").inc()
+
+    def reject(self, status: int) -> None:
+        """A request refused (4xx) or failed by the server (5xx, an SLO miss)."""
+        self.errors.labels(str(status)).inc()
+        if status >= 500:
+            self.slo.labels("missed").inc()
+
+    def render(self, workers: list[WorkerView]) -> bytes:
+        for gauge in self.worker_gauges.values():
+            gauge.clear()  # workers come and go; series of gone workers go with them
+        for w in workers:
+            g, load, key = self.worker_gauges, w.load, (w.role, w.worker_id)
+            g["up"].labels(*key).set(int(load.alive))
+            g["running"].labels(*key).set(load.num_running)
+            g["waiting"].labels(*key).set(load.num_waiting)
+            g["pending"].labels(*key).set(load.pending_prefill_tokens)
+            g["used"].labels(*key).set(w.num_total_blocks - load.num_free_blocks)
+            g["total"].labels(*key).set(w.num_total_blocks)
         return generate_latest(self.registry)

@@ -122,11 +122,13 @@ class LiveServer:
     def __init__(self, engine_config, api_key: str | None = None, serve_config=None):
         import uvicorn
         from scheduler.cli import build_disagg_server, build_server
+        from scheduler.config import ServeConfig
+        serve_config = serve_config or ServeConfig(mode="colocated", api_key=api_key)
         self.worker = self.cluster = None
-        if serve_config is not None and serve_config.mode == "disagg":
+        if serve_config.mode == "disagg":
             self.app, self.cluster = build_disagg_server(serve_config, engine_config)
         else:
-            self.app, self.worker = build_server(engine_config, api_key)
+            self.app, self.worker = build_server(engine_config, serve_config)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))

@@ -20,10 +20,11 @@ def test_models_health_and_metrics(tiny_server, client):
     assert httpx.get(tiny_server.url + "/health").status_code == 200
     text = httpx.get(tiny_server.url + "/metrics").text
     for name in ("pdserve_request_ttft_seconds", "pdserve_request_itl_seconds", "pdserve_request_tpot_seconds",
-                 "pdserve_request_e2e_seconds", "pdserve_request_queue_seconds", "pdserve_engine_running_requests",
-                 "pdserve_engine_waiting_requests", "pdserve_kv_blocks_used", "pdserve_kv_blocks_total",
+                 "pdserve_request_e2e_seconds", "pdserve_request_queue_seconds", "pdserve_worker_running_requests",
+                 "pdserve_worker_waiting_requests", "pdserve_worker_kv_blocks_used", "pdserve_worker_kv_blocks_total",
                  "pdserve_prompt_tokens_total", "pdserve_generation_tokens_total", "pdserve_requests_finished_total"):
         assert name in text, name
+    assert 'pdserve_worker_up{pool="colocated",worker="colocated-0"} 1.0' in text
 
 
 def test_completion(client):
@@ -116,10 +117,13 @@ def test_bad_input_gets_a_4xx_and_the_server_keeps_serving(tiny_server, path, bo
 
 
 def _metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise KeyError(name)
+    """The sum of a metric's series."""
+    from prometheus_client.parser import text_string_to_metric_families
+    samples = [s.value for family in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+               for s in family.samples if s.name == name]
+    if not samples:
+        raise KeyError(name)
+    return sum(samples)
 
 
 def test_client_disconnect_mid_stream_frees_blocks(tiny_server):
@@ -128,9 +132,9 @@ def test_client_disconnect_mid_stream_frees_blocks(tiny_server):
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in got)
-        assert _metric(tiny_server.url, "pdserve_kv_blocks_used") > 0
+        assert _metric(tiny_server.url, "pdserve_worker_kv_blocks_used") > 0
     deadline = time.monotonic() + 5
-    while _metric(tiny_server.url, "pdserve_kv_blocks_used") > 0:
+    while _metric(tiny_server.url, "pdserve_worker_kv_blocks_used") > 0:
         assert time.monotonic() < deadline, "blocks of a disconnected stream were not freed"
         time.sleep(0.02)
     assert_no_leak(tiny_server.engine)
@@ -141,7 +145,7 @@ def test_client_disconnect_of_a_non_streaming_request_aborts_it(tiny_server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(tiny_server.url + "/v1/completions", json=body, timeout=0.3)
     deadline = time.monotonic() + 5
-    while tiny_server.engine.has_unfinished() or _metric(tiny_server.url, "pdserve_kv_blocks_used") > 0:
+    while tiny_server.engine.has_unfinished() or _metric(tiny_server.url, "pdserve_worker_kv_blocks_used") > 0:
         assert time.monotonic() < deadline, "a non-streaming request outlived its client"
         time.sleep(0.02)
 
@@ -171,8 +175,14 @@ def test_stream_error_event_format():
 
     import asyncio
 
+    from scheduler.metrics import ServerMetrics
+    metrics = ServerMetrics()
+
     async def collect():
         shape = CompletionShape("id", "m", None, 1, 1)
-        return [c async for c in _sse(failing(), shape, False)]
+        return [c async for c in _sse(failing(), shape, False, metrics)]
     chunks = asyncio.run(collect())
     assert json.loads(chunks[0][6:])["error"]["message"] == "boom" and chunks[-1] == "data: [DONE]\n\n"
+    # counted as a 500 and, failed by the server, as an SLO miss
+    assert metrics.registry.get_sample_value("pdserve_requests_rejected_total", {"status": "500"}) == 1
+    assert metrics.registry.get_sample_value("pdserve_slo_requests_total", {"result": "missed"}) == 1

@@ -172,6 +172,23 @@ def test_n_samples_and_stop_strings(p1d1):
     assert_clean(p1d1)
 
 
+def test_serves_every_metric_the_dashboard_and_alerts_read(p1d1):
+    from prometheus_client.parser import text_string_to_metric_families
+    from test_observability import metric_names_used
+    assert complete(p1d1, [1] * 300).status_code == 400  # a rejection, so its counter has a sample
+    assert text(p1d1, prompts()[3])
+    families = list(text_string_to_metric_families(httpx.get(f"{p1d1.url}/metrics", timeout=TIMEOUT_S).text))
+    served = {s.name for f in families for s in f.samples}
+    assert metric_names_used() - served == set()
+    pools = {s.labels["pool"]: s.value for f in families for s in f.samples if s.name == "pdserve_worker_up"}
+    assert pools == {"prefill": 1, "decode": 1}
+    phases = {s.labels["phase"] for f in families for s in f.samples if s.name == "pdserve_request_phase_seconds_count"}
+    assert {"prefill", "transfer", "decode_queue", "decode"} <= phases
+    slo = {s.labels["result"]: s.value for f in families for s in f.samples if s.name == "pdserve_slo_requests_total"}
+    finished = sum(s.value for f in families for s in f.samples if s.name == "pdserve_requests_finished_total")
+    assert slo["met"] + slo["missed"] >= finished > 0  # every finished sample judged
+
+
 def _stream_and_cut(server: LiveServer, prompt: list[int], max_tokens: int, cut_after_events: int,
                     cut_after_s: float) -> str:
     """Streams a request and hangs up after some events or some time, whichever first."""

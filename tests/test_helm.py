@@ -18,7 +18,7 @@ CHART = Path(__file__).resolve().parents[1] / "deploy" / "helm" / "pdserve"
 RAYCLUSTER_SCHEMA = CHART.parent / "schemas" / "raycluster-ray.io-v1-kuberay-1.3.json"
 KUBE_VERSION = "1.30.0"
 VALUE_SETS = {"default": {}} | {p.stem: yaml.safe_load(p.read_text()) for p in sorted((CHART / "ci").glob("*.yaml"))}
-CRDS = {"RayCluster", "ServiceMonitor"}  # not in the Kubernetes schemas
+CRDS = {"RayCluster", "ServiceMonitor", "PrometheusRule"}  # not in the Kubernetes schemas
 
 
 def render(values: dict) -> list[dict]:
@@ -69,6 +69,40 @@ def test_gpu_pools_ask_for_one_gpu_per_worker_and_land_on_their_pool():
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     command = head["args"][0]
     assert "--prefill-workers 2 --decode-workers 4" in command and "--model /models/Llama-3.1-8B-Instruct" in command
+
+
+def test_alert_rules_and_dashboard_ship_as_in_deploy_and_slos_reach_the_server():
+    docs = {d["kind"]: d for d in render(VALUE_SETS["ingress-values"])}
+    rules = yaml.safe_load((CHART.parent.parent / "prometheus" / "pdserve-alerts.yaml").read_text())
+    assert docs["PrometheusRule"]["spec"] == rules
+    assert docs["PrometheusRule"]["metadata"]["labels"]["release"] == "prometheus"
+    dashboard = docs["ConfigMap"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["pdserve.json"]) == json.loads(
+        (CHART.parent.parent / "grafana" / "pdserve.json").read_text())
+    head = docs["RayCluster"]["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "--slo-ttft-ms 250 --slo-tpot-ms 100 --slo-attainment-target 0.9" in head["args"][0]
+    assert not {"PrometheusRule", "ConfigMap"} & {d["kind"] for d in render({})}  # off by default
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_the_serve_command_parses_with_pdserve_own_flags(name):
+    import shlex
+    from engine.config import EngineConfig
+    from scheduler.cli import build_parser
+    from scheduler.config import ServeConfig, from_args
+    docs = render(VALUE_SETS[name])
+    pods = [d["spec"]["headGroupSpec"]["template"] if d["kind"] == "RayCluster" else d["spec"]["template"]
+            for d in docs if d["kind"] in ("RayCluster", "Deployment")]
+    (script,) = pods[0]["spec"]["containers"][0]["args"]
+    argv = shlex.split(script.split("exec pdserve ", 1)[1].replace("$PDSERVE_API_KEY", "k"))
+    args = build_parser().parse_args(argv)  # exits on an unknown flag or a bad value
+    config = from_args(ServeConfig, args)
+    from_args(EngineConfig, args)
+    assert config.mode == "disagg" and config.host == "0.0.0.0" and config.ray_address
+    values = VALUE_SETS[name]
+    assert config.prefill_workers == values.get("prefill", {}).get("replicas", 1)
+    assert config.policy == values.get("scheduling", {}).get("policy", "jsq")
 
 
 def test_the_api_key_comes_from_its_secret():

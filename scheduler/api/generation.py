@@ -84,8 +84,10 @@ class _Tracker:
             sample.finish_reason = finish
             m.finished.labels(finish).inc()
             m.e2e.observe(now - self.arrival_s)
-            if sample.num_tokens > 1:
-                m.tpot.observe((now - sample.first_token_s) / (sample.num_tokens - 1))
+            tpot = (now - sample.first_token_s) / (sample.num_tokens - 1) if sample.num_tokens > 1 else None
+            if tpot is not None:
+                m.tpot.observe(tpot)
+            m.judge(sample.first_token_s - self.arrival_s, tpot)
         return ChoiceEvent(self.index_base + out.index, sample.stream.delta(final=finish is not None),
                            out.new_logprobs, finish, self.num_prompt, sample.num_tokens, timings)
 

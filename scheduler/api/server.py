@@ -62,12 +62,12 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def _request_error(_, e: RequestError):
-        metrics.errors.labels(str(e.status_code)).inc()
+        metrics.reject(e.status_code)
         return error_response(e.status_code, e.message, e.param, e.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_, e: RequestValidationError):
-        metrics.errors.labels("400").inc()
+        metrics.reject(400)
         first = e.errors()[0] if e.errors() else {}
         loc = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
         if first.get("type") == "json_invalid":
@@ -76,7 +76,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(EngineError)
     async def _engine_error(_, e: EngineError):
-        metrics.errors.labels("500").inc()
+        metrics.reject(500)
         return error_response(500, str(e))
 
     @app.exception_handler(HTTPException)
@@ -96,7 +96,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(metrics.render(state.client.stats()), media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(await state.client.workers()), media_type="text/plain; version=0.0.4")
 
     @v1.get("/models")
     async def models():
@@ -116,7 +116,7 @@ def build_app(state: ServerState) -> FastAPI:
                                         index_base=i * params.n) for i, ids in enumerate(prompts)])
         shape = formats.CompletionShape(rid, state.model_name, state.tokenizer, len(prompts), params.n,
                                         _wants_timings(request))
-        return await _respond(request, body.stream, body.include_usage, events, shape)
+        return await _respond(request, body.stream, body.include_usage, events, shape, metrics)
 
     @v1.post("/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
@@ -129,7 +129,7 @@ def build_app(state: ServerState) -> FastAPI:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         events = generate_events(state.client, state.tokenizer, rid, ids, params, metrics)
         shape = formats.ChatShape(rid, state.model_name, state.tokenizer, 1, params.n, _wants_timings(request))
-        return await _respond(request, body.stream, body.include_usage, events, shape)
+        return await _respond(request, body.stream, body.include_usage, events, shape, metrics)
 
     app.include_router(v1)
     return app
@@ -164,9 +164,9 @@ def _with_room(params: SamplingParams, state: ServerState, ids: list[int]) -> Sa
 
 
 async def _respond(request: Request, stream: bool, include_usage: bool,
-                   events: AsyncIterator[ChoiceEvent], shape: formats.Shape):
+                   events: AsyncIterator[ChoiceEvent], shape: formats.Shape, metrics: ServerMetrics):
     if stream:
-        return StreamingResponse(_sse(events, shape, include_usage), media_type="text/event-stream")
+        return StreamingResponse(_sse(events, shape, include_usage, metrics), media_type="text/event-stream")
     task = asyncio.ensure_future(_collect(events, shape))
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
@@ -188,7 +188,8 @@ async def _collect(events: AsyncIterator[ChoiceEvent], shape: formats.Shape) -> 
     return shape.final()
 
 
-async def _sse(events: AsyncIterator[ChoiceEvent], shape: formats.Shape, include_usage: bool):
+async def _sse(events: AsyncIterator[ChoiceEvent], shape: formats.Shape, include_usage: bool,
+               metrics: ServerMetrics):
     try:
         for chunk in shape.opening():
             yield f"data: {json.dumps(chunk)}\n\n"
@@ -201,6 +202,7 @@ async def _sse(events: AsyncIterator[ChoiceEvent], shape: formats.Shape, include
             yield f"data: {json.dumps(shape.usage_chunk())}\n\n"
     except Exception as e:  # after the headers went out, errors travel as an event
         status = e.status_code if isinstance(e, RequestError) else 500
+        metrics.reject(status)
         kind = "internal_server_error" if status >= 500 else "invalid_request_error"
         yield f"data: {json.dumps({'error': {'message': str(e), 'type': kind, 'code': status}})}\n\n"
     yield "data: [DONE]\n\n"
