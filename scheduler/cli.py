@@ -1,4 +1,5 @@
-"""`pdserve` command line: `serve` and `bench` (the load tester, also `python -m bench`)."""
+"""`pdserve` command line: `serve`, `bench` (the load tester, also `python -m bench`) and
+`profile` (the engine's latency model on this machine, bench/profile.py)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p_serve, ServeConfig)
     add_dataclass_args(p_serve, EngineConfig)
     sub.add_parser("bench", help="load-test OpenAI-compatible servers under latency SLOs (see `pdserve bench -h`)")
+    sub.add_parser("profile", help="measure the engine on this machine and fit its latency model "
+                                   "(see `pdserve profile -h`)")
     return parser
 
 
@@ -89,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # its own parser, so `pdserve bench --help` shows every flag
         from bench.cli import main as bench_main
         return bench_main(argv[1:])
+    if argv[:1] == ["profile"]:
+        from bench.profile import main as profile_main
+        return profile_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
