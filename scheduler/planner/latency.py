@@ -67,11 +67,23 @@ class LatencyModel:
     def prefill_s(self, lengths: Sequence[int]) -> float:
         return self.prefill(*prefill_features(lengths)) if lengths else 0.0
 
+    def _decode_fit(self, batch: int) -> Fit:
+        return self.decode_large if batch >= self.large_batch_from else self.decode_small
+
     def decode_s(self, contexts: Sequence[int]) -> float:
+        return self._decode_fit(len(contexts))(*decode_features(contexts)) if contexts else 0.0
+
+    def step_s(self, chunks: Sequence[tuple[int, int]], contexts: Sequence[int]) -> float:
+        """One engine step computing prefill chunks (start, new tokens) and decodes (context
+        lengths). A chunk's attention term is new * (start + new), a whole prompt's l^2; a
+        mixed step pays the fixed cost once."""
+        prefill = self.prefill(sum(n for _, n in chunks), sum(n * (s + n) for s, n in chunks)) if chunks else 0.0
         if not contexts:
-            return 0.0
-        fit = self.decode_large if len(contexts) >= self.large_batch_from else self.decode_small
-        return fit(*decode_features(contexts))
+            return prefill
+        decode = self.decode_s(contexts)
+        if not chunks:
+            return decode
+        return prefill + decode - min(self.prefill.coef[0], self._decode_fit(len(contexts)).coef[0])
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,201 @@
+"""Discrete-event simulator of pdserve serving: the live batcher and router, timed by a profile.
+
+Each simulated worker holds the engine's own `Batcher` over its own `KVCacheManager`
+(engine/batcher.py, engine/kv/manager.py: no torch) and steps whenever it has work; a step
+lasts what the profile's latency model says for its plan (LatencyModel.step_s). Disaggregated
+requests follow the live lifecycle: the front door routes with the live `Router` and policy
+over the workers' loads; the decode worker reserves the prompt's blocks (FIFO wait when it
+has none); the prefill worker computes the prompt as a one-token request; its KV lands
+`transfer_s(prompt)` after the prefill step ends (what layer-wise transfer leaves exposed);
+the decode worker emits the first token at its next step boundary and decodes the rest.
+Colocated workers prefill and decode in one batcher. The result is bench's RequestRecords,
+so `bench.metrics.summarize` reports simulated and measured runs the same way.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass
+
+from bench.metrics import RequestRecord
+from engine.batcher import Batcher, StepPlan
+from engine.kv.manager import KVCacheManager
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from scheduler.planner.latency import LatencyModel
+from scheduler.policies import WorkerLoad
+from scheduler.router import Router, WorkerView
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    arrival_s: float
+    prompt_len: int
+    output_len: int
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    num_prefill: int = 1
+    num_decode: int = 1  # with colocated: the number of colocated workers
+    colocated: bool = False
+    policy: str = "jsq"
+    num_blocks: int = 4096  # KV blocks per worker
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    transfer_s_per_token: float = 0.0  # exposed KV transfer after the prefill step, per prompt token
+    max_model_len: int = 1 << 20
+
+
+class _Worker:
+    def __init__(self, worker_id: str, role: str, config: SimConfig):
+        self.worker_id, self.role = worker_id, role
+        self.kv = KVCacheManager(config.num_blocks, config.block_size, enable_prefix_caching=False)
+        self.batcher = Batcher(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.busy_until: float | None = None  # end of the step in progress
+        self.waiting_for_blocks: deque[tuple[Request, _Worker]] = deque()  # decode: (request, its prefill worker)
+        self.ready: list[Request] = []  # decode: KV landed, first token goes out at the next step boundary
+        self.wake_pending = False
+
+    def view(self, config: SimConfig) -> WorkerView:
+        queued = [*self.batcher.waiting, *self.batcher.running]
+        pending = sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in queued)
+        load = WorkerLoad(self.worker_id, pending, len(self.batcher.running),
+                          len(self.batcher.waiting) + len(self.waiting_for_blocks), self.kv.num_free_blocks,
+                          config.block_size)
+        return WorkerView(self.worker_id, self.role, self.worker_id, load, config.num_blocks)
+
+
+class Simulator:
+    def __init__(self, latency: LatencyModel, config: SimConfig = SimConfig()):
+        self.latency, self.config = latency, config
+        if config.colocated:
+            self.workers = [_Worker(f"colocated-{i}", "colocated", config) for i in range(config.num_decode)]
+        else:
+            self.workers = ([_Worker(f"prefill-{i}", "prefill", config) for i in range(config.num_prefill)]
+                            + [_Worker(f"decode-{i}", "decode", config) for i in range(config.num_decode)])
+        self.router = Router(config.policy)
+        self._events: list = []
+        self._order = itertools.count()
+        self.now = 0.0
+
+    def run(self, requests: list[SimRequest]) -> list[RequestRecord]:
+        records = [RequestRecord(send_s=r.arrival_s, prompt_tokens=r.prompt_len, index=i)
+                   for i, r in enumerate(requests)]
+        self._records = {str(i): record for i, record in enumerate(records)}
+        self._decode_side: dict[str, tuple[Request, _Worker]] = {}  # prefill request id -> decode's twin
+        for i, r in enumerate(requests):
+            self._at(r.arrival_s, self._arrive, i, r)
+        while self._events:
+            self.now, _, fn, args = heapq.heappop(self._events)
+            fn(*args)
+        for w in self.workers:
+            assert not w.batcher.num_unfinished and not w.kv.num_used_blocks, f"{w.worker_id} did not drain"
+        return records
+
+    # events
+
+    def _at(self, t: float, fn, *args) -> None:
+        heapq.heappush(self._events, (t, next(self._order), fn, args))
+
+    def _arrive(self, index: int, r: SimRequest) -> None:
+        record = self._records[str(index)]
+        params = SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0)
+        request = Request(str(index), [0] * r.prompt_len, params, (), self.config.max_model_len)
+        if self.config.colocated:
+            worker = min(self.workers, key=lambda w: (w.view(self.config).load.pending_prefill_tokens,
+                                                      len(w.batcher.running), w.worker_id))
+            worker.batcher.add(request)
+            self._kick(worker)
+            return
+        self.router.update([w.view(self.config) for w in self.workers])
+        target = self.router.route(r.prompt_len)
+        if target is None:
+            record.ok, record.error = False, "no route"
+            return
+        by_id = {w.worker_id: w for w in self.workers}
+        decode, prefill = by_id[target.decode_id], by_id[target.prefill_id]
+        decode.waiting_for_blocks.append((request, prefill))
+        self._reserve(decode)
+
+    def _reserve(self, decode: _Worker) -> None:
+        """FIFO: the decode worker reserves blocks for waiting prompts, then their prefill starts."""
+        while decode.waiting_for_blocks:
+            request, prefill = decode.waiting_for_blocks[0]
+            if not decode.kv.reserve(request, request.num_prompt_tokens):
+                return
+            decode.waiting_for_blocks.popleft()
+            request.status = RequestStatus.WAITING_FOR_KV
+            twin = Request(request.request_id, request.prompt_token_ids, SamplingParams(
+                max_tokens=1, ignore_eos=True, temperature=0.0), (), self.config.max_model_len)
+            self._decode_side[twin.request_id] = (request, decode)
+            prefill.batcher.add(twin)
+            self._kick(prefill)
+
+    def _kick(self, worker: _Worker) -> None:
+        """The worker's loop looks for work once everything happening at this instant has
+        happened (arrivals at the same time are batched together, as the live loop would)."""
+        if worker.busy_until is None and not worker.wake_pending:
+            worker.wake_pending = True
+            self._at(self.now, self._step, worker)
+
+    def _step(self, worker: _Worker) -> None:
+        worker.wake_pending = False
+        if worker.busy_until is not None:
+            return
+        if worker.ready:  # first tokens of landed requests go out before the next forward
+            for request in worker.ready:
+                self._emit(request)
+                status = request.append_token(1)
+                if status is not None:
+                    self._finish(worker, request, status)
+                else:
+                    worker.batcher.add_running(request)
+            worker.ready = []
+        plan = worker.batcher.schedule()
+        if not plan.seqs:
+            return
+        chunks = [(s.start, s.num_new_tokens) for s in plan.seqs if s.start < s.request.num_prompt_tokens]
+        contexts = [s.start + 1 for s in plan.seqs if s.start >= s.request.num_prompt_tokens]
+        worker.busy_until = self.now + self.latency.step_s(chunks, contexts)
+        self._at(worker.busy_until, self._step_done, worker, plan)
+
+    def _step_done(self, worker: _Worker, plan: StepPlan) -> None:
+        worker.busy_until = None
+        sampling = [seq.request for seq in plan.seqs if seq.samples]  # before the counts move, as in Engine.step
+        for seq in plan.seqs:
+            seq.request.num_computed_tokens += seq.num_new_tokens
+        for request in sampling:
+            status = request.append_token(1)
+            if worker.role == "prefill":
+                decode_request, decode = self._decode_side.pop(request.request_id)
+                self._finish(worker, request, status)
+                self._at(self.now + self.config.transfer_s_per_token * request.num_prompt_tokens,
+                         self._landed, decode, decode_request)
+                continue
+            self._emit(request)
+            if status is not None:
+                self._finish(worker, request, status)
+        if worker.role == "decode":
+            self._reserve(worker)
+        self._kick(worker)
+
+    def _landed(self, decode: _Worker, request: Request) -> None:
+        request.num_computed_tokens = request.num_prompt_tokens
+        decode.ready.append(request)
+        self._kick(decode)
+
+    def _emit(self, request: Request) -> None:
+        record = self._records[request.request_id]
+        record.chunk_s.append(self.now)
+        record.output_tokens += 1
+
+    def _finish(self, worker: _Worker, request: Request, status: RequestStatus) -> None:
+        if request.status is RequestStatus.WAITING_FOR_KV:  # admitted from a landing, never batched
+            worker.kv.free(request)
+            request.status = status
+        else:
+            worker.batcher.finish(request, status)
