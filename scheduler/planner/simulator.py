@@ -8,7 +8,8 @@ over the workers' loads; the decode worker reserves the prompt's blocks (FIFO wa
 has none); the prefill worker computes the prompt as a one-token request; its KV lands
 `transfer_s(prompt)` after the prefill step ends (what layer-wise transfer leaves exposed);
 the decode worker emits the first token at its next step boundary and decodes the rest.
-Colocated workers prefill and decode in one batcher. The result is bench's RequestRecords,
+Colocated workers prefill and decode in one batcher; a request goes to the one with the
+fewest pending prompt tokens. The result is bench's RequestRecords,
 so `bench.metrics.summarize` reports simulated and measured runs the same way.
 """
 
@@ -52,7 +53,7 @@ class SimConfig:
 
 class _Worker:
     def __init__(self, worker_id: str, role: str, config: SimConfig):
-        self.worker_id, self.role = worker_id, role
+        self.worker_id, self.role, self.config = worker_id, role, config
         self.kv = KVCacheManager(config.num_blocks, config.block_size, enable_prefix_caching=False)
         self.batcher = Batcher(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.busy_until: float | None = None  # end of the step in progress
@@ -60,7 +61,9 @@ class _Worker:
         self.ready: list[Request] = []  # decode: KV landed, first token goes out at the next step boundary
         self.wake_pending = False
 
-    def view(self, config: SimConfig) -> WorkerView:
+    def view(self) -> WorkerView:
+        """The load a live worker would report to the scheduler."""
+        config = self.config
         queued = [*self.batcher.waiting, *self.batcher.running]
         pending = sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in queued)
         load = WorkerLoad(self.worker_id, pending, len(self.batcher.running),
@@ -106,12 +109,12 @@ class Simulator:
         params = SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0)
         request = Request(str(index), [0] * r.prompt_len, params, (), self.config.max_model_len)
         if self.config.colocated:
-            worker = min(self.workers, key=lambda w: (w.view(self.config).load.pending_prefill_tokens,
+            worker = min(self.workers, key=lambda w: (w.view().load.pending_prefill_tokens,
                                                       len(w.batcher.running), w.worker_id))
             worker.batcher.add(request)
             self._kick(worker)
             return
-        self.router.update([w.view(self.config) for w in self.workers])
+        self.router.update([w.view() for w in self.workers])
         target = self.router.route(r.prompt_len)
         if target is None:
             record.ok, record.error = False, "no route"
