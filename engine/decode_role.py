@@ -8,6 +8,9 @@ returns a future of the first token; KV chunks arrive through `land()`. The engi
 the request when both are in, and its tokens (the first included) flow to the sink.
 A failed prefill, or KV still incomplete `transfer_timeout_s` after the reservation,
 aborts the request, which frees its blocks, and fails its sink with the reason.
+A reservation shares the blocks of a cached prefix of the prompt; the prefill worker is told
+to skip them. `generate_local()` prefills on this worker instead (conditional
+disaggregation): the request runs as it would colocated.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from engine.sampling_params import SamplingParams
 from engine.transfer.base import LayerChunk
 from engine.worker import EngineError, EngineWorker, Sink
 
-StartPrefill = Callable[[str], "Future[StepOutput]"]
+StartPrefill = Callable[[str, int], "Future[StepOutput]"]  # (request id, leading blocks cached here)
 
 
 class Overloaded(RequestError):
@@ -62,6 +65,12 @@ class DecodeRole:
                                  "retry later")
             self._pending.append(_Pending(request_id, prompt_token_ids, params, start_prefill, sink))
         self.worker.call(self._reserve_pending)
+
+    def generate_local(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       sink: Sink) -> None:
+        """Prefill and decode here. Raises RequestError for a bad request."""
+        self.worker.engine.validate(prompt_token_ids, params)
+        self.worker.submit(request_id, prompt_token_ids, params, sink)
 
     def land(self, chunk: LayerChunk) -> None:
         """A KV chunk from the prefill side (any thread); written between steps."""
@@ -108,8 +117,9 @@ class DecodeRole:
                 self._pending.popleft()
             self.worker.attach(p.request_id, p.sink)
             self._start_timer(p.request_id)
+            cached_blocks = engine.requests[p.request_id][0].num_cached_tokens // engine.config.block_size
             try:
-                future = p.start_prefill(p.request_id)
+                future = p.start_prefill(p.request_id, cached_blocks)
             except Exception as e:
                 self._fail(engine, p.request_id, EngineError(f"prefill could not start: {e}"))
                 continue

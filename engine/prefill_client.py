@@ -71,12 +71,15 @@ class PrefillClient:
 
     def starter(self, prefill_id: str, address: str, prompt_token_ids: list[int],
                 params: SamplingParams) -> StartPrefill:
-        return lambda request_id: self.start(request_id, prefill_id, address, prompt_token_ids, params)
+        return lambda request_id, skip_blocks: self.start(request_id, prefill_id, address, prompt_token_ids,
+                                                          params, skip_blocks)
 
     def start(self, request_id: str, prefill_id: str, address: str, prompt_token_ids: list[int],
-              params: SamplingParams) -> "Future[StepOutput]":
+              params: SamplingParams, skip_blocks: int = 0) -> "Future[StepOutput]":
+        """skip_blocks: leading blocks cached here, which the prefill worker does not send."""
         future: Future = Future()
-        self._calls.submit(self._run, future, request_id, prefill_id, address, prompt_token_ids, params)
+        self._calls.submit(self._run, future, request_id, prefill_id, address, prompt_token_ids, params,
+                           skip_blocks)
         return future
 
     def close(self) -> None:
@@ -88,10 +91,11 @@ class PrefillClient:
             self._peers.clear()
 
     def _run(self, future: Future, request_id: str, prefill_id: str, address: str,
-             prompt_token_ids: list[int], params: SamplingParams) -> None:
+             prompt_token_ids: list[int], params: SamplingParams, skip_blocks: int) -> None:
         failed: list[tuple[str, str]] = []
         request = pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
-                                    params=params_to_proto(params), decode_worker=self.worker_id)
+                                    params=params_to_proto(params), decode_worker=self.worker_id,
+                                    skip_blocks=skip_blocks)
         while not future.cancelled():
             try:
                 reply = self._call(self._peer(prefill_id, address), future, request)

@@ -24,10 +24,15 @@ log = logging.getLogger(__name__)
 class RoutingSink(KVSink):
     """Sends each request's chunks to its decode peer's sink; drops those of unknown ones.
     A failing peer (its link broke: the decode worker died) loses its route and nothing else:
-    the prefill finishes and the other requests' KV keeps flowing."""
+    the prefill finishes and the other requests' KV keeps flowing. Requests with no route
+    (prefilled on this worker for its own decode) export nothing."""
 
     def __init__(self) -> None:
         self.routes: dict[str, KVSink] = {}
+        self.held: dict[str, int] = {}  # leading blocks the receiver has cached already
+
+    def blocks_held(self, request_id: str) -> int | None:
+        return self.held.get(request_id, 0) if request_id in self.routes else None
 
     def send(self, chunk: LayerChunk) -> None:
         sink = self.routes.get(chunk.request_id)
@@ -36,9 +41,13 @@ class RoutingSink(KVSink):
                 sink.send(chunk)
             except Exception as e:
                 log.warning("KV of %s could not be sent, dropping it: %s", chunk.request_id, e)
-                self.routes.pop(chunk.request_id, None)
+                self.drop(chunk.request_id)
         if chunk.last:
-            self.routes.pop(chunk.request_id, None)
+            self.drop(chunk.request_id)
+
+    def drop(self, request_id: str) -> None:
+        self.routes.pop(request_id, None)
+        self.held.pop(request_id, None)
 
 
 class PrefillRole:
@@ -48,13 +57,14 @@ class PrefillRole:
         worker.engine.set_kv_sink(self.sink)
 
     def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                sink: KVSink) -> "Future[StepOutput]":
+                sink: KVSink, skip_blocks: int = 0) -> "Future[StepOutput]":
+        """skip_blocks: leading blocks the receiver has cached (not sent)."""
         future: Future = Future()
 
         def on_output(out: "StepOutput | Exception") -> None:
             try:
                 if isinstance(out, Exception):
-                    self.sink.routes.pop(request_id, None)
+                    self.sink.drop(request_id)
                     future.set_exception(out)
                 elif out.finished:
                     future.set_result(out)
@@ -67,14 +77,16 @@ class PrefillRole:
 
         first_only = replace(params, n=1, max_tokens=1, min_tokens=min(1, params.min_tokens))
         self.sink.routes[request_id] = sink
+        if skip_blocks:
+            self.sink.held[request_id] = skip_blocks
         try:
             self.worker.submit(request_id, prompt_token_ids, first_only, on_output)
         except Exception:
-            self.sink.routes.pop(request_id, None)
+            self.sink.drop(request_id)
             raise
         future.add_done_callback(on_done)
         return future
 
     def abort(self, request_id: str) -> None:
-        self.sink.routes.pop(request_id, None)
+        self.sink.drop(request_id)
         self.worker.abort(request_id)

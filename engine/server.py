@@ -1,11 +1,13 @@
 """gRPC servicer of one worker: the only place protobuf meets engine types.
 
-A worker serves one role. A decode worker answers `Generate` (it owns the request: reserves
-blocks, asks the prefill worker named in the request to fill them, streams every token);
-a prefill worker answers `Connect` (joins the KV link a decode worker opened, one per pair,
-replacing the pair's old link after either side restarted) and `Prefill` (computes the
-prompt into the caller's blocks over that link and replies with the first token). Every
-worker answers `Load` (its snapshot for the global scheduler) and `Abort`.
+A worker may serve both roles (the pools it belongs to are the scheduler's business). As a
+decode worker it answers `Generate` (it owns the request: reserves blocks, asks the prefill
+worker named in the request to fill them, or prefills itself when none is named, and
+streams every token); as a prefill worker it answers `Connect` (joins the KV link a decode
+worker opened, one per pair, replacing the pair's old link after either side restarted) and
+`Prefill` (computes the prompt into the caller's blocks over that link, skipping the blocks
+the caller has cached, and replies with the first token). Every worker answers `Load` (its
+snapshot for the global scheduler) and `Abort`.
 
 A call that ends early (client gone, cancelled, deadline) aborts its request, which frees
 its blocks on this side; a decode worker's abort also cancels its Prefill call, which frees
@@ -134,8 +136,11 @@ class WorkerService(pb_grpc.WorkerServicer):
         context.add_callback(ended)
         try:
             params = params_from_proto(request.params)
-            start = self.links.starter(request.prefill_worker, request.prefill_address, prompt, params)
-            self.decode.generate(rid, prompt, params, start, outputs.put)
+            if request.prefill_worker:
+                start = self.links.starter(request.prefill_worker, request.prefill_address, prompt, params)
+                self.decode.generate(rid, prompt, params, start, outputs.put)
+            else:
+                self.decode.generate_local(rid, prompt, params, outputs.put)
         except RequestError as e:
             context.abort(error_code(e), e.message)
         while True:
@@ -161,7 +166,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         try:
             params = params_from_proto(request.params)
             sender.expect(rid, request.transfer_id)
-            future = self.prefill.prefill(rid, list(request.prompt_token_ids), params, sender)
+            future = self.prefill.prefill(rid, list(request.prompt_token_ids), params, sender, request.skip_blocks)
         except RequestError as e:
             context.abort(error_code(e), e.message)
         context.add_callback(future.cancel)  # no-op once done; aborts the prefill otherwise

@@ -45,12 +45,14 @@ def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
 
     tokenizer = Tokenizer.load(resolve_model_path(engine_config.model))  # fails fast on a bad --model
     spec = ClusterSpec(config.prefill_workers, config.decode_workers, config.ray_address, config.policy,
-                       WorkerOptions(config.max_waiting_for_blocks, config.transfer_timeout_s))
+                       WorkerOptions(config.max_waiting_for_blocks, config.transfer_timeout_s),
+                       policy_config=config.policy_config(), controller=config.role_controller_or_none())
     cluster = Cluster(spec, engine_config).start()
     try:
         max_model_len, vocab_size = cluster.limits()
         name = engine_config.served_model_name or model_name(engine_config.model)
-        client = DisaggClient(cluster.scheduler, ModelInfo(name, max_model_len, vocab_size), config.policy)
+        client = DisaggClient(cluster.scheduler, ModelInfo(name, max_model_len, vocab_size), config.policy,
+                              policy_config=config.policy_config())
         return build_app(ServerState(client, tokenizer, name, config.api_key, ServerMetrics(config))), cluster
     except BaseException:
         cluster.stop()

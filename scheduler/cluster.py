@@ -20,7 +20,9 @@ import time
 from dataclasses import dataclass, replace
 
 from engine.config import EngineConfig
+from scheduler.controller import RoleController
 from scheduler.global_scheduler import GlobalScheduler, WorkerInfo
+from scheduler.policies import PolicyConfig
 from scheduler.worker_actor import WorkerActor, WorkerOptions
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,8 @@ class ClusterSpec:
     policy: str = "jsq"
     worker: WorkerOptions = WorkerOptions()
     start_timeout_s: float = 600.0
+    policy_config: PolicyConfig = PolicyConfig()
+    controller: RoleController | None = None
 
 
 class Cluster:
@@ -90,7 +94,8 @@ class Cluster:
             self.stop()
             raise RuntimeError(f"Ray could not place {num_workers} workers of {bundle} within {wait_s:g} s "
                                f"(available: {free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU)") from None
-        self.scheduler = ray.remote(GlobalScheduler).options(num_cpus=0).remote(spec.policy)
+        self.scheduler = ray.remote(GlobalScheduler).options(num_cpus=0).remote(
+            spec.policy, policy_config=spec.policy_config, controller=spec.controller)
         worker_config = replace(self.engine_config, device="cuda" if use_gpu else self.engine_config.device,
                                 num_threads=None if use_gpu else threads)
         actor = ray.remote(WorkerActor)

@@ -33,7 +33,15 @@ class ServeConfig:
     ray_address: str | None = None
     """disagg: address of a running Ray cluster to join (e.g. 10.0.0.1:6379); default: start one on this machine."""
     policy: str = "jsq"
-    """disagg: routing policy (jsq: prefill by pending prompt tokens, decode by free KV blocks; round-robin)."""
+    """disagg: routing policy: jsq (prefill by pending prompt tokens, decode by free KV blocks), round-robin, prefix (decode where the prompt's prefix is cached; only the uncached blocks are sent), conditional (prefix, and short uncached prompts are prefilled on the decode worker), mixed (Splitwise's mixed pool: a worker is lent to the other pool while its own is full)."""
+    local_prefill_tokens: int = 2048
+    """disagg, --policy conditional: prompts whose uncached part is shorter than this are prefilled on the decode worker."""
+    prefill_full_tokens: int = 8192
+    """disagg, --policy conditional/mixed: a prefill worker is full when its pending prompt tokens plus the prompt's exceed this."""
+    role_controller: bool = False
+    """disagg: move workers between the prefill and decode pools when the windowed p90 TTFT or TPOT misses its SLO (--slo-ttft-ms, --slo-tpot-ms) and the other phase has slack."""
+    controller_window_s: float = 20.0
+    """disagg, --role-controller: seconds of finished requests per decision (a worker moves after 2 such windows agree)."""
     max_waiting_for_blocks: int = 64
     """disagg: requests a decode worker queues while it has no KV blocks for them; beyond that, 503 with Retry-After."""
     transfer_timeout_s: float = 30.0
@@ -57,6 +65,21 @@ class ServeConfig:
             raise ValueError("--max-waiting-for-blocks must be >= 0 and --transfer-timeout-s positive")
         if self.slo_ttft_ms <= 0 or self.slo_tpot_ms <= 0 or not 0 < self.slo_attainment_target <= 1:
             raise ValueError("--slo-ttft-ms and --slo-tpot-ms must be positive, --slo-attainment-target in (0, 1]")
+        if self.local_prefill_tokens < 0 or self.prefill_full_tokens < 1 or self.controller_window_s <= 0:
+            raise ValueError("--local-prefill-tokens must be >= 0, --prefill-full-tokens and "
+                             "--controller-window-s positive")
+
+    def policy_config(self):
+        from scheduler.policies import PolicyConfig
+        return PolicyConfig(self.local_prefill_tokens, self.prefill_full_tokens)
+
+    def role_controller_or_none(self):
+        """The role controller to run in the global scheduler, if asked for."""
+        if not self.role_controller:
+            return None
+        from scheduler.controller import ControllerConfig, RoleController
+        return RoleController(self.slo_ttft_ms / 1000, self.slo_tpot_ms / 1000,
+                              ControllerConfig(window_s=self.controller_window_s))
 
 
 MODES = ("disagg", "colocated")

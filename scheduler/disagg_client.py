@@ -9,7 +9,9 @@ outputs are merged. No route (no live worker of a role, or no decode worker with
 the prompt) is a 503 with Retry-After; a decode worker that dies mid-stream fails its own
 requests at once and is reported to the scheduler, which stops routing to it.
 
-Worker gauges on /metrics come from the same view, pulled fresh for each scrape.
+Worker gauges on /metrics come from the same view, pulled fresh for each scrape. The
+TTFT and TPOT of every finished request go to the scheduler with the next refresh (its role
+controller reads them).
 """
 
 from __future__ import annotations
@@ -23,16 +25,18 @@ from engine.engine import StepOutput
 from engine.request import validate_request
 from engine.sampling_params import SamplingParams
 from scheduler.engine_client import EngineClient, ModelInfo
+from scheduler.policies import PolicyConfig
 from scheduler.router import Router, WorkerView
 from scheduler.worker_rpc import StreamClient, WorkerFailed
 
 
 class DisaggClient(EngineClient):
     def __init__(self, scheduler, info: ModelInfo, policy: str = "jsq", refresh_s: float = 0.02,
-                 stale_s: float = 0.5):
+                 stale_s: float = 0.5, policy_config: PolicyConfig = PolicyConfig()):
         self.scheduler = scheduler  # the GlobalScheduler actor handle
         self.info = info
-        self.router = Router(policy)
+        self.router = Router(policy, policy_config)
+        self._latencies: list[tuple[float, float | None]] = []  # finished since the last refresh
         self.refresh_s, self.stale_s = refresh_s, stale_s
         self.streams = StreamClient()
         self._refreshed_at = 0.0
@@ -79,12 +83,19 @@ class DisaggClient(EngineClient):
     async def _one(self, request_id: str, prompt_token_ids: list[int],
                    params: SamplingParams) -> AsyncIterator[StepOutput]:
         await self._refresh_view()
-        target = self.router.route(len(prompt_token_ids))
+        target = self.router.route(len(prompt_token_ids), prompt_token_ids)
         if target is None:
             raise Overloaded("no decode worker can take this prompt now (all busy or down); retry later")
+        sent_s, first_s, tokens = time.monotonic(), None, 0
         try:
             async for out in self.streams.generate(target.decode_id, target.decode_address, target.prefill_id,
                                                    target.prefill_address, request_id, prompt_token_ids, params):
+                first_s = first_s or time.monotonic()
+                tokens += len(out.new_token_ids)
+                if out.finished:
+                    end_s = time.monotonic()
+                    tpot = (end_s - first_s) / (tokens - 1) if tokens > 1 else None
+                    self._latencies.append((first_s - sent_s, tpot))
                 yield out
         except WorkerFailed as e:
             self.router.set_alive(e.worker_id, False)
@@ -114,12 +125,19 @@ class DisaggClient(EngineClient):
         if age > self.stale_s and self._refresh is not None:
             await asyncio.shield(self._refresh)
 
+    async def control(self) -> dict:
+        status = await self.scheduler.control_status.remote()
+        return dict(status, lent=self.router.lent, local_prefills=self.router.num_local)
+
     async def _pull(self) -> None:
         routed = dict(self.router.num_routed)
         delta = {w: n - self._reported.get(w, 0) for w, n in routed.items() if n > self._reported.get(w, 0)}
         if delta:
             self.scheduler.count_routes.remote(delta)
             self._reported = routed
+        if self._latencies:
+            self.scheduler.report_latencies.remote(self._latencies)
+            self._latencies = []
         try:
             self.router.update(await self.scheduler.snapshot.remote())
         finally:

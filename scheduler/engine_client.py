@@ -41,6 +41,11 @@ class EngineClient(abc.ABC):
     async def workers(self) -> list[WorkerView]:
         """Every engine worker behind this client with its current load (for /metrics)."""
 
+    async def control(self) -> dict:
+        """Routing decisions for /metrics: the role controller's last verdict and moves, workers
+        lent by the mixed pool, prefills run on decode workers (empty when colocated)."""
+        return {}
+
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raises RequestError for a request the engine would refuse (before any response starts)."""
 

@@ -12,16 +12,23 @@ requests spreads out instead of all landing on the worker that looked emptiest.
 The view and the policy live in a Router (scheduler/router.py). Front doors route on
 replicas of it refreshed from `snapshot()`; `route` serves callers without one;
 `reroute_prefill` names another prefill worker for a request whose prefill worker failed.
-No torch here.
+
+With a role controller (scheduler/controller.py), front doors `report_latencies` of the
+requests they finished, and every window a thread asks the controller whether a worker
+should change pools, and moves it in the view (the replicas follow at their next refresh);
+`control_status()` tells /metrics what it decided. A worker that restarts rejoins its home
+pool. No torch here.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, replace
 
-from scheduler.policies import WorkerLoad
+from scheduler.controller import ControllerConfig, Decision, RoleController
+from scheduler.policies import PolicyConfig, WorkerLoad
 from scheduler.router import Router, Target, WorkerView
 
 log = logging.getLogger(__name__)
@@ -44,9 +51,14 @@ class WorkerInfo:
 
 class GlobalScheduler:
     def __init__(self, policy: str = "jsq", poll_interval_s: float = 0.05, load_timeout_s: float = 1.0,
-                 max_missed_polls: int = 3, load_client=None):
+                 max_missed_polls: int = 3, load_client=None, policy_config: PolicyConfig = PolicyConfig(),
+                 controller: RoleController | None = None):
         self.policy = policy
-        self._router = Router(policy)
+        self._router = Router(policy, policy_config)
+        self._controller = controller
+        self._latencies: list[tuple[float, float | None]] = []  # (ttft, tpot) finished since the last window
+        self._decision = Decision("off" if controller is None else "few-samples")
+        self._moves: dict[str, int] = {"prefill": 0, "decode": 0}  # workers moved into each pool
         self.poll_interval_s, self.load_timeout_s = poll_interval_s, load_timeout_s
         self._infos: dict[str, WorkerInfo] = {}
         self._failures: dict[str, int] = {}
@@ -59,6 +71,45 @@ class GlobalScheduler:
             load_client = LoadClient()
         self._loads = load_client
         threading.Thread(target=self._poll_loop, name="pdserve-load-poll", daemon=True).start()
+        if controller is not None:
+            threading.Thread(target=self._control_loop, args=(controller.config,), name="pdserve-role-controller",
+                             daemon=True).start()
+
+    def report_latencies(self, samples: list[tuple[float, float | None]]) -> None:
+        """Front doors: (TTFT, TPOT or None) of requests finished since their last report."""
+        with self._lock:
+            if self._controller is not None:
+                self._latencies.extend(samples)
+
+    def control_once(self) -> Decision:
+        """One controller window: decide on the samples gathered since the last, apply a move."""
+        with self._lock:
+            samples, self._latencies = self._latencies, []
+            views = list(self._router.views.values())
+            prefill = [v.load for v in views if v.role == "prefill"]
+            decode = [v.load for v in views if v.role == "decode"]
+            decision = self._controller.decide([t for t, _ in samples], [t for _, t in samples if t is not None],
+                                               prefill, decode)
+            self._decision = decision
+            if decision.move is not None:
+                worker_id, pool = decision.move
+                self._router.set_role(worker_id, pool)
+                self._moves[pool] += 1
+        if decision.move is not None:
+            log.info("role controller: %s joins the %s pool (p%d TTFT %.3f s, TPOT %.3f s)", *decision.move,
+                     round(self._controller.config.quantile * 100), decision.ttft_s, decision.tpot_s)
+        return decision
+
+    def control_status(self) -> dict:
+        """What the controller decided last, and how many workers it moved into each pool."""
+        with self._lock:
+            d = self._decision
+            return {"verdict": d.verdict, "ttft_s": d.ttft_s, "tpot_s": d.tpot_s, "moves": dict(self._moves)}
+
+    def set_role(self, worker_id: str, pool: str) -> bool:
+        """Moves a worker to another pool by hand (operators, tests)."""
+        with self._lock:
+            return self._router.set_role(worker_id, pool)
 
     def register(self, info: WorkerInfo) -> None:
         with self._lock:
@@ -133,6 +184,15 @@ class GlobalScheduler:
         if self._router.set_alive(worker_id, False):
             self._failures[worker_id] = self._failures.get(worker_id, 0) + 1
             log.warning("worker %s is not answering: no longer routed to", worker_id)
+
+    def _control_loop(self, config: ControllerConfig) -> None:
+        next_s = time.monotonic() + config.window_s
+        while not self._stop.wait(max(0.0, next_s - time.monotonic())):
+            next_s += config.window_s
+            try:
+                self.control_once()
+            except Exception:
+                log.exception("role controller failed")
 
     def _poll_loop(self) -> None:
         while not self._stop.wait(self.poll_interval_s):

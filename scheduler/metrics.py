@@ -58,7 +58,18 @@ class ServerMetrics:
                              worker, registry=r),
             "used": Gauge("pdserve_worker_kv_blocks_used", "KV-cache blocks in use", worker, registry=r),
             "total": Gauge("pdserve_worker_kv_blocks_total", "KV-cache blocks in all", worker, registry=r),
+            "lent": Gauge("pdserve_worker_lent", "1 while the mixed-pool policy lends the worker to the pool "
+                          "labelled (it runs both phases)", worker, registry=r),
         }
+        self.role_moves = Gauge("pdserve_controller_role_moves", "Workers the role controller moved into each pool "
+                                "since the scheduler started (cumulative)", ["pool"], registry=r)
+        self.controller_latency = Gauge("pdserve_controller_window_seconds", "The role controller's last windowed "
+                                        "p90 of TTFT and TPOT", ["metric"], registry=r)
+        self.controller_verdict = Gauge("pdserve_controller_verdict", "1 for the role controller's last verdict "
+                                        "(ok, both-miss, need-prefill, need-decode, few-samples, off)", ["verdict"],
+                                        registry=r)
+        self.local_prefills = Gauge("pdserve_local_prefills", "Requests this front door routed to be prefilled on "
+                                    "their decode worker (cumulative)", registry=r)
 
     def observe_phases(self, timings: dict[str, float]) -> None:
         for name, value in timings.items():
@@ -79,9 +90,11 @@ class ServerMetrics:
         if status >= 500:
             self.slo.labels("missed").inc()
 
-    def render(self, workers: list[WorkerView]) -> bytes:
-        for gauge in self.worker_gauges.values():
+    def render(self, workers: list[WorkerView], control: dict | None = None) -> bytes:
+        for gauge in (*self.worker_gauges.values(), self.controller_verdict):
             gauge.clear()  # workers come and go; series of gone workers go with them
+        control = control or {}
+        lent = control.get("lent", {})
         for w in workers:
             g, load, key = self.worker_gauges, w.load, (w.role, w.worker_id)
             g["up"].labels(*key).set(int(load.alive))
@@ -90,4 +103,14 @@ class ServerMetrics:
             g["pending"].labels(*key).set(load.pending_prefill_tokens)
             g["used"].labels(*key).set(w.num_total_blocks - load.num_free_blocks)
             g["total"].labels(*key).set(w.num_total_blocks)
+            if w.worker_id in lent:
+                g["lent"].labels(lent[w.worker_id], w.worker_id).set(1)
+        for pool, n in control.get("moves", {}).items():
+            self.role_moves.labels(pool).set(n)
+        for metric in ("ttft", "tpot"):
+            if control.get(f"{metric}_s") is not None:
+                self.controller_latency.labels(metric).set(control[f"{metric}_s"])
+        if "verdict" in control:
+            self.controller_verdict.labels(control["verdict"]).set(1)
+        self.local_prefills.set(control.get("local_prefills", 0))
         return generate_latest(self.registry)

@@ -6,13 +6,20 @@ milliseconds and routes locally, so a request pays no call to the scheduler acto
 routing rate grows with the number of front doors. Between refreshes every route is
 counted against the chosen workers (prompt tokens pending, blocks taken), so a burst
 spreads out instead of landing on the worker that looked emptiest. No Ray, no torch.
+
+For the prefix-aware policies the router also remembers, per decode worker, the prompt
+blocks it sent there (chained block hashes, as the engine's prefix cache names them, up to
+the worker's block count, least recently routed forgotten first): an estimate of what each
+worker caches, which becomes the policy's `Ask.cached_tokens`. A worker's pool (`role`) may
+change while it runs (the role controller); its view keeps the new pool across polls.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
-from scheduler.policies import POLICIES, WorkerLoad, least_loaded_prefill
+from scheduler.policies import POLICIES, PREFIX_POLICIES, Ask, PolicyConfig, WorkerLoad, least_loaded_prefill
 
 
 @dataclass(frozen=True)
@@ -28,23 +35,75 @@ class WorkerView:
 
 @dataclass(frozen=True)
 class Target:
-    prefill_id: str
+    prefill_id: str  # "" when the decode worker prefills the prompt itself
     prefill_address: str
     decode_id: str
     decode_address: str
 
+    @property
+    def local(self) -> bool:
+        return not self.prefill_id
+
+
+def block_hashes(token_ids: list[int], block_size: int) -> list[int]:
+    """The chained hashes of the prompt's full blocks but the last token's (the engine's
+    prefix-cache names: KVCacheManager._hashes; int tuples hash alike in every process)."""
+    out, parent = [], 0
+    for i in range((len(token_ids) - 1) // block_size):
+        parent = hash((parent, tuple(token_ids[i * block_size:(i + 1) * block_size])))
+        out.append(parent)
+    return out
+
+
+class PrefixIndex:
+    """Block hashes routed to one worker, least recently routed first out."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._hashes: OrderedDict[int, None] = OrderedDict()
+
+    def match(self, hashes: list[int]) -> int:
+        """How many leading blocks of the prompt the worker probably holds."""
+        n = 0
+        while n < len(hashes) and hashes[n] in self._hashes:
+            n += 1
+        return n
+
+    def add(self, hashes: list[int]) -> None:
+        for h in hashes:
+            self._hashes[h] = None
+            self._hashes.move_to_end(h)
+        while len(self._hashes) > self.capacity:
+            self._hashes.popitem(last=False)
+
 
 class Router:
-    def __init__(self, policy: str = "jsq"):
+    def __init__(self, policy: str = "jsq", config: PolicyConfig = PolicyConfig()):
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r} (choices: {', '.join(POLICIES)})")
-        self._policy = POLICIES[policy]()
+        self.policy_name = policy
+        self._policy = POLICIES[policy](config)
         self.views: dict[str, WorkerView] = {}
         self.num_routed: dict[str, int] = {}
+        self.num_local: int = 0  # requests the decode worker prefilled itself
+        self._prefixes: dict[str, PrefixIndex] = {}
+
+    @property
+    def lent(self) -> dict[str, str]:
+        """Workers lent to the other pool (the mixed pool), by the pool they serve."""
+        return dict(getattr(self._policy, "lent", {}))
 
     def update(self, views: list[WorkerView]) -> None:
         """Replaces the whole view (a fresh snapshot)."""
         self.views = {v.worker_id: v for v in views}
+
+    def set_role(self, worker_id: str, role: str) -> bool:
+        """Moves a worker to another pool; returns whether this changed anything."""
+        view = self.views.get(worker_id)
+        if view is None or view.role == role:
+            return False
+        self.views[worker_id] = replace(view, role=role)
+        return True
 
     def put(self, view: WorkerView) -> None:
         self.views[view.worker_id] = view
@@ -57,15 +116,33 @@ class Router:
         self.views[worker_id] = replace(view, load=replace(view.load, alive=alive))
         return True
 
-    def route(self, num_prompt_tokens: int) -> Target | None:
+    def route(self, num_prompt_tokens: int, prompt_token_ids: list[int] | None = None) -> Target | None:
+        """A (prefill, decode) pair for the prompt, or None (no route now). The prefix-aware
+        policies need the token ids; the others only their count."""
         prefill, decode = self._loads("prefill"), self._loads("decode")
-        route = self._policy(prefill, decode, num_prompt_tokens)
+        hashes, cached = [], {}
+        if self.policy_name in PREFIX_POLICIES and prompt_token_ids:
+            block_size = next((w.block_size for w in decode), 16)
+            hashes = block_hashes(prompt_token_ids, block_size)
+            cached = {w.worker_id: self._prefixes[w.worker_id].match(hashes) * w.block_size
+                      for w in decode if w.worker_id in self._prefixes}
+        route = self._policy(prefill, decode, Ask(num_prompt_tokens, cached))
         if route is None:
             return None
-        p, d = self.views[route.prefill_id], self.views[route.decode_id]
+        d = self.views[route.decode_id]
+        uncached = num_prompt_tokens - cached.get(d.worker_id, 0)
+        if hashes:
+            index = self._prefixes.setdefault(d.worker_id, PrefixIndex(max(1, d.num_total_blocks)))
+            index.add(hashes)
+        blocks = dict(num_free_blocks=max(0, d.load.num_free_blocks - d.load.blocks_for(uncached)),
+                      num_running=d.load.num_running + 1)
+        if route.prefill_id is None:  # the decode worker computes the uncached part itself
+            self.num_local += 1
+            self._charge(d, pending_prefill_tokens=d.load.pending_prefill_tokens + uncached, **blocks)
+            return Target("", "", d.worker_id, d.address)
+        p = self.views[route.prefill_id]
         self._charge(p, pending_prefill_tokens=p.load.pending_prefill_tokens + num_prompt_tokens)
-        self._charge(d, num_free_blocks=max(0, d.load.num_free_blocks - d.load.blocks_for(num_prompt_tokens)),
-                     num_running=d.load.num_running + 1)
+        self._charge(d, **blocks)
         return Target(p.worker_id, p.address, d.worker_id, d.address)
 
     def another_prefill(self, failed_addresses: list[str]) -> WorkerView | None:

@@ -1,8 +1,10 @@
-"""A worker as a Ray actor: one engine on one device, one role, one gRPC service.
+"""A worker as a Ray actor: one engine on one device, both roles, one gRPC service.
 
-The actor builds its engine and role (prefill: ships prompt KV; decode: owns requests and
-pulls KV from prefill peers), serves the Worker gRPC service on its node's address and
-registers with the global scheduler. Ray restarts it when its process dies (the cluster
+The actor builds its engine and both roles (prefill: ships prompt KV; decode: owns requests
+and pulls KV from prefill peers, or prefills them itself), serves the Worker gRPC service on
+its node's address and registers with the global scheduler under its pool (`role`). The
+pool only steers routing: the mixed-pool policy lends a worker to the other pool, the role
+controller moves it there, conditional disaggregation prefills on a decode worker. Ray restarts it when its process dies (the cluster
 creates it with max_restarts=-1): the constructor runs again, serves at a new port under a
 new incarnation and registers again, which is how a restarted worker rejoins.
 Requests never travel through Ray: only the registry does. (Ray is imported lazily here and
@@ -48,18 +50,14 @@ class WorkerActor:
         host = ray.util.get_node_ip_address()
         engine = Engine(engine_config)
         self.worker = EngineWorker(engine)
-        decode = prefill = links = None
-        if role == "prefill":
-            prefill = PrefillRole(self.worker)
-        elif role == "decode":
-            decode = DecodeRole(self.worker, options.max_pending, options.transfer_timeout_s)
-            cfg = engine.model_config
-            links = PrefillClient(worker_id, host, decode, (engine_config.block_size, cfg.num_kv_heads, cfg.head_dim),
-                                  engine.runner.kv_cache.tensor.dtype, self._reroute, options.link_timeout_s,
-                                  device=engine.runner.device)
-        else:
-            raise ValueError(f"a worker actor is a prefill or decode worker, not {role!r}")
-        self.links = links
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"a worker actor starts in the prefill or the decode pool, not {role!r}")
+        prefill = PrefillRole(self.worker)
+        decode = DecodeRole(self.worker, options.max_pending, options.transfer_timeout_s)
+        cfg = engine.model_config
+        self.links = links = PrefillClient(
+            worker_id, host, decode, (engine_config.block_size, cfg.num_kv_heads, cfg.head_dim),
+            engine.runner.kv_cache.tensor.dtype, self._reroute, options.link_timeout_s, device=engine.runner.device)
         self.worker.start()
         incarnation = uuid.uuid4().hex[:12]
         self.service = WorkerService(worker_id, incarnation, self.worker, role, decode, prefill, links,
@@ -81,12 +79,11 @@ class WorkerActor:
 
     def num_prefill_retries(self) -> int:
         """Requests this decode worker moved to another prefill worker after one failed."""
-        return self.links.num_retries if self.links is not None else 0
+        return self.links.num_retries
 
     def stop(self) -> None:
         self.server.stop(grace=1).wait(5)
-        if self.links is not None:
-            self.links.close()
+        self.links.close()
         self.worker.shutdown()
 
     def _reroute(self, failed: list[tuple[str, str]]) -> tuple[str, str] | None:

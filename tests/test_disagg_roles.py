@@ -67,7 +67,7 @@ def pair(tiny_llama):
 def submit(prefill, decode, rid, prompt, params=GREEDY):
     sink = Collector()
     decode.generate(rid, prompt, params,
-                    lambda r: prefill.prefill(r, prompt, params, ToDecode(decode)), sink)
+                    lambda r, skip: prefill.prefill(r, prompt, params, ToDecode(decode), skip), sink)
     return sink
 
 
@@ -98,7 +98,7 @@ def test_requests_wait_for_blocks_then_run_and_a_full_queue_refuses(pair, refere
 def test_a_failed_prefill_fails_only_its_request(pair, references):
     prefill, decode = pair()
 
-    def broken(_rid):
+    def broken(_rid, _skip):
         f = Future()
         f.set_exception(RuntimeError("prefill worker died"))
         return f
@@ -113,7 +113,7 @@ def test_a_failed_prefill_fails_only_its_request(pair, references):
 def test_kv_that_never_arrives_times_out(pair):
     _, decode = pair(timeout_s=0.5)
 
-    def first_token_only(rid):  # a prefill that answers but whose KV is lost on the way
+    def first_token_only(rid, _skip):  # a prefill that answers but whose KV is lost on the way
         f = Future()
         f.set_result(StepOutput(rid, 0, [7], finish_reason="length"))
         return f
@@ -127,7 +127,7 @@ def test_abort_while_waiting_for_kv_frees_both_sides(pair):
     prefill, decode = pair()
     never = Future()  # the prefill has not answered yet
     sink = Collector()
-    decode.generate("r", prompts()[-1], GREEDY, lambda rid: never, sink)
+    decode.generate("r", prompts()[-1], GREEDY, lambda rid, skip: never, sink)
     decode.worker.call(lambda e: None).result(5)  # the reservation happened
     assert decode.worker.engine.kv.num_used_blocks > 0
     decode.abort("r")

@@ -79,13 +79,21 @@ class KVCacheManager:
         return True
 
     def reserve(self, request: Request, num_tokens: int) -> bool:
-        """Blocks for num_tokens whose KV another engine will write. No prefix hashes yet: they
-        are registered by the first allocate_slots after the KV has landed."""
+        """Blocks for num_tokens whose KV another engine will write. A cached prefix of the
+        prompt is shared instead (request.num_cached_tokens says how much: the sender skips
+        those blocks). The new blocks get no prefix hashes yet: they are registered by the
+        first allocate_slots after the KV has landed."""
         assert not request.block_ids
-        blocks = self.pool.allocate(self.blocks_needed(num_tokens))
-        if blocks is None:
+        cached = self.get_computed_blocks(request) if num_tokens == request.num_prompt_tokens else []
+        need = self.blocks_needed(num_tokens) - len(cached)
+        if need > self.pool.num_free - self.pool.num_evictable(cached):
             return False
-        request.block_ids = blocks
+        self.pool.take(cached)
+        blocks = self.pool.allocate(need)
+        assert blocks is not None
+        request.block_ids = cached + blocks
+        request.num_registered_blocks = len(cached)
+        request.num_cached_tokens = len(cached) * self.block_size
         return True
 
     def free(self, request: Request) -> None:

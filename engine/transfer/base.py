@@ -36,3 +36,9 @@ class KVSink(ABC):
     @abstractmethod
     def send(self, chunk: LayerChunk) -> None:
         """Ships one chunk; may return before it has arrived (the send overlaps compute)."""
+
+    def blocks_held(self, request_id: str) -> int | None:
+        """How many leading blocks of the request the receiver already holds (its prefix
+        cache): they are not sent. None: nobody wants this request's KV (it is prefilled
+        where it decodes)."""
+        return 0

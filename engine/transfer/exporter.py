@@ -4,7 +4,9 @@ Before a step, `plan` lists for each prefilling request the run of block indices
 writes: from the first block not yet sent complete to the block holding the step's last
 token. The runner calls `layer_done(i)` after layer i; each request's run is exported from
 the cache for that layer and given to the sink. After the step, blocks that are now full
-count as sent; a partially filled last block goes again with the next chunk.
+count as sent; a partially filled last block goes again with the next chunk. Blocks the
+receiver holds already (`KVSink.blocks_held`: its cached prefix) are never sent, and a
+request nobody awaits (prefilled where it decodes) exports nothing.
 """
 
 from __future__ import annotations
@@ -38,9 +40,12 @@ class LayerExporter:
         for seq in plan.seqs:
             r = seq.request
             end = seq.start + seq.num_new_tokens
-            if seq.start >= r.num_prompt_tokens:
-                continue  # decoding: nothing of the prompt left to send
-            first, last = r.num_sent_blocks, (end - 1) // bs
+            held = self.sink.blocks_held(r.request_id)
+            if seq.start >= r.num_prompt_tokens or held is None:
+                continue  # decoding, or prefilled where it decodes: nothing to send
+            first, last = max(r.num_sent_blocks, held), (end - 1) // bs
+            if first > last:
+                continue  # this chunk lies within what the receiver holds
             self.runs.append(_Run(r.request_id, r.block_ids[first:last + 1], first, end >= r.num_prompt_tokens))
 
     def layer_done(self, layer: int) -> None:

@@ -96,7 +96,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(metrics.render(await state.client.workers()), media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(await state.client.workers(), await state.client.control()), media_type="text/plain; version=0.0.4")
 
     @v1.get("/models")
     async def models():

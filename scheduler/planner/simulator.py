@@ -8,8 +8,11 @@ over the workers' loads; the decode worker reserves the prompt's blocks (FIFO wa
 has none); the prefill worker computes the prompt as a one-token request; its KV lands
 `transfer_s(prompt)` after the prefill step ends (what layer-wise transfer leaves exposed);
 the decode worker emits the first token at its next step boundary and decodes the rest.
-Colocated workers prefill and decode in one batcher; a request goes to the one with the
-fewest pending prompt tokens. The result is bench's RequestRecords,
+A route without a prefill worker (conditional disaggregation, or the mixed pool with nothing
+to borrow) prefills on the decode worker, in its batcher, as colocated serving does; a worker
+lent to the other pool runs both kinds of work. Colocated workers prefill and decode in one
+batcher; a request goes to the one with the fewest pending prompt tokens. (The role
+controller is not simulated.) The result is bench's RequestRecords,
 so `bench.metrics.summarize` reports simulated and measured runs the same way.
 """
 
@@ -26,7 +29,7 @@ from engine.kv.manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from scheduler.planner.latency import LatencyModel
-from scheduler.policies import WorkerLoad
+from scheduler.policies import PolicyConfig, WorkerLoad
 from scheduler.router import Router, WorkerView
 
 
@@ -49,6 +52,7 @@ class SimConfig:
     max_num_batched_tokens: int = 2048
     transfer_s_per_token: float = 0.0  # exposed KV transfer after the prefill step, per prompt token
     max_model_len: int = 1 << 20
+    policy_config: PolicyConfig = PolicyConfig()
 
 
 class _Worker:
@@ -80,7 +84,7 @@ class Simulator:
         else:
             self.workers = ([_Worker(f"prefill-{i}", "prefill", config) for i in range(config.num_prefill)]
                             + [_Worker(f"decode-{i}", "decode", config) for i in range(config.num_decode)])
-        self.router = Router(config.policy)
+        self.router = Router(config.policy, config.policy_config)
         self._events: list = []
         self._order = itertools.count()
         self.now = 0.0
@@ -89,7 +93,7 @@ class Simulator:
         records = [RequestRecord(send_s=r.arrival_s, prompt_tokens=r.prompt_len, index=i)
                    for i, r in enumerate(requests)]
         self._records = {str(i): record for i, record in enumerate(records)}
-        self._decode_side: dict[str, tuple[Request, _Worker]] = {}  # prefill request id -> decode's twin
+        self._decode_side: dict[str, tuple[Request, Request, _Worker]] = {}  # id -> (prefill twin, request, decode)
         for i, r in enumerate(requests):
             self._at(r.arrival_s, self._arrive, i, r)
         while self._events:
@@ -107,7 +111,8 @@ class Simulator:
     def _arrive(self, index: int, r: SimRequest) -> None:
         record = self._records[str(index)]
         params = SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0)
-        request = Request(str(index), [0] * r.prompt_len, params, (), self.config.max_model_len)
+        prompt = [index] + [0] * (r.prompt_len - 1)  # no two prompts share a prefix
+        request = Request(str(index), prompt, params, (), self.config.max_model_len)
         if self.config.colocated:
             worker = min(self.workers, key=lambda w: (w.view().load.pending_prefill_tokens,
                                                       len(w.batcher.running), w.worker_id))
@@ -115,13 +120,17 @@ class Simulator:
             self._kick(worker)
             return
         self.router.update([w.view() for w in self.workers])
-        target = self.router.route(r.prompt_len)
+        target = self.router.route(r.prompt_len, prompt)
         if target is None:
             record.ok, record.error = False, "no route"
             return
         by_id = {w.worker_id: w for w in self.workers}
-        decode, prefill = by_id[target.decode_id], by_id[target.prefill_id]
-        decode.waiting_for_blocks.append((request, prefill))
+        decode = by_id[target.decode_id]
+        if target.local:
+            decode.batcher.add(request)
+            self._kick(decode)
+            return
+        decode.waiting_for_blocks.append((request, by_id[target.prefill_id]))
         self._reserve(decode)
 
     def _reserve(self, decode: _Worker) -> None:
@@ -134,7 +143,7 @@ class Simulator:
             request.status = RequestStatus.WAITING_FOR_KV
             twin = Request(request.request_id, request.prompt_token_ids, SamplingParams(
                 max_tokens=1, ignore_eos=True, temperature=0.0), (), self.config.max_model_len)
-            self._decode_side[twin.request_id] = (request, decode)
+            self._decode_side[twin.request_id] = (twin, request, decode)
             prefill.batcher.add(twin)
             self._kick(prefill)
 
@@ -173,8 +182,9 @@ class Simulator:
             seq.request.num_computed_tokens += seq.num_new_tokens
         for request in sampling:
             status = request.append_token(1)
-            if worker.role == "prefill":
-                decode_request, decode = self._decode_side.pop(request.request_id)
+            twin, decode_request, decode = self._decode_side.get(request.request_id, (None, None, None))
+            if twin is request:  # a prefill for another worker's decode
+                del self._decode_side[request.request_id]
                 self._finish(worker, request, status)
                 self._at(self.now + self.config.transfer_s_per_token * request.num_prompt_tokens,
                          self._landed, decode, decode_request)
@@ -182,8 +192,7 @@ class Simulator:
             self._emit(request)
             if status is not None:
                 self._finish(worker, request, status)
-        if worker.role == "decode":
-            self._reserve(worker)
+        self._reserve(worker)
         self._kick(worker)
 
     def _landed(self, decode: _Worker, request: Request) -> None:
