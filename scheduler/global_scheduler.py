@@ -151,7 +151,7 @@ class GlobalScheduler:
             out = []
             for worker_id, view in sorted(self._router.views.items()):
                 info, load = self._infos[worker_id], view.load
-                out.append({"worker_id": worker_id, "role": info.role, "address": info.address,
+                out.append({"worker_id": worker_id, "role": view.role, "home": info.role, "address": info.address,
                             "incarnation": info.incarnation, "pid": info.pid, "alive": load.alive,
                             "num_routed": self._router.num_routed.get(worker_id, 0),
                             "num_failures": self._failures.get(worker_id, 0), "num_running": load.num_running,

@@ -7,6 +7,7 @@ import pytest
 
 from engine.sampling_params import SamplingParams
 from engine.transfer.loopback import LoopbackSink
+from conftest import run_to_end
 from parity_cases import GREEDY, PROMPT_LENS, prompts
 
 
@@ -96,3 +97,37 @@ def test_no_room_to_reserve_changes_nothing(tiny_llama, make_engine):
     assert "c" not in decode.requests and decode.kv.num_used_blocks == 26
     decode.abort("a")
     decode.abort("b")
+
+
+def test_a_prefix_cached_on_the_decode_side_is_not_sent_again(tiny_llama, make_engine):
+    """Prefix-aware routing: the decode engine reserves the prompt over its cached prefix and
+    the prefill engine ships only the blocks after it; the output equals colocated serving."""
+    prefill = make_engine(model=str(tiny_llama))
+    decode = make_engine(model=str(tiny_llama))
+    colocated = make_engine(model=str(tiny_llama))
+
+    class Held(LoopbackSink):  # what the decode worker tells the prefill worker it holds
+        def blocks_held(self, request_id):
+            return decode.requests[request_id][0].num_cached_tokens // 16
+
+    sink = Held(decode)
+    prefill.set_kv_sink(sink)
+    shared = prompts()[-1][:50]  # 3 full blocks and 2 tokens
+    first, second = shared + [7, 8, 9], shared + [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26]
+    got = run_1p1d(prefill, decode, [first], GREEDY)
+    assert decode.kv.num_used_blocks == 0  # finished, its blocks stay cached (free, evictable)
+    sink.chunks.clear()
+    assert decode.reserve_prefilled("1", second, GREEDY)
+    assert decode.requests["1"][0].num_cached_tokens == 48
+    prefill.add_request("1", second, SamplingParams(temperature=0, max_tokens=1))
+    out = []
+    while prefill.has_unfinished() or decode.has_unfinished():
+        for o in prefill.step():
+            if o.finished:
+                out.extend(decode.admit_prefilled(o.request_id, o.new_token_ids[0]).new_token_ids)
+        for o in decode.step():
+            out.extend(o.new_token_ids)
+    assert {first_block for _, _, first_block, _ in sink.chunks} == {3}  # blocks 0-2 stayed home
+    assert decode.requests == {} and decode.kv.num_used_blocks == 0
+    reference = run_to_end(colocated, [first, second], GREEDY)
+    assert got == [reference["0"]] and out == reference["1"]

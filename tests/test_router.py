@@ -108,3 +108,58 @@ def test_scheduler_snapshot_feeds_a_replica():
     s.count_routes(replica.num_routed)
     assert [w["num_routed"] for w in s.workers()] == [1, 1]
     s.stop()
+
+
+def test_prefix_routing_remembers_what_each_decode_worker_was_sent():
+    from scheduler.policies import PolicyConfig
+    from scheduler.router import PrefixIndex, block_hashes
+
+    router = Router("prefix", PolicyConfig(prefix_balance_requests=100))
+    router.update([view("p0", "prefill"), view("d0", "decode", free=200), view("d1", "decode", free=100)])
+    system = list(range(64))  # a shared 4-block system prompt
+    first = router.route(80, system + [1] * 16)
+    assert first.decode_id == "d0"  # nothing cached anywhere: most free blocks
+    router.put(view("d0", "decode", free=50))  # d0 now has the fewest free blocks...
+    again = router.route(72, system + [2] * 8)
+    assert again.decode_id == "d0"  # ...but holds the prefix
+    # charged only for the uncached blocks: 72 tokens, 64 cached -> 1 block
+    assert router.views["d0"].load.num_free_blocks == 49
+    assert router.route(72, [5] * 72).decode_id == "d1"  # another prefix: JSQ
+    assert block_hashes(list(range(33)), 16) == block_hashes(list(range(48)), 16)[:2]  # the last token is not hashed
+    index = PrefixIndex(capacity=2)
+    index.add([1, 2, 3])
+    assert index.match([2, 3]) == 2 and index.match([1, 2]) == 0  # block 1 was forgotten first
+
+
+def test_local_prefill_targets_and_pool_moves():
+    from scheduler.policies import PolicyConfig
+
+    router = Router("conditional", PolicyConfig(local_prefill_tokens=100))
+    router.update([view("p0", "prefill"), view("d0", "decode")])
+    local = router.route(50, [3] * 50)
+    assert local.local and local.prefill_id == "" and local.decode_id == "d0" and router.num_local == 1
+    assert router.views["d0"].load.pending_prefill_tokens == 50  # the decode worker prefills it
+    assert router.route(150, [4] * 150).prefill_id == "p0"
+    assert router.set_role("p0", "decode") and not router.set_role("p0", "decode")
+    assert router.route(150, [7] * 150).local  # no prefill pool left: the decode worker prefills
+
+
+def test_the_scheduler_runs_the_role_controller_and_reports_its_moves():
+    from scheduler.controller import ControllerConfig, RoleController
+
+    controller = RoleController(1.0, 0.1, ControllerConfig(patience=1, min_samples=5))
+    s = GlobalScheduler("jsq", poll_interval_s=3600, load_client=FakeLoads(), controller=controller)
+    s.register(info("p0", "prefill", "p:1"))
+    s.register(info("d0", "decode", "d:1"))
+    s.register(info("d1", "decode", "d:2"))
+    assert s.control_status()["verdict"] == "few-samples"
+    s.report_latencies([(3.0, 0.01)] * 10)  # TTFT misses, TPOT has slack
+    decision = s.control_once()
+    assert decision.move == ("d0", "prefill") and decision.ttft_s == 3.0
+    assert {w["worker_id"]: (w["role"], w["home"]) for w in s.workers()} == {
+        "p0": ("prefill", "prefill"), "d0": ("prefill", "decode"), "d1": ("decode", "decode")}
+    assert [v.role for v in s.snapshot() if v.worker_id == "d0"] == ["prefill"]  # replicas route the same
+    assert s.control_status() == {"verdict": "need-prefill", "ttft_s": 3.0, "tpot_s": 0.01,
+                                  "moves": {"prefill": 1, "decode": 0}}
+    assert s.control_once().verdict == "few-samples"  # the window's samples were used up
+    s.stop()

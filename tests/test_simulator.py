@@ -84,3 +84,27 @@ def test_jsq_spreads_requests_over_both_pools():
 def test_one_token_requests_finish_at_their_first_token():
     (record,) = Simulator(MODEL, SimConfig()).run([SimRequest(0.0, 30, 1)])
     assert record.output_tokens == 1 and record.ttft_s == pytest.approx(P(30)) and record.tpot_s is None
+
+
+def test_conditional_prefills_short_prompts_on_the_decode_worker():
+    from scheduler.policies import PolicyConfig
+
+    config = SimConfig(policy="conditional", policy_config=PolicyConfig(local_prefill_tokens=64),
+                       transfer_s_per_token=1e-4)
+    short, long = Simulator(MODEL, config).run([SimRequest(0.0, 40, 3), SimRequest(10.0, 100, 3)])
+    # short: no transfer, no hop; prefilled and decoded on decode-0 as colocated
+    assert short.ttft_s == pytest.approx(P(40)) and short.chunk_s[1] - short.chunk_s[0] == pytest.approx(D(1))
+    # long: prefilled remotely, exposed transfer, first token at the decode worker's next step boundary
+    assert long.ttft_s == pytest.approx(P(100) + 100 * 1e-4)
+
+
+def test_the_mixed_pool_borrows_a_decode_worker_for_prefill_when_the_prefill_pool_is_full():
+    from scheduler.policies import PolicyConfig
+
+    config = SimConfig(num_prefill=1, num_decode=2, policy="mixed", policy_config=PolicyConfig(prefill_full_tokens=150))
+    a, b = Simulator(MODEL, config).run([SimRequest(0.0, 100, 2), SimRequest(0.0, 100, 2)])
+    # prefill-0 holds 100 pending tokens, 100 more would exceed 150: decode-1 is lent and prefills b,
+    # so both prompts are computed at once on two workers instead of one after the other
+    assert a.ttft_s == pytest.approx(P(100)) and b.ttft_s == pytest.approx(P(100))
+    jsq = Simulator(MODEL, SimConfig(num_prefill=1, num_decode=2)).run([SimRequest(0.0, 100, 2), SimRequest(0.0, 100, 2)])
+    assert max(r.ttft_s for r in jsq) == pytest.approx(P(200))  # one prefill worker batches both prompts
