@@ -28,9 +28,9 @@ TIMEOUT_S = 120
 def ray_local():
     os.environ.update(LOOPBACK_ENV)  # before Ray's first import, which fixes its node address
     import ray
-    # logical CPUs: the 1P1D and 2P2D deployments (a thread each) are up at once on 2 cores; the
+    # logical CPUs: the 1P1D, 2P2D and 1P2D deployments (a thread each) are up at once on 2 cores; the
     # pool resources make each worker's bundle ask for its pool's, as on the Helm chart's nodes
-    ray.init(num_cpus=8, resources={"pdserve_prefill": 4, "pdserve_decode": 4}, include_dashboard=False,
+    ray.init(num_cpus=12, resources={"pdserve_prefill": 6, "pdserve_decode": 6}, include_dashboard=False,
              log_to_driver=False)
     yield ray
     ray.shutdown()
@@ -316,3 +316,49 @@ def test_killed_only_prefill_worker_fails_its_requests_clearly(p1d1, expected):
     wait_until(lambda: _rejoined(p1d1, "prefill-0", before["incarnation"]), 90, "prefill-0 to rejoin")
     assert text(p1d1, prompts()[3]) == expected[3]
     assert_clean(p1d1)
+
+
+def _metric(server: LiveServer, name: str) -> dict[tuple, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+    families = text_string_to_metric_families(httpx.get(f"{server.url}/metrics", timeout=TIMEOUT_S).text)
+    return {tuple(sorted(s.labels.items())): s.value for f in families for s in f.samples if s.name == name}
+
+
+def test_conditional_prefix_and_role_controller_live(ray_local, tiny_llama, expected, tiny_server):
+    """1P2D, --policy conditional (prompts under 64 uncached tokens prefilled on the decode
+    worker), --role-controller with a TTFT SLO nobody meets: outputs equal HF whichever way each
+    prompt went; a prompt sharing a cached prefix ships only the blocks after it; the controller
+    moves one decode worker to the prefill pool (never the last), /metrics shows it, and
+    requests keep succeeding with equal outputs; every worker ends clean."""
+    server = deploy(tiny_llama, 1, 2, policy="conditional", local_prefill_tokens=64, role_controller=True,
+                    controller_window_s=2.0, slo_ttft_ms=0.001, slo_tpot_ms=100_000)
+    try:
+        router = server.app.state.pd.client.router
+        outputs = all_in_parallel(lambda p: text(server, p), prompts())
+        assert outputs == expected
+        assert 0 < router.num_local < len(prompts()) and router.num_routed.get("prefill-0", 0) > 0
+        # a shared 96-token prefix (6 blocks), then a 100-token tail: prefilled remotely, on the
+        # decode worker holding the prefix, which is not sent again
+        shared = prompts()[-1][:96]
+        first, second = shared + [5] * 100, shared + [9] * 100
+        assert text(server, first) == text(tiny_server, first)
+        timings = complete(server, second).json()["choices"][0]["timings"]
+        cold = complete(server, [3] + shared[1:] + [9] * 100).json()["choices"][0]["timings"]
+        assert 0 < timings["kv_bytes"] <= cold["kv_bytes"] * 8 / 13  # 7 of 13 blocks (partial resends aside)
+        assert text(server, second) == text(tiny_server, second)
+        # keep requests coming until the controller has moved a decode worker (2 windows of TTFT misses)
+        deadline = time.monotonic() + 60
+        while _metric(server, "pdserve_controller_role_moves").get((("pool", "prefill"),), 0) < 1:
+            status = ray_local.get(server.cluster.scheduler.control_status.remote())
+            assert time.monotonic() < deadline, f"the role controller did not move a worker: {status}"
+            assert all_in_parallel(lambda p: text(server, p), prompts() * 2, workers=16) == expected * 2
+        pools = {w: info["role"] for w, info in workers(server).items()}
+        assert sorted(pools.values()) == ["decode", "prefill", "prefill"]  # the last decode worker stays
+        moved = next(w for w, pool in pools.items() if pool == "prefill" and w.startswith("decode"))
+        up = _metric(server, "pdserve_worker_up")
+        assert up[(("pool", "prefill"), ("worker", moved))] == 1
+        assert _metric(server, "pdserve_controller_verdict") == {(("verdict", "need-prefill"),): 1}
+        assert all_in_parallel(lambda p: text(server, p), prompts()) == expected
+        assert_clean(server)
+    finally:
+        stop_and_check_processes(server)
