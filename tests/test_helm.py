@@ -102,7 +102,11 @@ def test_the_serve_command_parses_with_pdserve_own_flags(name):
     assert config.mode == "disagg" and config.host == "0.0.0.0" and config.ray_address
     values = VALUE_SETS[name]
     assert config.prefill_workers == values.get("prefill", {}).get("replicas", 1)
-    assert config.policy == values.get("scheduling", {}).get("policy", "jsq")
+    scheduling = values.get("scheduling", {})
+    assert config.policy == scheduling.get("policy", "jsq")
+    assert config.local_prefill_tokens == scheduling.get("localPrefillTokens", 2048)
+    assert config.role_controller == scheduling.get("roleController", False)
+    assert config.controller_window_s == scheduling.get("controllerWindowS", 20)
 
 
 def test_the_api_key_comes_from_its_secret():
@@ -121,7 +125,7 @@ def test_the_api_key_comes_from_its_secret():
     ({"model": {"source": None}}, "missing property 'source'"),
     ({"model": {"source": "pvc"}}, "/model/pvc/claimName"),
     ({"model": {"source": "s3"}}, "/model/source"),
-    ({"scheduling": {"policy": "fastest"}}, "value must be one of 'jsq', 'round-robin'"),
+    ({"scheduling": {"policy": "fastest"}}, "value must be one of 'jsq', 'round-robin', 'prefix'"),
     ({"ray": {"external": {"enabled": True}}}, "/ray/external/address"),
     ({"slo": {"attainmentTarget": 1.5}}, "/slo/attainmentTarget"),
     ({"prefill": {"minReplicas": 3, "replicas": 2}}, "prefill: minReplicas (3) <= replicas (2) <= maxReplicas (1)"),
