@@ -5,9 +5,11 @@
 Prefill: batches of k random prompts of length l (prefix caching off, so nothing is reused),
 each timed as the one engine step that computes them all. Decode: b requests with
 `context` tokens each, prefilled first, then the median of several decode steps. Every
-shape runs once untimed first (torch's per-shape set-up would otherwise count). The
-samples and the fits (scheduler/planner/latency.py, with R^2) go into a profile JSON
-that `pdserve plan` and the simulator read.
+shape runs once untimed first (torch's per-shape set-up would otherwise count). KV
+transfer: a two-rank link on this machine (gloo on CPU over loopback, NCCL between two GPUs
+when there are two) ships packed KV of 64 blocks a message, 16 untimed then 64 timed; the
+bandwidth is bytes over time. The samples and the fits (scheduler/planner/latency.py, with
+R^2) go into a profile JSON that `pdserve plan` and the simulator read.
 """
 
 from __future__ import annotations
@@ -84,6 +86,51 @@ def time_decode(engine, prompts: _Prompts, context: int, batch: int, steps: int)
     return statistics.median(times)
 
 
+def time_transfer(block_shape: tuple[int, int, int], dtype, block_size: int, num_blocks: int = 64,
+                  messages: int = 64) -> float | None:
+    """Gb/s of KV between two ranks of a link on this machine (None: no second GPU for NCCL)."""
+    import socket
+    import threading
+
+    import torch
+
+    from engine.transfer.base import LayerChunk
+    from engine.transfer.gloo import DECODE_RANK, PREFILL_RANK, GlooReceiver, GlooSender, connect_pair
+    device = "cpu"
+    if torch.cuda.is_available():
+        if torch.cuda.device_count() < 2:
+            return None
+        device = "cuda"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    groups: dict = {}
+    host = threading.Thread(target=lambda: groups.setdefault("d", connect_pair("127.0.0.1", port, DECODE_RANK,
+                                                                              30, device)))
+    host.start()
+    sender = GlooSender(connect_pair("127.0.0.1", port, PREFILL_RANK, 30, device), device)
+    host.join()
+    receiver = GlooReceiver(groups["d"], block_shape, dtype, timeout_s=60, device=device)
+    packed = torch.randn(2, num_blocks, *block_shape).to(dtype)
+
+    def ship(n: int) -> float:
+        for i in range(n):
+            receiver.expect(i + 1, f"r{i}")
+            sender.expect(f"r{i}", i + 1)
+        start = time.perf_counter()
+        done = threading.Thread(target=lambda: [receiver.recv() for _ in range(n)])
+        done.start()
+        for i in range(n):
+            sender.send(LayerChunk(f"r{i}", 0, 0, packed, last=True))
+        done.join()
+        return time.perf_counter() - start
+
+    ship(16)
+    seconds = ship(messages)
+    sender.close()
+    return messages * packed.numel() * packed.element_size() * 8 / seconds / 1e9
+
+
 def profile(config: EngineConfig, shape: dict, console: Console | None = None) -> tuple[list, list, object]:
     from engine.engine import Engine
     lengths, batches = shape["prefill_lengths"], shape["prefill_batches"]
@@ -123,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="where to write the profile JSON (default: print it)")
     p.add_argument("--quick", action="store_true", help="small shapes only (tests, a first look)")
+    p.add_argument("--transfer-only", action="store_true",
+                   help="measure only the KV transfer bandwidth and update it in the --out profile")
     p.add_argument("--large-batch-from", type=int, default=16,
                    help="decode batches this size or larger get their own fit (DistServe's small/large split)")
     return p
@@ -132,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=True)
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, num_threads=args.num_threads)
+    if args.transfer_only:
+        return _update_transfer(config, args.out, console)
     shape = QUICK if args.quick else FULL
     prefill, decode, engine = profile(config, shape, console)
     runner = engine.runner
@@ -141,19 +192,42 @@ def main(argv: list[str] | None = None) -> int:
     device = str(runner.device)
     hardware = (torch.cuda.get_device_name(runner.device) if device.startswith("cuda")
                 else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    transfer_gbps = time_transfer((engine.config.block_size, mc.num_kv_heads, mc.head_dim), runner.dtype,
+                                  engine.config.block_size)
     result = Profile(model=engine.model_path.name, device=device, dtype=str(runner.dtype).removeprefix("torch."),
                      num_threads=torch.get_num_threads(), block_size=engine.config.block_size,
                      kv_bytes_per_token=kv_bytes, prefill_samples=tuple(prefill), decode_samples=tuple(decode),
                      latency=fit_model(prefill, decode, args.large_batch_from), hardware=hardware,
-                     command="pdserve profile " + shlex.join(argv if argv is not None else sys.argv[1:]))
+                     command="pdserve profile " + shlex.join(argv if argv is not None else sys.argv[1:]),
+                     transfer_gbps=transfer_gbps, num_kv_blocks=engine.num_kv_blocks,
+                     max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens)
     lat = result.latency
     console.print(f"prefill: {lat.prefill.coef} R^2 {lat.prefill.r2:.4f}; decode small: {lat.decode_small.coef} "
-                  f"R^2 {lat.decode_small.r2:.4f}; large: {lat.decode_large.coef} R^2 {lat.decode_large.r2:.4f}")
+                  f"R^2 {lat.decode_small.r2:.4f}; large: {lat.decode_large.coef} R^2 {lat.decode_large.r2:.4f}; "
+                  f"KV transfer: {transfer_gbps or 0:.1f} Gb/s")
     if args.out:
         with open(args.out, "w") as f:
             f.write(result.to_json())
     else:
         sys.stdout.write(result.to_json())
+    return 0
+
+
+def _update_transfer(config: EngineConfig, path: str | None, console: Console) -> int:
+    from engine.engine import Engine
+    if not path:
+        console.print("--transfer-only needs --out PROFILE.json (the profile to update)")
+        return 2
+    profile = Profile.load(path)
+    engine = Engine(replace(config, num_kv_blocks=64, max_model_len=1024))
+    mc = engine.model_config
+    gbps = time_transfer((profile.block_size, mc.num_kv_heads, mc.head_dim), engine.runner.dtype, profile.block_size)
+    with open(path, "w") as f:
+        notes = {**profile.notes, "transfer_gbps": "pdserve profile --transfer-only (gloo over loopback between "
+                 "two threads of one process)" if gbps and engine.runner.device.type == "cpu" else "pdserve profile "
+                 "--transfer-only"}
+        f.write(replace(profile, transfer_gbps=gbps, notes=notes).to_json())
+    console.print(f"KV transfer: {gbps or 0:.1f} Gb/s, written to {path}")
     return 0
 
 

@@ -127,6 +127,12 @@ class Profile:
     hardware: str = ""
     command: str = ""
     notes: dict[str, str] = field(default_factory=dict)
+    transfer_gbps: float | None = None  # KV transfer between two workers on one node (Gb/s); None: not measured
+    device_memory_bytes: int = 0  # per device; 0: unknown (no tensor-parallel sizing)
+    weight_bytes: int = 0
+    num_kv_blocks: int = 0  # the engine's KV blocks per worker when the memory figures are unknown
+    max_num_seqs: int = 0  # the engine's batch limits the planner simulates (0: the simulator's defaults)
+    max_num_batched_tokens: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1) + "\n"

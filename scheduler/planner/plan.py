@@ -1,0 +1,195 @@
+"""`pdserve plan`: how many prefill and decode workers a workload needs to meet its SLOs.
+
+DistServe's placement search (../shared/TECHNIQUES.md), over the simulator
+(scheduler/planner/simulator.py) timed by a profile:
+1. The tensor-parallel degree per phase is the smallest power of two whose share of the
+   weights leaves room for KV on each device (1 for a profile without memory figures).
+2. One prefill instance alone (TTFT judged, the KV transfer at the given bandwidth counted
+   in full), one decode instance alone (TPOT judged; prompts arrive prefilled) and one
+   colocated instance (both judged) are simulated on the workload's lengths with Poisson
+   arrivals; the highest rate at which `attainment` of requests meet their SLOs is bisected.
+3. For N devices, the prefill:decode split maximising min(p * goodput_p, d * goodput_d) is
+   chosen, either within each node (KV over NVLink, the unit replicated per node) or across
+   the cluster (KV over the inter-node network), whichever carries more.
+4. For the requested rate: ceil(rate / goodput) instances of each phase, checked by
+   simulating that deployment whole when it is small enough (up to 16 instances).
+Per-device goodput is the rate a configuration carries divided by its devices.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from bench.arrivals import arrival_times
+from bench.datasets import WORKLOADS
+from bench.metrics import SLO, summarize
+from scheduler.planner.latency import Fit, LatencyModel, Profile
+from scheduler.planner.simulator import SimConfig, SimRequest, Simulator
+
+FULL_CHECK_MAX_INSTANCES = 16
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    slo_ttft_s: float
+    slo_tpot_s: float
+    workload: str = "chatbot"
+    rate: float = 1.0  # requests per second the deployment must carry
+    gpus: int = 8
+    gpus_per_node: int = 8
+    interconnect_gbps: float = 400.0  # between nodes, per device (e.g. one 400 Gb/s NIC per GPU)
+    attainment: float = 0.9
+    num_requests: int = 400
+    input_len: float | None = None  # move the workload's mean lengths (keeps the spread)
+    output_len: float | None = None
+    max_model_len: int = 8192
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Goodput:
+    prefill: float  # requests/s one prefill instance carries within the TTFT SLO
+    decode: float
+    colocated: float
+
+
+@dataclass(frozen=True)
+class Placement:
+    devices: int
+    prefill: int  # instances
+    decode: int
+    rate: float  # requests/s the split carries
+    per_node: bool  # pairs placed within nodes (KV over NVLink)
+
+    @property
+    def per_device(self) -> float:
+        return self.rate / self.devices
+
+
+def workload_requests(config: PlanConfig, rate: float, num: int | None = None) -> list[SimRequest]:
+    """The workload's lengths (bench's distributions) with Poisson arrivals at rate."""
+    workload, rng = WORKLOADS[config.workload], random.Random(config.seed)
+    num = num or config.num_requests
+    out = []
+    for t in arrival_times(num, rate, seed=config.seed):
+        prompt = workload.input.sample(rng, config.input_len)
+        output = workload.output.sample(rng, config.output_len)
+        prompt = min(prompt, config.max_model_len - 1)
+        out.append(SimRequest(t, prompt, max(1, min(output, config.max_model_len - prompt))))
+    return out
+
+
+def tensor_parallel(profile: Profile, gpus_per_node: int) -> int:
+    if not profile.device_memory_bytes or not profile.weight_bytes:
+        return 1
+    tp = 1
+    while profile.weight_bytes / tp > 0.7 * profile.device_memory_bytes:
+        tp *= 2
+        if tp > gpus_per_node:
+            raise ValueError(f"{profile.model} does not fit on one node of {gpus_per_node} devices")
+    return tp
+
+
+def scaled(latency: LatencyModel, tp: int) -> LatencyModel:
+    """The model at tensor-parallel degree tp: per-token and per-request work divides by tp,
+    the fixed cost does not (a first-order estimate; profile each degree for better)."""
+    if tp == 1:
+        return latency
+    div = lambda f: Fit((f.coef[0], f.coef[1] / tp, f.coef[2] / tp), f.r2, f.num_points)  # noqa: E731
+    return LatencyModel(div(latency.prefill), div(latency.decode_small), div(latency.decode_large),
+                        latency.large_batch_from)
+
+
+class Planner:
+    def __init__(self, profile: Profile, config: PlanConfig):
+        self.profile, self.config = profile, config
+        self.tp = tensor_parallel(profile, config.gpus_per_node)
+        self.latency = scaled(profile.latency, self.tp)
+        kv_room = (profile.device_memory_bytes * self.tp * 0.9 - profile.weight_bytes
+                   if profile.device_memory_bytes else 0)
+        blocks = int(kv_room // (profile.kv_bytes_per_token * profile.block_size)) if kv_room > 0 else 0
+        self.sim = SimConfig(num_blocks=blocks or profile.num_kv_blocks or 4096, block_size=profile.block_size,
+                             max_num_seqs=profile.max_num_seqs or 64,
+                             max_num_batched_tokens=profile.max_num_batched_tokens or 2048,
+                             max_model_len=config.max_model_len)
+
+    def transfer_s_per_token(self, gbps: float | None) -> float:
+        if not gbps:
+            return 0.0
+        return self.profile.kv_bytes_per_token / (gbps * 1e9 / 8)
+
+    def attainment(self, kind: str, rate: float, transfer_gbps: float | None = None) -> float:
+        """Attainment of one instance of kind (prefill, decode, colocated) alone at rate."""
+        c = self.config
+        requests = workload_requests(c, rate)
+        latency, sim, slo = self.latency, self.sim, SLO(ttft_ms=c.slo_ttft_s * 1000, tpot_ms=c.slo_tpot_s * 1000)
+        if kind == "prefill":  # one-token requests: TTFT only, the transfer counted in full
+            requests = [replace(r, output_len=1) for r in requests]
+            sim = replace(sim, transfer_s_per_token=self.transfer_s_per_token(transfer_gbps),
+                          num_blocks=sim.num_blocks * 64)
+        elif kind == "decode":  # prompts arrive prefilled: TPOT only
+            latency = replace(latency, prefill=Fit((0.0, 0.0, 0.0), 1.0, 0))
+            slo = SLO(ttft_ms=math.inf, tpot_ms=slo.tpot_ms)
+        else:
+            sim = replace(sim, colocated=True)
+        records = Simulator(latency, sim).run(requests)
+        return summarize(records, requests[-1].arrival_s, slo).attainment
+
+    def max_rate(self, meets: Callable[[float], bool], iterations: int = 10) -> float:
+        """The highest rate that meets (doubling up, then bisecting)."""
+        lo, hi = 0.0, 0.5
+        while meets(hi):
+            lo, hi = hi, hi * 2
+            if hi > 1e5:
+                return lo
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if meets(mid) else (lo, mid)
+        return lo
+
+    def goodput(self, transfer_gbps: float | None) -> Goodput:
+        target = self.config.attainment
+        return Goodput(*(self.max_rate(lambda r, k=kind: self.attainment(k, r, transfer_gbps) >= target)
+                         for kind in ("prefill", "decode", "colocated")))
+
+    def best_split(self, devices: int, g: Goodput, per_node: bool) -> Placement:
+        slots = devices // self.tp
+        best = Placement(devices, 0, 0, 0.0, per_node)
+        for p in range(1, slots):
+            d = slots - p
+            rate = min(p * g.prefill, d * g.decode)
+            if rate > best.rate:
+                best = Placement(devices, p, d, rate, per_node)
+        return best
+
+    def placement(self, devices: int, intra: Goodput, inter: Goodput) -> Placement:
+        """The best disaggregated split of `devices`: within nodes (replicated) or across."""
+        node = self.config.gpus_per_node
+        if devices <= node:
+            return self.best_split(devices, intra, True)
+        unit = self.best_split(node, intra, True)
+        nodes = devices // node
+        within = Placement(devices, unit.prefill * nodes, unit.decode * nodes, unit.rate * nodes, True)
+        across = self.best_split(devices, inter, False)
+        return within if within.rate >= across.rate else across
+
+    def check(self, prefill: int, decode: int, rate: float, transfer_gbps: float | None) -> float | None:
+        """Attainment of the whole deployment at rate, simulated (None when too large)."""
+        if prefill + decode > FULL_CHECK_MAX_INSTANCES:
+            return None
+        c, slo = self.config, SLO(ttft_ms=self.config.slo_ttft_s * 1000, tpot_ms=self.config.slo_tpot_s * 1000)
+        sim = replace(self.sim, num_prefill=prefill, num_decode=decode,
+                      transfer_s_per_token=self.transfer_s_per_token(transfer_gbps))
+        requests = workload_requests(c, rate, max(c.num_requests, 100 * (prefill + decode)))
+        return summarize(Simulator(self.latency, sim).run(requests), requests[-1].arrival_s, slo).attainment
+
+    def colocated_check(self, instances: int, rate: float) -> float | None:
+        if instances > FULL_CHECK_MAX_INSTANCES:
+            return None
+        c, slo = self.config, SLO(ttft_ms=self.config.slo_ttft_s * 1000, tpot_ms=self.config.slo_tpot_s * 1000)
+        requests = workload_requests(c, rate, max(c.num_requests, 100 * instances))
+        sim = replace(self.sim, colocated=True, num_decode=instances)
+        return summarize(Simulator(self.latency, sim).run(requests), requests[-1].arrival_s, slo).attainment
