@@ -1,5 +1,6 @@
-"""`pdserve` command line: `serve`, `bench` (the load tester, also `python -m bench`) and
-`profile` (the engine's latency model on this machine, bench/profile.py)."""
+"""`pdserve` command line: `serve`, `bench` (the load tester, also `python -m bench`),
+`profile` (the engine's latency model on this machine, bench/profile.py) and `plan` (workers
+for a workload and SLOs, scheduler/planner/cli.py)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="load-test OpenAI-compatible servers under latency SLOs (see `pdserve bench -h`)")
     sub.add_parser("profile", help="measure the engine on this machine and fit its latency model "
                                    "(see `pdserve profile -h`)")
+    sub.add_parser("plan", help="prefill and decode workers for a workload, rate and SLOs, simulated from a "
+                                "profile (see `pdserve plan -h`)")
     return parser
 
 
@@ -97,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["profile"]:
         from bench.profile import main as profile_main
         return profile_main(argv[1:])
+    if argv[:1] == ["plan"]:
+        from scheduler.planner.cli import main as plan_main
+        return plan_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -4,10 +4,12 @@ DistServe's placement search (../shared/TECHNIQUES.md), over the simulator
 (scheduler/planner/simulator.py) timed by a profile:
 1. The tensor-parallel degree per phase is the smallest power of two whose share of the
    weights leaves room for KV on each device (1 for a profile without memory figures).
-2. One prefill instance alone (TTFT judged, the KV transfer at the given bandwidth counted
-   in full), one decode instance alone (TPOT judged; prompts arrive prefilled) and one
-   colocated instance (both judged) are simulated on the workload's lengths with Poisson
-   arrivals; the highest rate at which `attainment` of requests meet their SLOs is bisected.
+2. One prefill instance alone (one-token requests: TTFT judged, the KV transfer at the
+   given bandwidth counted in full), one decode instance fed by enough prefill instances
+   that they never queue (both SLOs judged: waiting for a decode slot delays the first
+   token) and one colocated instance (both judged) are simulated on the workload's lengths
+   with Poisson arrivals, at least `min_duration_s` of them; the highest rate at which
+   `attainment` of requests meet their SLOs is bisected.
 3. For N devices, the prefill:decode split maximising min(p * goodput_p, d * goodput_d) is
    chosen, either within each node (KV over NVLink, the unit replicated per node) or across
    the cluster (KV over the inter-node network), whichever carries more.
@@ -42,7 +44,8 @@ class PlanConfig:
     gpus_per_node: int = 8
     interconnect_gbps: float = 400.0  # between nodes, per device (e.g. one 400 Gb/s NIC per GPU)
     attainment: float = 0.9
-    num_requests: int = 400
+    num_requests: int = 400  # at least; more when the rate is high (min_duration_s of arrivals)
+    min_duration_s: float = 30.0
     input_len: float | None = None  # move the workload's mean lengths (keeps the spread)
     output_len: float | None = None
     max_model_len: int = 8192
@@ -72,7 +75,7 @@ class Placement:
 def workload_requests(config: PlanConfig, rate: float, num: int | None = None) -> list[SimRequest]:
     """The workload's lengths (bench's distributions) with Poisson arrivals at rate."""
     workload, rng = WORKLOADS[config.workload], random.Random(config.seed)
-    num = num or config.num_requests
+    num = max(num or config.num_requests, math.ceil(rate * config.min_duration_s))
     out = []
     for t in arrival_times(num, rate, seed=config.seed):
         prompt = workload.input.sample(rng, config.input_len)
@@ -80,6 +83,16 @@ def workload_requests(config: PlanConfig, rate: float, num: int | None = None) -
         prompt = min(prompt, config.max_model_len - 1)
         out.append(SimRequest(t, prompt, max(1, min(output, config.max_model_len - prompt))))
     return out
+
+
+def keeps_up(requests: list[SimRequest], records: list, share: float = 0.9) -> bool:
+    """Whether the deployment keeps pace: in the second half of the arrivals it emits at least
+    `share` of the tokens asked for per second. A finite run of an overloaded deployment can
+    otherwise meet the SLOs by luck of its short horizon (the backlog only grows)."""
+    end = requests[-1].arrival_s
+    asked = sum(r.output_len for r in requests) / end if end else 0.0
+    emitted = sum(1 for r in records for t in r.chunk_s if end / 2 <= t <= end) / (end / 2) if end else 0.0
+    return emitted >= share * asked
 
 
 def tensor_parallel(profile: Profile, gpus_per_node: int) -> int:
@@ -121,24 +134,24 @@ class Planner:
             return 0.0
         return self.profile.kv_bytes_per_token / (gbps * 1e9 / 8)
 
-    def attainment(self, kind: str, rate: float, transfer_gbps: float | None = None) -> float:
-        """Attainment of one instance of kind (prefill, decode, colocated) alone at rate."""
+    def attainment(self, kind: str, rate: float, transfer_gbps: float | None = None,
+                   prefill_goodput: float = 0.0) -> float:
+        """Attainment of one instance of kind (prefill, decode, colocated) at rate."""
         c = self.config
         requests = workload_requests(c, rate)
         latency, sim, slo = self.latency, self.sim, SLO(ttft_ms=c.slo_ttft_s * 1000, tpot_ms=c.slo_tpot_s * 1000)
+        transfer = self.transfer_s_per_token(transfer_gbps)
         if kind == "prefill":  # one-token requests: TTFT only, the transfer counted in full
             requests = [replace(r, output_len=1) for r in requests]
-            sim = replace(sim, transfer_s_per_token=self.transfer_s_per_token(transfer_gbps),
-                          num_blocks=sim.num_blocks * 64)
-        elif kind == "decode":  # prompts arrive prefilled: TPOT only
-            latency = replace(latency, prefill=Fit((0.0, 0.0, 0.0), 1.0, 0))
-            slo = SLO(ttft_ms=math.inf, tpot_ms=slo.tpot_ms)
+            sim = replace(sim, transfer_s_per_token=transfer, num_blocks=sim.num_blocks * 64)
+        elif kind == "decode":  # enough prefill instances that prompts never queue for one
+            sim = replace(sim, num_prefill=max(1, math.ceil(2 * rate / prefill_goodput)), transfer_s_per_token=transfer)
         else:
             sim = replace(sim, colocated=True)
         records = Simulator(latency, sim).run(requests)
-        return summarize(records, requests[-1].arrival_s, slo).attainment
+        return summarize(records, requests[-1].arrival_s, slo).attainment if keeps_up(requests, records) else 0.0
 
-    def max_rate(self, meets: Callable[[float], bool], iterations: int = 10) -> float:
+    def max_rate(self, meets: Callable[[float], bool], iterations: int = 7) -> float:
         """The highest rate that meets (doubling up, then bisecting)."""
         lo, hi = 0.0, 0.5
         while meets(hi):
@@ -152,8 +165,10 @@ class Planner:
 
     def goodput(self, transfer_gbps: float | None) -> Goodput:
         target = self.config.attainment
-        return Goodput(*(self.max_rate(lambda r, k=kind: self.attainment(k, r, transfer_gbps) >= target)
-                         for kind in ("prefill", "decode", "colocated")))
+        prefill = self.max_rate(lambda r: self.attainment("prefill", r, transfer_gbps) >= target)
+        decode = self.max_rate(lambda r: self.attainment("decode", r, transfer_gbps, prefill) >= target)
+        colocated = self.max_rate(lambda r: self.attainment("colocated", r) >= target)
+        return Goodput(prefill, decode, colocated)
 
     def best_split(self, devices: int, g: Goodput, per_node: bool) -> Placement:
         slots = devices // self.tp
