@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from bench.datasets import WORKLOADS, DatasetSpec
 from bench.metrics import SLO
 
-DATASETS = ("random", *WORKLOADS, "file")
+DATASETS = ("random", "shift", *WORKLOADS, "file")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,10 @@
   like the public traces DistServe evaluates on (ShareGPT, HumanEval, LongBench). The
   means and their sources are in `WORKLOADS`; `--input-len` / `--output-len` move the
   means and keep the spread, for hardware that cannot serve the published sizes.
+- `shift`: prompts that shift from short to long halfway: the first half of the requests ask
+  for about a quarter of `--input-len`, the second half for 1.75 times it (uniform +-25 %);
+  outputs as `random` (`--output-len`, `--range-ratio`). For comparing routing policies when the
+  workload changes under them.
 - `file`: JSONL lines `{"prompt": ..., "max_tokens": ...}` (`output_len` also accepted),
   or ShareGPT-format JSON (first human turn is the prompt, the reply's length the output).
 
@@ -102,13 +106,20 @@ def build_requests(spec: DatasetSpec, counter: TokenCounter, max_model_len: int 
         lengths = [(_uniform(rng, spec.input_len, spec.range_ratio), _uniform(rng, spec.output_len, spec.range_ratio))
                    for _ in range(spec.num_prompts)]
         kind, framing = "prose", ""
+    elif spec.name == "shift":
+        if spec.input_len is None or spec.output_len is None:
+            raise ValueError("--dataset shift needs --input-len and --output-len")
+        short, long = max(1, spec.input_len // 4), spec.input_len * 7 // 4
+        lengths = [(_uniform(rng, short if i < spec.num_prompts // 2 else long, 0.25),
+                    _uniform(rng, spec.output_len, spec.range_ratio)) for i in range(spec.num_prompts)]
+        kind, framing = "prose", ""
     elif spec.name in WORKLOADS:
         w = WORKLOADS[spec.name]
         lengths = [(w.input.sample(rng, spec.input_len), w.output.sample(rng, spec.output_len))
                    for _ in range(spec.num_prompts)]
         kind, framing = w.kind, w.framing
     else:
-        raise ValueError(f"unknown dataset {spec.name!r}: random, {', '.join(WORKLOADS)} or file")
+        raise ValueError(f"unknown dataset {spec.name!r}: random, shift, {', '.join(WORKLOADS)} or file")
     source = TextSource(kind, counter)
     out = []
     for input_len, output_len in lengths:

@@ -116,3 +116,11 @@ def test_goodput_search_brackets_then_bisects():
         down.record(rate, 0.0)
     assert [r for r, _ in down.history] == [8.0, 4.0, 2.0, 1.0] and down.goodput is None
     assert "below 1" in down.describe()
+
+
+def test_shift_prompts_go_from_short_to_long_halfway():
+    from bench.corpus import TokenCounter
+    from bench.datasets import DatasetSpec, build_requests
+    requests = build_requests(DatasetSpec("shift", 40, input_len=400, output_len=8), TokenCounter(None), None)
+    first, second = [r.prompt_tokens for r in requests[:20]], [r.prompt_tokens for r in requests[20:]]
+    assert max(first) <= 130 and min(second) >= 500 and all(r.max_tokens == 8 for r in requests)
