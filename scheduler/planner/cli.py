@@ -67,7 +67,8 @@ def plan(args: argparse.Namespace, console: Console) -> dict:
     planner = Planner(profile, config)
     with console.status("simulating one prefill, one decode and one colocated instance"):
         intra = planner.goodput(profile.transfer_gbps)
-        inter = planner.goodput(args.interconnect_gbps) if args.gpus > args.gpus_per_node else intra
+        # KV across nodes: once, for every size that spans more than one node
+        inter = planner.goodput(args.interconnect_gbps) if max(_sizes(args)) > args.gpus_per_node else intra
     tp = planner.tp
     need_p, need_d = math.ceil(args.rate / intra.prefill), math.ceil(args.rate / intra.decode)
     need_c = math.ceil(args.rate / intra.colocated)
@@ -102,8 +103,6 @@ def _sizes(args: argparse.Namespace) -> list[int]:
 
 
 def _per_gpu(planner: Planner, devices: int, intra, inter) -> dict:
-    if devices > planner.config.gpus_per_node and inter is intra:
-        inter = planner.goodput(planner.config.interconnect_gbps)
     best: Placement = planner.placement(devices, intra, inter)
     colocated = intra.colocated * (devices // planner.tp) / devices
     return {"disaggregated": best.per_device, "prefill": best.prefill, "decode": best.decode,

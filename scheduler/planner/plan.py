@@ -129,6 +129,7 @@ class Planner:
                              max_num_seqs=profile.max_num_seqs or 64,
                              max_num_batched_tokens=profile.max_num_batched_tokens or 2048,
                              max_model_len=config.max_model_len)
+        self.slo = SLO(ttft_ms=config.slo_ttft_s * 1000, tpot_ms=config.slo_tpot_s * 1000)
 
     def transfer_s_per_token(self, gbps: float | None) -> float:
         if not gbps:
@@ -138,9 +139,7 @@ class Planner:
     def attainment(self, kind: str, rate: float, transfer_gbps: float | None = None,
                    prefill_goodput: float = 0.0) -> float:
         """Attainment of one instance of kind (prefill, decode, colocated) at rate."""
-        c = self.config
-        requests = workload_requests(c, rate)
-        latency, sim, slo = self.latency, self.sim, SLO(ttft_ms=c.slo_ttft_s * 1000, tpot_ms=c.slo_tpot_s * 1000)
+        requests, sim = workload_requests(self.config, rate), self.sim
         transfer = self.transfer_s_per_token(transfer_gbps)
         if kind == "prefill":  # one-token requests: TTFT only, the transfer counted in full
             requests = [replace(r, output_len=1) for r in requests]
@@ -149,8 +148,8 @@ class Planner:
             sim = replace(sim, num_prefill=max(1, math.ceil(2 * rate / prefill_goodput)), transfer_s_per_token=transfer)
         else:
             sim = replace(sim, colocated=True)
-        records = Simulator(latency, sim).run(requests)
-        return summarize(records, requests[-1].arrival_s, slo).attainment if keeps_up(requests, records) else 0.0
+        records = Simulator(self.latency, sim).run(requests)
+        return summarize(records, requests[-1].arrival_s, self.slo).attainment if keeps_up(requests, records) else 0.0
 
     def max_rate(self, meets: Callable[[float], bool], iterations: int = 7) -> float:
         """The highest rate that meets (doubling up, then bisecting)."""
@@ -193,19 +192,16 @@ class Planner:
         return within if within.rate >= across.rate else across
 
     def check(self, prefill: int, decode: int, rate: float, transfer_gbps: float | None) -> float | None:
-        """Attainment of the whole deployment at rate, simulated (None when too large)."""
-        if prefill + decode > FULL_CHECK_MAX_INSTANCES:
-            return None
-        c, slo = self.config, SLO(ttft_ms=self.config.slo_ttft_s * 1000, tpot_ms=self.config.slo_tpot_s * 1000)
-        sim = replace(self.sim, num_prefill=prefill, num_decode=decode,
-                      transfer_s_per_token=self.transfer_s_per_token(transfer_gbps))
-        requests = workload_requests(c, rate, max(c.num_requests, 100 * (prefill + decode)))
-        return summarize(Simulator(self.latency, sim).run(requests), requests[-1].arrival_s, slo).attainment
+        """Attainment of the whole disaggregated deployment at rate (None when too large to simulate)."""
+        return self._whole(replace(self.sim, num_prefill=prefill, num_decode=decode,
+                                   transfer_s_per_token=self.transfer_s_per_token(transfer_gbps)), rate)
 
     def colocated_check(self, instances: int, rate: float) -> float | None:
+        return self._whole(replace(self.sim, colocated=True, num_decode=instances), rate)
+
+    def _whole(self, sim: SimConfig, rate: float) -> float | None:
+        instances = sim.num_decode + (0 if sim.colocated else sim.num_prefill)
         if instances > FULL_CHECK_MAX_INSTANCES:
             return None
-        c, slo = self.config, SLO(ttft_ms=self.config.slo_ttft_s * 1000, tpot_ms=self.config.slo_tpot_s * 1000)
-        requests = workload_requests(c, rate, max(c.num_requests, 100 * instances))
-        sim = replace(self.sim, colocated=True, num_decode=instances)
-        return summarize(Simulator(self.latency, sim).run(requests), requests[-1].arrival_s, slo).attainment
+        requests = workload_requests(self.config, rate, max(self.config.num_requests, 100 * instances))
+        return summarize(Simulator(self.latency, sim).run(requests), requests[-1].arrival_s, self.slo).attainment
