@@ -6,8 +6,10 @@ requests finish); a full FIFO refuses at once with Overloaded (HTTP 503, Retry-A
 Once reserved, `start_prefill(request_id)` asks a prefill worker to fill the blocks and
 returns a future of the first token; KV chunks arrive through `land()`. The engine admits
 the request when both are in, and its tokens (the first included) flow to the sink.
-A failed prefill, or KV still incomplete `transfer_timeout_s` after the reservation,
-aborts the request, which frees its blocks, and fails its sink with the reason.
+A failed prefill, or KV that made no progress for `transfer_timeout_s`, aborts the request,
+which frees its blocks, and fails its sink with the reason. Progress is a chunk landing, or,
+when a `probe` is given, the prefill side saying it is still working on the request: a
+request queued behind others at a busy prefill worker waits; one at a hung worker fails.
 A reservation shares the blocks of a cached prefix of the prompt; the prefill worker is told
 to skip them. `generate_local()` prefills on this worker instead (conditional
 disaggregation): the request runs as it would colocated.
@@ -15,6 +17,7 @@ disaggregation): the request runs as it would colocated.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -28,7 +31,10 @@ from engine.sampling_params import SamplingParams
 from engine.transfer.base import LayerChunk
 from engine.worker import EngineError, EngineWorker, Sink
 
+log = logging.getLogger(__name__)
+
 StartPrefill = Callable[[str, int], "Future[StepOutput]"]  # (request id, leading blocks cached here)
+Probe = Callable[[str], bool]  # (request id) -> is its prefill still under way? (may block briefly)
 
 
 class Overloaded(RequestError):
@@ -45,13 +51,17 @@ class _Pending:
 
 
 class DecodeRole:
-    def __init__(self, worker: EngineWorker, max_pending: int = 64, transfer_timeout_s: float = 30.0):
+    def __init__(self, worker: EngineWorker, max_pending: int = 64, transfer_timeout_s: float = 30.0,
+                 probe: Probe | None = None):
         self.worker = worker
         self.max_pending = max_pending
         self.transfer_timeout_s = transfer_timeout_s
+        self.probe = probe
         self._pending: deque[_Pending] = deque()
         self._lock = threading.Lock()
-        self._timers: dict[str, threading.Timer] = {}
+        self._timers: dict[str, threading.Timer] = {}  # guarded by _timer_lock
+        self._timer_lock = threading.Lock()
+        self._landed: set[str] = set()  # requests with a chunk landed since their timer was armed
         self._prefills: dict[str, Future] = {}  # first tokens still awaited
         worker.add_hook(self._on_iteration)
 
@@ -74,6 +84,9 @@ class DecodeRole:
 
     def land(self, chunk: LayerChunk) -> None:
         """A KV chunk from the prefill side (any thread); written between steps."""
+        with self._timer_lock:
+            if chunk.request_id in self._timers:
+                self._landed.add(chunk.request_id)
         self.worker.call(lambda engine: engine.receive_kv(chunk))
 
     def abort(self, request_id: str) -> None:
@@ -93,7 +106,9 @@ class DecodeRole:
         return len(self._timers)
 
     def _on_iteration(self, engine: Engine) -> None:
-        for request_id in list(self._timers):  # KV complete (or request gone): no deadline
+        with self._timer_lock:
+            awaited = list(self._timers)
+        for request_id in awaited:  # KV complete (or request gone): no deadline
             children = engine.requests.get(request_id)
             if not children or children[0].status is not RequestStatus.WAITING_FOR_KV:
                 self._cancel_timer(request_id)
@@ -140,12 +155,32 @@ class DecodeRole:
         self.worker.call(lambda engine: engine.give_first_token(request_id, out.new_token_ids[0], logprob, prefill_s))
 
     def _start_timer(self, request_id: str) -> None:
-        def expire() -> None:
-            self.worker.call(lambda engine: self._expire(engine, request_id))
-        timer = threading.Timer(self.transfer_timeout_s, expire)
+        with self._timer_lock:
+            self._arm(request_id)
+
+    def _arm(self, request_id: str) -> None:
+        """With _timer_lock held: (re)starts the request's no-progress timer."""
+        self._landed.discard(request_id)
+        timer = threading.Timer(self.transfer_timeout_s, self._check, (request_id,))
         timer.daemon = True
         self._timers[request_id] = timer
         timer.start()
+
+    def _check(self, request_id: str) -> None:
+        """On the timer's thread: re-arm while the KV progresses, else fail the request."""
+        progressed = request_id in self._landed
+        if not progressed and self.probe is not None:
+            try:
+                progressed = self.probe(request_id)
+            except Exception as e:  # a probe that fails says nothing is progressing
+                log.warning("progress probe for %s failed: %s", request_id, e)
+        with self._timer_lock:
+            if request_id not in self._timers:
+                return  # complete or ended meanwhile
+            if progressed:
+                self._arm(request_id)
+                return
+        self.worker.call(lambda engine: self._expire(engine, request_id))
 
     def _cancel_prefill(self, request_id: str) -> None:
         future = self._prefills.pop(request_id, None)
@@ -153,16 +188,18 @@ class DecodeRole:
             future.cancel()
 
     def _cancel_timer(self, request_id: str) -> None:
-        timer = self._timers.pop(request_id, None)
+        with self._timer_lock:
+            timer = self._timers.pop(request_id, None)
+            self._landed.discard(request_id)
         if timer is not None:
             timer.cancel()
 
     def _expire(self, engine: Engine, request_id: str) -> None:
-        self._timers.pop(request_id, None)
+        self._cancel_timer(request_id)
         children = engine.requests.get(request_id)
         if children and children[0].status is RequestStatus.WAITING_FOR_KV:
             self._fail(engine, request_id, EngineError(
-                f"the prompt's KV did not arrive within {self.transfer_timeout_s:g} s"))
+                f"the prompt's KV did not arrive: no progress for {self.transfer_timeout_s:g} s"))
 
     def _fail(self, engine: Engine, request_id: str, error: Exception) -> None:
         """On the loop thread: end the request, free its blocks, tell its client."""

@@ -10,6 +10,12 @@ A peer that fails (the call is UNAVAILABLE, the link cannot be opened) is droppe
 request is retried on another prefill worker that `reroute` names (the global scheduler,
 told which ones failed), into the same reserved blocks, or fails with a clear error when
 there is none. A peer restarted by Ray comes back at a new address: a new peer, a new link.
+
+`progressing(request_id)` tells the decode role whether a request whose KV is late is still
+being worked on: its call is still being placed, or its prefill worker answers a `Progress`
+probe within `probe_timeout_s`, still owes the KV and its engine loop has moved since the
+last probe. A request queued behind others at a busy prefill worker thus waits as long as
+that worker works; a hung one fails it.
 """
 
 from __future__ import annotations
@@ -58,10 +64,12 @@ class PeerFailed(RuntimeError):
 class PrefillClient:
     def __init__(self, decode_worker_id: str, host: str, role: DecodeRole, block_shape: tuple[int, int, int],
                  dtype: torch.dtype, reroute: Reroute, link_timeout_s: float = 30.0, max_calls: int = 256,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", probe_timeout_s: float = 5.0):
         self.worker_id, self.host, self.role, self.device = decode_worker_id, host, role, device
         self.block_shape, self.dtype, self.reroute = block_shape, dtype, reroute
-        self.link_timeout_s = link_timeout_s
+        self.link_timeout_s, self.probe_timeout_s = link_timeout_s, probe_timeout_s
+        self._active: dict[str, _Peer | None] = {}  # requests whose call runs: the peer it went to
+        self._seen: dict[str, int] = {}  # by request: the peer's loop iterations at the last probe
         self._peers: dict[str, _Peer] = {}  # by address
         self._lock = threading.Lock()
         self._opening: dict[str, threading.Lock] = {}  # by address: held while its link is opened
@@ -78,9 +86,31 @@ class PrefillClient:
               params: SamplingParams, skip_blocks: int = 0) -> "Future[StepOutput]":
         """skip_blocks: leading blocks cached here, which the prefill worker does not send."""
         future: Future = Future()
-        self._calls.submit(self._run, future, request_id, prefill_id, address, prompt_token_ids, params,
-                           skip_blocks)
+        self._active[request_id] = None
+        try:
+            self._calls.submit(self._run, future, request_id, prefill_id, address, prompt_token_ids, params,
+                               skip_blocks)
+        except RuntimeError:  # closed
+            self._active.pop(request_id, None)
+            raise
         return future
+
+    def progressing(self, request_id: str) -> bool:
+        """Whether the prefill of a request is still under way (see the module's docstring)."""
+        if request_id not in self._active:
+            return False  # answered (only the KV is awaited) or never started
+        peer = self._active.get(request_id)
+        if peer is None:
+            return True  # the call is being placed: opening a link is bounded on its own
+        try:
+            reply = peer.stub.Progress(pb.ProgressRequest(request_id=request_id), timeout=self.probe_timeout_s)
+        except grpc.RpcError as e:
+            log.warning("prefill worker %s did not answer a progress probe for %s (%s)", peer.worker_id,
+                        request_id, _brief(e))
+            return False
+        last = self._seen.get(request_id)
+        self._seen[request_id] = reply.num_iterations
+        return reply.found and (last is None or reply.num_iterations > last)
 
     def close(self) -> None:
         self._calls.shutdown(wait=False, cancel_futures=True)
@@ -92,10 +122,17 @@ class PrefillClient:
 
     def _run(self, future: Future, request_id: str, prefill_id: str, address: str,
              prompt_token_ids: list[int], params: SamplingParams, skip_blocks: int) -> None:
-        failed: list[tuple[str, str]] = []
         request = pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                                     params=params_to_proto(params), decode_worker=self.worker_id,
                                     skip_blocks=skip_blocks)
+        try:
+            self._place(future, request, prefill_id, address)
+        finally:
+            self._active.pop(request_id, None)
+            self._seen.pop(request_id, None)
+
+    def _place(self, future: Future, request: pb.PrefillRequest, prefill_id: str, address: str) -> None:
+        request_id, failed = request.request_id, []
         while not future.cancelled():
             try:
                 reply = self._call(self._peer(prefill_id, address), future, request)
@@ -130,6 +167,7 @@ class PrefillClient:
         transfer_id = next(self._transfer_ids)
         peer.receiver.expect(transfer_id, request.request_id)
         request.transfer_id = transfer_id
+        self._active[request.request_id] = peer
         call = peer.stub.Prefill.future(request)
         future.add_done_callback(lambda f: call.cancel() if f.cancelled() else None)
         return call.result()

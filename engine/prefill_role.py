@@ -87,6 +87,10 @@ class PrefillRole:
         future.add_done_callback(on_done)
         return future
 
+    def owes(self, request_id: str) -> bool:
+        """Whether this worker still has KV of the request to send (queued, computing or sending)."""
+        return request_id in self.sink.routes
+
     def abort(self, request_id: str) -> None:
         self.sink.drop(request_id)
         self.worker.abort(request_id)

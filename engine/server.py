@@ -202,6 +202,10 @@ class WorkerService(pb_grpc.WorkerServicer):
         (self.decode or self.prefill or self.worker).abort(request.request_id)
         return pb.AbortReply(found=found)
 
+    def Progress(self, request: pb.ProgressRequest, context: grpc.ServicerContext) -> pb.ProgressReply:
+        found = self.prefill is not None and self.prefill.owes(request.request_id)
+        return pb.ProgressReply(found=found, num_iterations=self.worker.num_iterations)
+
     def Load(self, request: pb.LoadRequest, context: grpc.ServicerContext) -> pb.WorkerLoad:
         stats = self.worker.stats()
         waiting = stats.num_waiting + (self.decode.num_pending if self.decode else 0)

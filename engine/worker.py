@@ -50,6 +50,7 @@ class EngineWorker:
         self._sinks: dict[str, Sink] = {}
         self._stopped = False
         self._stats = engine.stats()
+        self.num_iterations = 0  # loop passes that ran a step: advances while there is work
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
 
     def start(self) -> "EngineWorker":
@@ -149,6 +150,7 @@ class EngineWorker:
             for hook in self._hooks:
                 hook(self.engine)
             self._stats = self.engine.stats()
+            self.num_iterations += 1
 
     def _fail_all(self, error: Exception) -> None:
         for request_id, sink in list(self._sinks.items()):

@@ -164,6 +164,20 @@ class ConnectReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ProgressRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+
+class ProgressReply(_message.Message):
+    __slots__ = ("found", "num_iterations")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    NUM_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    num_iterations: int
+    def __init__(self, found: _Optional[bool] = ..., num_iterations: _Optional[int] = ...) -> None: ...
+
 class LoadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -54,6 +54,11 @@ class WorkerStub:
                 request_serializer=pdserve__rpc_dot_worker__pb2.AbortRequest.SerializeToString,
                 response_deserializer=pdserve__rpc_dot_worker__pb2.AbortReply.FromString,
                 _registered_method=True)
+        self.Progress = channel.unary_unary(
+                '/pdserve.worker.v1.Worker/Progress',
+                request_serializer=pdserve__rpc_dot_worker__pb2.ProgressRequest.SerializeToString,
+                response_deserializer=pdserve__rpc_dot_worker__pb2.ProgressReply.FromString,
+                _registered_method=True)
         self.Load = channel.unary_unary(
                 '/pdserve.worker.v1.Worker/Load',
                 request_serializer=pdserve__rpc_dot_worker__pb2.LoadRequest.SerializeToString,
@@ -91,6 +96,12 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Progress(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Load(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -119,6 +130,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=pdserve__rpc_dot_worker__pb2.AbortRequest.FromString,
                     response_serializer=pdserve__rpc_dot_worker__pb2.AbortReply.SerializeToString,
+            ),
+            'Progress': grpc.unary_unary_rpc_method_handler(
+                    servicer.Progress,
+                    request_deserializer=pdserve__rpc_dot_worker__pb2.ProgressRequest.FromString,
+                    response_serializer=pdserve__rpc_dot_worker__pb2.ProgressReply.SerializeToString,
             ),
             'Load': grpc.unary_unary_rpc_method_handler(
                     servicer.Load,
@@ -234,6 +250,33 @@ class Worker:
             '/pdserve.worker.v1.Worker/Abort',
             pdserve__rpc_dot_worker__pb2.AbortRequest.SerializeToString,
             pdserve__rpc_dot_worker__pb2.AbortReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Progress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.worker.v1.Worker/Progress',
+            pdserve__rpc_dot_worker__pb2.ProgressRequest.SerializeToString,
+            pdserve__rpc_dot_worker__pb2.ProgressReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,7 +45,7 @@ class ServeConfig:
     max_waiting_for_blocks: int = 64
     """disagg: requests a decode worker queues while it has no KV blocks for them; beyond that, 503 with Retry-After."""
     transfer_timeout_s: float = 30.0
-    """disagg: a request whose prompt KV has not fully arrived this long after its blocks were reserved fails."""
+    """disagg: a request whose prompt KV makes no progress this long fails: no chunk landed, and its prefill worker did not show it working on the request (queued or computing) within 5 s of being asked."""
     slo_ttft_ms: float = 2000.0
     """TTFT SLO for /metrics: a finished request meets the SLOs when its TTFT and its TPOT are both within them (set both to your targets)."""
     slo_tpot_ms: float = 200.0

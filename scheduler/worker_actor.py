@@ -53,7 +53,8 @@ class WorkerActor:
         if role not in ("prefill", "decode"):
             raise ValueError(f"a worker actor starts in the prefill or the decode pool, not {role!r}")
         prefill = PrefillRole(self.worker)
-        decode = DecodeRole(self.worker, options.max_pending, options.transfer_timeout_s)
+        decode = DecodeRole(self.worker, options.max_pending, options.transfer_timeout_s,
+                            probe=lambda request_id: self.links.progressing(request_id))
         cfg = engine.model_config
         self.links = links = PrefillClient(
             worker_id, host, decode, (engine_config.block_size, cfg.num_kv_heads, cfg.head_dim),
