@@ -7,8 +7,10 @@ import threading
 import time
 
 import pytest
-
 from conftest import assert_no_leak
+from parity_cases import GREEDY, prompts
+from test_disagg_roles import Collector
+
 from engine.config import EngineConfig
 from engine.decode_role import DecodeRole
 from engine.engine import Engine
@@ -17,8 +19,6 @@ from engine.prefill_role import PrefillRole
 from engine.sampling_params import SamplingParams
 from engine.server import WorkerService, start_server
 from engine.worker import EngineWorker
-from parity_cases import GREEDY, prompts
-from test_disagg_roles import Collector
 
 TIMEOUT_S = 0.3
 
