@@ -4,7 +4,9 @@ windowed percentile TTFT and TPOT against the SLOs.
 Pure: `RoleController.decide` takes one window's latency samples and the pools' loads and
 returns a `Decision`; the global scheduler applies it to its view (the worker keeps running
 what it has and gets new work of its new role). Rules, per window:
-- too few samples: hold;
+- too few samples: hold, and carry them into the next window; a decision looks at up to
+  `max_windows` windows so that low rates still reach `min_samples` (a quiet spell neither
+  extends nor breaks a streak; one that outlasts `max_windows` ends it);
 - TTFT misses and TPOT has slack (p-quantile below `slack` x its SLO): the verdict wants a
   prefill worker; TPOT misses and TTFT has slack: a decode worker; both miss, or both meet:
   hold (moving a worker would hurt the phase that also misses);
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 from scheduler.policies import WorkerLoad
 
@@ -29,7 +32,9 @@ class ControllerConfig:
     quantile: float = 0.9
     """Percentile of TTFT and TPOT compared with the SLOs."""
     min_samples: int = 10
-    """Fewer finished requests in a window than this: hold."""
+    """Fewer finished requests than this (over up to max_windows windows): hold."""
+    max_windows: int = 4
+    """Windows a decision may pool when each alone has fewer than min_samples."""
     patience: int = 2
     """Windows in a row with the same verdict before a worker moves."""
     cooldown: int = 2
@@ -59,17 +64,26 @@ def quantile(values: Sequence[float], q: float) -> float:
 
 class RoleController:
     def __init__(self, slo_ttft_s: float, slo_tpot_s: float, config: ControllerConfig = ControllerConfig()):
+        if config.min_samples < 1 or config.max_windows < 1 or config.patience < 1:
+            raise ValueError("min_samples, max_windows and patience must be at least 1")
         self.slo_ttft_s, self.slo_tpot_s, self.config = slo_ttft_s, slo_tpot_s, config
         self._streak: tuple[str, int] = ("", 0)
         self._cooldown = 0
+        self._held: list[tuple[Sequence[float], Sequence[float]]] = []  # recent windows still too few
 
     def decide(self, ttfts: Sequence[float], tpots: Sequence[float], prefill: Sequence[WorkerLoad],
                decode: Sequence[WorkerLoad]) -> Decision:
         c = self.config
         self._cooldown = max(0, self._cooldown - 1)
+        self._held.append((ttfts, tpots))
+        ttfts = list(chain.from_iterable(t for t, _ in self._held))
+        tpots = list(chain.from_iterable(t for _, t in self._held))
         if len(ttfts) < c.min_samples:
-            self._streak = ("", 0)
+            if len(self._held) >= c.max_windows:  # quiet for too long: start over
+                self._held.pop(0)
+                self._streak = ("", 0)
             return Decision("few-samples")
+        self._held = []
         ttft = quantile(ttfts, c.quantile)
         tpot = quantile(tpots, c.quantile) if tpots else 0.0
         ttft_miss, tpot_miss = ttft > self.slo_ttft_s, tpot > self.slo_tpot_s

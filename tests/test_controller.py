@@ -80,3 +80,18 @@ def test_respects_its_bounds_and_picks_the_least_loaded_live_donor():
 
 def test_quantile_matches_linear_interpolation():
     assert quantile([1, 2, 3, 4], 0.5) == 2.5 and quantile([3, 1, 2], 0.9) == 2.8 and quantile([7], 0.9) == 7
+
+
+def test_low_rates_pool_windows_until_enough_samples():
+    pools = [WorkerLoad("p0")], [WorkerLoad("d0"), WorkerLoad("d1")]
+    controller = RoleController(SLO_TTFT, SLO_TPOT, ControllerConfig(min_samples=10, max_windows=4, patience=2))
+    few = ([5.0] * 4, [0.01] * 4)  # 4 finished requests a window, each a TTFT miss with TPOT slack
+    decisions = [controller.decide(*few, *pools) for _ in range(6)]
+    assert [d.verdict for d in decisions] == ["few-samples", "few-samples", "need-prefill"] * 2
+    assert [d.move for d in decisions] == [None] * 5 + [("d0", "prefill")]  # 2 pooled verdicts agreed
+
+    quiet = RoleController(SLO_TTFT, SLO_TPOT, ControllerConfig(min_samples=10, max_windows=3, patience=2))
+    assert quiet.decide([5.0] * 10, [0.01] * 10, *pools).verdict == "need-prefill"  # streak 1
+    for _ in range(3):  # then 1 request a window: never 10 in 3 windows, and the streak ends
+        assert quiet.decide([5.0], [0.01], *pools).verdict == "few-samples"
+    assert quiet.decide([5.0] * 10, [0.01] * 10, *pools).move is None  # streak 1 again, not 2
