@@ -137,6 +137,11 @@ class Profile:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1) + "\n"
 
+    def transfer_s_per_token(self, gbps: float | None = None) -> float:
+        """Seconds one token's KV takes at gbps (default: the measured link); 0 when unknown."""
+        gbps = gbps or self.transfer_gbps
+        return self.kv_bytes_per_token / (gbps * 1e9 / 8) if gbps else 0.0
+
     @classmethod
     def from_dict(cls, d: dict) -> Profile:
         fit = lambda f: Fit(tuple(f["coef"]), f["r2"], f["num_points"])  # noqa: E731

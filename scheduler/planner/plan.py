@@ -132,9 +132,7 @@ class Planner:
         self.slo = SLO(ttft_ms=config.slo_ttft_s * 1000, tpot_ms=config.slo_tpot_s * 1000)
 
     def transfer_s_per_token(self, gbps: float | None) -> float:
-        if not gbps:
-            return 0.0
-        return self.profile.kv_bytes_per_token / (gbps * 1e9 / 8)
+        return self.profile.transfer_s_per_token(gbps) if gbps else 0.0
 
     def attainment(self, kind: str, rate: float, transfer_gbps: float | None = None,
                    prefill_goodput: float = 0.0) -> float:

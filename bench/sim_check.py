@@ -1,0 +1,137 @@
+"""The simulator against the live system: replays what a bench run measured (each request's send
+time, prompt and output tokens) through scheduler/planner's simulator timed by a profile, and
+prints predicted against measured p90 TTFT, p90 TPOT and SLO attainment for every phase.
+
+    python -m bench.sim_check --live bench/results/sim-check.json --profile smollm2-135m-cpu-2core \
+        --colocated 1 --goodput ttft:2000 tpot:200 --out bench/results/sim-check-compare.json
+
+The deployment flags must match the server the run measured (workers, KV blocks, batch limits):
+the simulator runs the engine's own batcher and KV manager with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.metrics import SLO, RequestRecord, summarize
+from scheduler.planner.cli import load_profile
+from scheduler.planner.latency import Profile
+from scheduler.planner.simulator import SimConfig, SimRequest, Simulator
+from scheduler.policies import POLICIES
+
+
+@dataclass(frozen=True)
+class Row:
+    target: str
+    rate: str
+    num_requests: int
+    live_ttft_p90_s: float | None
+    sim_ttft_p90_s: float | None
+    live_tpot_p90_s: float | None
+    sim_tpot_p90_s: float | None
+    live_attainment: float | None
+    sim_attainment: float | None
+
+    @property
+    def ttft_error(self) -> float | None:
+        return _relative(self.sim_ttft_p90_s, self.live_ttft_p90_s)
+
+    @property
+    def tpot_error(self) -> float | None:
+        return _relative(self.sim_tpot_p90_s, self.live_tpot_p90_s)
+
+    @property
+    def attainment_points(self) -> float | None:
+        if self.sim_attainment is None or self.live_attainment is None:
+            return None
+        return 100 * (self.sim_attainment - self.live_attainment)
+
+
+def _relative(predicted: float | None, measured: float | None) -> float | None:
+    return None if predicted is None or not measured else (predicted - measured) / measured
+
+
+def replayed(records: list[RequestRecord]) -> list[SimRequest]:
+    """The phase's requests as the simulator's input: their send times, the prompt tokens the
+    server counted and the tokens it produced (a failed request: one)."""
+    return [SimRequest(r.send_s, max(1, r.prompt_tokens), max(1, r.output_tokens))
+            for r in sorted(records, key=lambda r: r.send_s)]
+
+
+def compare(phases: list[dict], config: SimConfig, profile: Profile, slo: SLO, target: str | None) -> list[Row]:
+    rows = []
+    for phase in phases:
+        if target is not None and phase["target"] != target:
+            continue
+        live = [RequestRecord(**r) for r in phase["records"]]
+        measured = summarize(live, phase["duration_s"], slo)
+        simulated_records = Simulator(profile.latency, config).run(replayed(live))
+        span = max((r.chunk_s[-1] for r in simulated_records if r.chunk_s), default=0.0)
+        predicted = summarize(simulated_records, span - min(r.send_s for r in live), slo)
+        rows.append(Row(phase["target"], phase["rate"], len(live), measured.ttft_s.p90, predicted.ttft_s.p90,
+                        measured.tpot_s.p90, predicted.tpot_s.p90, measured.attainment, predicted.attainment))
+    return rows
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.0f} %"
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{1000 * x:.0f}"
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| target | rate (req/s) | requests | p90 TTFT live / sim (ms) | error | p90 TPOT live / sim (ms) "
+             "| error | attainment live / sim | points |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        att = "-" if r.live_attainment is None else f"{100 * r.live_attainment:.1f} % / {100 * r.sim_attainment:.1f} %"
+        pts = "-" if r.attainment_points is None else f"{r.attainment_points:+.1f}"
+        lines.append(f"| {r.target} | {r.rate} | {r.num_requests} | {_ms(r.live_ttft_p90_s)} / "
+                     f"{_ms(r.sim_ttft_p90_s)} | {_pct(r.ttft_error)} | {_ms(r.live_tpot_p90_s)} / "
+                     f"{_ms(r.sim_tpot_p90_s)} | {_pct(r.tpot_error)} | {att} | {pts} |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.sim_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--live", required=True, help="a `pdserve bench --result-json` file (its records are replayed)")
+    p.add_argument("--profile", required=True, help="profile JSON path or shipped name")
+    p.add_argument("--target", help="only this target's phases (default: all)")
+    p.add_argument("--colocated", type=int, default=0, metavar="N", help="N colocated workers")
+    p.add_argument("--prefill-workers", type=int, default=1)
+    p.add_argument("--decode-workers", type=int, default=1)
+    p.add_argument("--policy", default="jsq", choices=sorted(POLICIES))
+    p.add_argument("--num-kv-blocks", type=int, help="KV blocks per worker (default: what 1 GiB holds)")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--goodput", nargs="+", default=["ttft:2000", "tpot:200"], metavar="KEY:MS")
+    p.add_argument("--out", help="write the rows as JSON here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    profile = load_profile(args.profile)
+    slo_ms = dict(item.split(":", 1) for item in args.goodput)
+    slo = SLO(**{f"{k}_ms": float(v) for k, v in slo_ms.items()})
+    blocks = args.num_kv_blocks or (1 << 30) // (profile.kv_bytes_per_token * profile.block_size)
+    config = SimConfig(num_prefill=args.prefill_workers, num_decode=args.colocated or args.decode_workers,
+                       colocated=bool(args.colocated), policy=args.policy, num_blocks=blocks,
+                       block_size=profile.block_size, max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens,
+                       transfer_s_per_token=profile.transfer_s_per_token())
+    phases = json.loads(Path(args.live).read_text())["phases"]
+    rows = compare(phases, config, profile, slo, args.target)
+    print(table(rows))
+    if args.out:
+        Path(args.out).write_text(json.dumps([dict(asdict(r), ttft_error=r.ttft_error, tpot_error=r.tpot_error,
+                                                   attainment_points=r.attainment_points) for r in rows], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
