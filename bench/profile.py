@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
@@ -172,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small shapes only (tests, a first look)")
     p.add_argument("--transfer-only", action="store_true",
                    help="measure only the KV transfer bandwidth and update it in the --out profile")
+    p.add_argument("--refit", action="store_true",
+                   help="measure nothing: refit the latency model from the samples stored in the --out profile")
     p.add_argument("--large-batch-from", type=int, default=16,
                    help="decode batches this size or larger get their own fit (DistServe's small/large split)")
     return p
@@ -183,6 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, num_threads=args.num_threads)
     if args.transfer_only:
         return _update_transfer(config, args.out, console)
+    if args.refit:
+        if not args.out:
+            console.print("--refit needs --out PROFILE.json (the profile to refit)")
+            return 2
+        old = Profile.load(args.out)
+        result = replace(old, latency=fit_model(old.prefill_samples, old.decode_samples, args.large_batch_from))
+        Path(args.out).write_text(result.to_json())
+        _print_fits(console, result.latency, result.transfer_gbps)
+        return 0
     shape = QUICK if args.quick else FULL
     prefill, decode, engine = profile(config, shape, console)
     runner = engine.runner
@@ -201,16 +213,19 @@ def main(argv: list[str] | None = None) -> int:
                      command="pdserve profile " + shlex.join(argv if argv is not None else sys.argv[1:]),
                      transfer_gbps=transfer_gbps, num_kv_blocks=engine.num_kv_blocks,
                      max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens)
-    lat = result.latency
-    console.print(f"prefill: {lat.prefill.coef} R^2 {lat.prefill.r2:.4f}; decode small: {lat.decode_small.coef} "
-                  f"R^2 {lat.decode_small.r2:.4f}; large: {lat.decode_large.coef} R^2 {lat.decode_large.r2:.4f}; "
-                  f"KV transfer: {transfer_gbps or 0:.1f} Gb/s")
+    _print_fits(console, result.latency, transfer_gbps)
     if args.out:
         with open(args.out, "w") as f:
             f.write(result.to_json())
     else:
         sys.stdout.write(result.to_json())
     return 0
+
+
+def _print_fits(console: Console, lat, transfer_gbps: float | None) -> None:
+    console.print(f"prefill: {lat.prefill.coef} R^2 {lat.prefill.r2:.4f}; decode small: {lat.decode_small.coef} "
+                  f"R^2 {lat.decode_small.r2:.4f}; large: {lat.decode_large.coef} R^2 {lat.decode_large.r2:.4f}; "
+                  f"KV transfer: {transfer_gbps or 0:.1f} Gb/s")
 
 
 def _update_transfer(config: EngineConfig, path: str | None, console: Console) -> int:

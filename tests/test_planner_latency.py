@@ -28,6 +28,18 @@ def test_a_term_that_would_be_negative_is_dropped_and_the_rest_refitted():
     assert fit.r2 > 0.99
 
 
+def test_a_noisy_outlier_is_dropped_but_honest_scatter_is_kept():
+    xs = [(float(c * b), float(b)) for c in (100, 500, 1000) for b in (1, 2, 4, 8)]
+    truth = [0.05 + 2e-5 * x1 for x1, _ in xs]
+    wobble = [t * (1 + 0.03 * ((-1) ** i)) for i, t in enumerate(truth)]  # +-3 %: every point stays
+    assert fit_linear(xs, wobble).num_points == 12
+    hit = list(wobble)
+    hit[9] = 2.5 * truth[9]  # one measurement taken while a neighbour hogged the cores
+    fit = fit_linear(xs, hit)
+    assert fit.num_points == 11 and fit.r2 > 0.95
+    assert fit.coef[:2] == pytest.approx((0.05, 2e-5), rel=0.1)
+
+
 def test_a_fit_needs_three_points():
     with pytest.raises(ValueError, match="at least 3"):
         fit_linear([(1, 1), (2, 4)], [1, 2])
@@ -58,6 +70,8 @@ def test_profile_a_tiny_model(tiny_llama, tmp_path):
     for fit in (profile.latency.prefill, profile.latency.decode_small):
         assert isinstance(fit, Fit) and min(fit.coef) >= 0 and fit.r2 <= 1
     assert Profile.from_dict(json.loads(profile.to_json())) == profile
+    assert main(["--refit", "--out", str(out)]) == 0  # from the stored samples: the same fit
+    assert Profile.load(out) == profile
 
 
 def test_the_planner_imports_no_torch_or_ray():
