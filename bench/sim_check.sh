@@ -5,9 +5,9 @@
 # workload at three Poisson rates, then the same requests replayed through the simulator. Prefix
 # caching is off: the warm-up replays every prompt, so each measured prompt would be cached,
 # and the simulator (given lengths, not tokens) models no cache across requests.
-#   bash bench/sim_check.sh [RATES=0.4,0.8,1.2] [NUM_PROMPTS=32]
+#   bash bench/sim_check.sh [RATES=0.2,0.4,0.6] [NUM_PROMPTS=32]
 set -euo pipefail
-rates=${1:-0.4,0.8,1.2}; n=${2:-32}
+rates=${1:-0.2,0.4,0.6}; n=${2:-32}
 cd "$(dirname "$0")/.."
 bin=.venv/bin
 tokenizer=()

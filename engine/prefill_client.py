@@ -142,6 +142,8 @@ class PrefillClient:
                         _settle(future, error=typed_error(e, "prefill failed"))
                     return
                 self._drop(address)
+                self._active[request_id] = None  # being placed again: not this peer's to vouch for
+                self._seen.pop(request_id, None)
                 failed.append((prefill_id, address))
                 log.warning("prefill worker %s failed for %s (%s)", prefill_id, request_id, _brief(e))
                 try:
