@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                      kv_bytes_per_token=kv_bytes, prefill_samples=tuple(prefill), decode_samples=tuple(decode),
                      latency=fit_model(prefill, decode, args.large_batch_from), hardware=hardware,
                      command="pdserve profile " + shlex.join(argv if argv is not None else sys.argv[1:]),
-                     transfer_gbps=transfer_gbps, num_kv_blocks=engine.num_kv_blocks,
+                     transfer_gbps=transfer_gbps,  # the blocks a server with this config would have:
+                     num_kv_blocks=config.num_kv_blocks or config.kv_cache_bytes // (kv_bytes * config.block_size),
                      max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens)
     _print_fits(console, result.latency, transfer_gbps)
     if args.out:

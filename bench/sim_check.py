@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-workers", type=int, default=1)
     p.add_argument("--decode-workers", type=int, default=1)
     p.add_argument("--policy", default="jsq", choices=sorted(POLICIES))
-    p.add_argument("--num-kv-blocks", type=int, help="KV blocks per worker (default: what 1 GiB holds)")
+    p.add_argument("--num-kv-blocks", type=int, help="KV blocks per worker (default: the profile's, else what 1 GiB holds)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--goodput", nargs="+", default=["ttft:2000", "tpot:200"], metavar="KEY:MS")
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     profile = load_profile(args.profile)
     slo_ms = dict(item.split(":", 1) for item in args.goodput)
     slo = SLO(**{f"{k}_ms": float(v) for k, v in slo_ms.items()})
-    blocks = args.num_kv_blocks or (1 << 30) // (profile.kv_bytes_per_token * profile.block_size)
+    blocks = (args.num_kv_blocks or profile.num_kv_blocks
+              or (1 << 30) // (profile.kv_bytes_per_token * profile.block_size))
     config = SimConfig(num_prefill=args.prefill_workers, num_decode=args.colocated or args.decode_workers,
                        colocated=bool(args.colocated), policy=args.policy, num_blocks=blocks,
                        block_size=profile.block_size, max_num_seqs=args.max_num_seqs,
