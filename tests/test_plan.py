@@ -79,8 +79,10 @@ def test_plan_cli_prints_flags_and_helm_values(tmp_path, capsys):
 
 def test_shipped_profiles_load_and_document_their_source():
     names = sorted(p.stem for p in PROFILES.glob("*.json"))
-    assert names == ["llama-8b-h100-derived", "smollm2-135m-cpu-2core"]
+    assert names == ["llama-8b-h100-derived", "smollm2-135m-cpu-1thread", "smollm2-135m-cpu-2core"]
     gpu = load_profile("llama-8b-h100-derived")
     assert gpu.kv_bytes_per_token == 131072 and gpu.transfer_gbps and {"hardware", "prefill", "decode"} <= gpu.notes.keys()
-    cpu = load_profile("smollm2-135m-cpu-2core")
-    assert cpu.transfer_gbps and cpu.prefill_samples and cpu.latency.prefill.r2 > 0.9
+    for name in ("smollm2-135m-cpu-1thread", "smollm2-135m-cpu-2core"):
+        cpu = load_profile(name)
+        assert cpu.transfer_gbps and cpu.prefill_samples and cpu.latency.prefill.r2 > 0.9
+        assert cpu.latency.decode_small.r2 > 0.9 and cpu.num_kv_blocks > 0 and name in cpu.command
