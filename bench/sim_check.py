@@ -85,8 +85,9 @@ def _ms(x: float | None) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| target | rate (req/s) | requests | p90 TTFT live / sim (ms) | error | p90 TPOT live / sim (ms) "
-             "| error | attainment live / sim | points |", "|---|---|---|---|---|---|---|---|---|"]
+    header = ("| target | rate (req/s) | requests | p90 TTFT live / sim (ms) | error | p90 TPOT live / sim (ms) "
+              "| error | attainment live / sim | points |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         att = "-" if r.live_attainment is None else f"{100 * r.live_attainment:.1f} % / {100 * r.sim_attainment:.1f} %"
         pts = "-" if r.attainment_points is None else f"{r.attainment_points:+.1f}"
