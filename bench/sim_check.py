@@ -16,6 +16,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.config import parse_slo
 from bench.metrics import SLO, RequestRecord, summarize
 from scheduler.planner.cli import load_profile
 from scheduler.planner.latency import Profile
@@ -109,16 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-kv-blocks", type=int, help="KV blocks per worker (default: the profile's, else what 1 GiB holds)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--goodput", nargs="+", default=["ttft:2000", "tpot:200"], metavar="KEY:MS")
+    p.add_argument("--goodput", nargs="+", default=["ttft:2000", "tpot:200"], metavar="KEY:MS",
+                   help="the SLOs, as pdserve bench takes them: ttft:MS tpot:MS e2el:MS")
+    p.set_defaults(slo_ttft_ms=None, slo_tpot_ms=None, slo_e2el_ms=None)  # what parse_slo reads besides
     p.add_argument("--out", help="write the rows as JSON here")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        slo = parse_slo(args)
+    except ValueError as e:
+        print(f"python -m bench.sim_check: {e}")
+        return 2
     profile = load_profile(args.profile)
-    slo_ms = dict(item.split(":", 1) for item in args.goodput)
-    slo = SLO(**{f"{k}_ms": float(v) for k, v in slo_ms.items()})
     blocks = (args.num_kv_blocks or profile.num_kv_blocks
               or (1 << 30) // (profile.kv_bytes_per_token * profile.block_size))
     config = SimConfig(num_prefill=args.prefill_workers, num_decode=args.colocated or args.decode_workers,

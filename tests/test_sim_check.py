@@ -49,3 +49,9 @@ def test_a_server_slower_than_its_profile_shows_as_error(tmp_path):
     config = SimConfig(colocated=True)
     (row,) = sim_check.compare(phases, config, profile(MODEL), sim_check.SLO(ttft_ms=200, tpot_ms=100), None)
     assert row.tpot_error < -0.3 and row.ttft_error < -0.3  # the profile predicts much faster than "measured"
+
+
+def test_a_bad_slo_is_refused_clearly(tmp_path, capsys):
+    path = live_run(tmp_path, MODEL)
+    assert sim_check.main(["--live", str(path), "--profile", "p", "--goodput", "ttft:fast"]) == 2
+    assert "not a number of milliseconds" in capsys.readouterr().out
