@@ -2,8 +2,8 @@
 time, prompt and output tokens) through scheduler/planner's simulator timed by a profile, and
 prints predicted against measured p90 TTFT, p90 TPOT and SLO attainment for every phase.
 
-    python -m bench.sim_check --live bench/results/sim-check.json --profile smollm2-135m-cpu-2core \
-        --colocated 1 --goodput ttft:2000 tpot:200 --out bench/results/sim-check-compare.json
+    python -m bench.sim_check --live bench/results/sim-check-live-colocated.json --profile smollm2-135m-cpu-1thread \
+        --colocated 1 --goodput ttft:2000 tpot:200 --out bench/results/sim-check-colocated.json
 
 The deployment flags must match the server the run measured (workers, KV blocks, batch limits):
 the simulator runs the engine's own batcher and KV manager with them.
