@@ -6,8 +6,15 @@ Each step:
    otherwise, capped by the budget). When blocks run out the newest running request is
    preempted by recompute (blocks freed, re-queued at the head) until the older one fits;
 2. if nothing was preempted, waiting requests are admitted in order while the budget,
-   `max_num_seqs` and the pool allow, reusing cached prefix blocks. A prompt longer than
-   what is left of the budget is chunked; its first token is sampled once it is complete.
+   `max_num_seqs` and the pool allow, reusing cached prefix blocks. How a prompt enters
+   depends on the prefill schedule (TECHNIQUES.md):
+   - `chunked` (Sarathi-Serve): a prompt longer than what is left of the budget is chunked;
+     its first token is sampled once it is complete;
+   - `whole`: a prompt is computed in one step; one longer than the budget runs alone;
+   - `layered`: waiting prompts (up to COHORT_TOKENS) form one cohort that goes through the
+     model one layer group per step, beside every decode, and samples after the last group.
+     The number of groups follows the cohort's size (`num_layer_groups`); one cohort is in
+     flight at a time. The runner keeps the cohort's hidden states between steps.
 """
 
 from __future__ import annotations
@@ -18,6 +25,22 @@ from dataclasses import dataclass, field
 
 from engine.kv.manager import KVCacheManager
 from engine.request import Request, RequestStatus
+
+SCHEDULES = ("whole", "chunked", "layered")
+COHORT_TOKENS = 8192  # the most prompt tokens in one layered cohort
+_GROUPS = ((512, 1), (1024, 2), (2048, 4), (4096, 8))  # cohort tokens -> layer groups; beyond: 16
+
+
+def num_layer_groups(cohort_tokens: int, num_layers: int) -> int:
+    """Layer groups for a cohort of this many new tokens: per-step prefill work stays near
+    512 tokens through all layers (TECHNIQUES.md), at most one group per layer."""
+    groups = next((g for limit, g in _GROUPS if cohort_tokens <= limit), 16)
+    return min(groups, num_layers)
+
+
+def layer_bounds(num_layers: int, num_groups: int, group: int) -> tuple[int, int]:
+    """Layers [start, end) of group `group` out of num_groups contiguous near-equal groups."""
+    return group * num_layers // num_groups, (group + 1) * num_layers // num_groups
 
 
 @dataclass
@@ -36,22 +59,65 @@ class ScheduledSeq:
 
 
 @dataclass
-class StepPlan:
-    seqs: list[ScheduledSeq] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
+class Cohort:
+    """Layered prefill: prompts going through the layers together, one group per step."""
+
+    seqs: list[ScheduledSeq]
+    num_groups: int
+    group: int = 0  # the group the next step runs
 
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.seqs)
 
 
+@dataclass
+class CohortStep:
+    """This step's share of the cohort: its seqs through layers [layer_start, layer_end)."""
+
+    seqs: list[ScheduledSeq]
+    layer_start: int
+    layer_end: int
+    first: bool  # hidden states start from the embeddings
+    last: bool   # after these layers the cohort samples and joins the decodes
+
+
+@dataclass
+class StepPlan:
+    seqs: list[ScheduledSeq] = field(default_factory=list)  # through every layer this step
+    preempted: list[Request] = field(default_factory=list)
+    cohort: CohortStep | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs) + (
+            sum(s.num_new_tokens for s in self.cohort.seqs) if self.cohort else 0)
+
+    @property
+    def done(self) -> list[ScheduledSeq]:
+        """Seqs whose new tokens are computed by the end of this step, in the runner's order."""
+        return self.seqs + (self.cohort.seqs if self.cohort and self.cohort.last else [])
+
+    @property
+    def sampling(self) -> list[ScheduledSeq]:
+        """Seqs that get a token this step, in the order the runner returns them."""
+        return [s for s in self.done if s.samples]
+
+
 class Batcher:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 schedule: str = "chunked", token_budget: int | None = None, num_layers: int = 1):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"prefill schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefill_schedule = schedule
+        self.token_budget = token_budget or max_num_batched_tokens  # chunked: tokens per step
+        self.num_layers = num_layers
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.cohort: Cohort | None = None
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -64,16 +130,18 @@ class Batcher:
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + (len(self.cohort.seqs) if self.cohort else 0)
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
-        budget = self.max_num_batched_tokens
-        now = time.monotonic()
+        layered = self.prefill_schedule == "layered"
+        budget = self.token_budget if self.prefill_schedule == "chunked" else self.max_num_batched_tokens
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and (budget > 0 or layered):
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = request.num_tokens - request.num_computed_tokens
+            if self.prefill_schedule == "chunked":
+                num_new = min(num_new, budget)
             while not self.kv.allocate_slots(request, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -86,29 +154,78 @@ class Batcher:
                 i += 1
         if plan.preempted:
             return plan
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        if layered:
+            plan.cohort = self._cohort_step()
+            return plan
+        prefilled = False
+        while self.waiting and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             cached = self.kv.get_computed_blocks(request)
             num_cached = len(cached) * self.kv.block_size
-            num_new = min(request.num_tokens - num_cached, budget)
+            num_new = request.num_tokens - num_cached
+            if self.prefill_schedule == "chunked":
+                if budget <= 0:
+                    break
+                num_new = min(num_new, budget)
+            elif num_new > budget and prefilled:  # whole: a prompt over the budget runs alone
+                break
             if not self.kv.allocate_slots(request, num_new, cached):
                 break
-            self.waiting.popleft()
-            request.num_computed_tokens = num_cached
-            if request.status is RequestStatus.WAITING:
-                request.num_cached_tokens = num_cached
-            request.status = RequestStatus.RUNNING
-            if request.timeline.first_scheduled_s is None:
-                request.timeline.first_scheduled_s = now
+            self._admit(request, num_cached)
             self.running.append(request)
             plan.seqs.append(ScheduledSeq(request, num_new))
             budget -= num_new
+            prefilled = True
         return plan
+
+    def _admit(self, request: Request, num_cached: int) -> None:
+        self.waiting.popleft()
+        request.num_computed_tokens = num_cached
+        if request.status is RequestStatus.WAITING:
+            request.num_cached_tokens = num_cached
+        request.status = RequestStatus.RUNNING
+        if request.timeline.first_scheduled_s is None:
+            request.timeline.first_scheduled_s = time.monotonic()
+
+    def _cohort_step(self) -> CohortStep | None:
+        """Layered: the in-flight cohort's next layer group, or a new cohort from the waiting
+        queue (whole prompts, up to COHORT_TOKENS; a longer one alone)."""
+        if self.cohort is None:
+            seqs: list[ScheduledSeq] = []
+            tokens = 0
+            while self.waiting and len(self.running) + len(seqs) < self.max_num_seqs:
+                request = self.waiting[0]
+                cached = self.kv.get_computed_blocks(request)
+                num_cached = len(cached) * self.kv.block_size
+                num_new = request.num_tokens - num_cached
+                if seqs and tokens + num_new > COHORT_TOKENS:
+                    break
+                if not self.kv.allocate_slots(request, num_new, cached):
+                    break
+                self._admit(request, num_cached)
+                seqs.append(ScheduledSeq(request, num_new))
+                tokens += num_new
+            if not seqs:
+                return None
+            self.cohort = Cohort(seqs, num_layer_groups(tokens, self.num_layers))
+        cohort = self.cohort
+        start, end = layer_bounds(self.num_layers, cohort.num_groups, cohort.group)
+        cohort.group += 1
+        last = cohort.group == cohort.num_groups
+        step = CohortStep(list(cohort.seqs), start, end, start == 0, last)
+        if last:
+            self.running.extend(s.request for s in cohort.seqs)
+            self.cohort = None
+        return step
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """Ends a request in any state and frees its blocks."""
         assert status.finished
-        if request.status is RequestStatus.RUNNING:
+        if self.cohort is not None and any(s.request is request for s in self.cohort.seqs):
+            self.cohort.seqs = [s for s in self.cohort.seqs if s.request is not request]
+            if not self.cohort.seqs:
+                self.cohort = None
+        elif request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(request)

@@ -35,7 +35,11 @@ class EngineConfig:
     max_num_seqs: int = 64
     """Most requests in one batch (running at once)."""
     max_num_batched_tokens: int = 2048
-    """Token budget of one engine step (prefill tokens plus one per decode)."""
+    """Token budget of one engine step (prefill tokens plus one per decode); a whole prompt longer than this runs alone."""
+    prefill_schedule: str = "chunked"
+    """How prompts share steps with decodes: chunked (a prompt split to fit --token-budget, beside every decode), whole (a prompt in one step), layered (waiting prompts go through the model as one cohort, one layer group per step, beside every decode)."""
+    token_budget: int | None = None
+    """Chunked prefill: tokens per step, decodes plus one prompt chunk (Sarathi-Serve: 512 for a strict TPOT, 2048 relaxed); default --max-num-batched-tokens."""
     block_size: int = 16
     """Tokens per KV-cache block."""
     num_kv_blocks: int | None = None
@@ -60,6 +64,10 @@ class EngineConfig:
             raise ValueError("block_size must be a positive multiple of 8")
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.prefill_schedule not in ("whole", "chunked", "layered"):
+            raise ValueError(f"prefill_schedule must be whole, chunked or layered, not {self.prefill_schedule!r}")
+        if self.token_budget is not None and self.token_budget <= 0:
+            raise ValueError("token_budget must be positive")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError("num_kv_blocks must be positive")
         if self.attention_backend not in ("auto", "torch", "flash"):

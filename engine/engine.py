@@ -65,7 +65,8 @@ class Engine:
                              f"than max_model_len={self.max_model_len}: raise --kv-cache-memory or "
                              f"--num-kv-blocks, or lower --max-model-len")
         self.kv = KVCacheManager(info.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        self.batcher = Batcher(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.batcher = Batcher(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_schedule,
+                               config.token_budget, self.model_config.num_layers)
         self.requests: dict[str, list[Request]] = {}
         self.exporter: LayerExporter | None = None  # set on a prefill engine: ships prompt KV
         self._ready: list[StepOutput] = []  # first tokens of admitted prefilled requests
@@ -202,18 +203,18 @@ class Engine:
             return outputs
         outputs: list[StepOutput] = []
         plan = self.batcher.schedule()
-        if not plan.seqs:
+        if not plan.seqs and plan.cohort is None:
             return outputs
-        sampling = [s.request for s in plan.seqs if s.samples]
+        sampling = [s.request for s in plan.sampling]
         now = time.monotonic()
-        for seq in plan.seqs:
+        for seq in plan.seqs + (plan.cohort.seqs if plan.cohort else []):
             if seq.request.timeline.prefill_start_s is None:
                 seq.request.timeline.prefill_start_s = now
         exporter = self.exporter
         if exporter is not None:
             exporter.plan(plan)
         result = self.runner.execute(plan, exporter.layer_done if exporter and exporter.runs else None)
-        for seq in plan.seqs:
+        for seq in plan.done:
             seq.request.num_computed_tokens += seq.num_new_tokens
         if exporter is not None:
             exporter.finish(plan)
@@ -243,7 +244,8 @@ class Engine:
             self.requests.pop(request.parent_id, None)
 
     def stats(self) -> EngineStats:
+        cohort = [s.request for s in self.batcher.cohort.seqs] if self.batcher.cohort else []
         pending = sum(max(0, r.num_prompt_tokens - r.num_computed_tokens)
-                      for r in (*self.batcher.waiting, *self.batcher.running))
+                      for r in (*self.batcher.waiting, *self.batcher.running, *cohort))
         return EngineStats(len(self.batcher.running), len(self.batcher.waiting), self.kv.num_used_blocks,
                            self.num_kv_blocks, self.kv.stats.queries_tokens, self.kv.stats.hit_tokens, pending)

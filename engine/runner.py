@@ -14,7 +14,7 @@ import torch
 
 from engine.attention import BatchLayout, select_backend
 from engine.attention.base import slots_for
-from engine.batcher import StepPlan
+from engine.batcher import ScheduledSeq, StepPlan
 from engine.config import EngineConfig
 from engine.kv.cache import KVCache
 from engine.models.config import ModelConfig
@@ -71,15 +71,16 @@ class ModelRunner:
         self.backend = select_backend(config.attention_backend, self.device, config.block_size)
         self.sampler = Sampler(self.device, config.seed)
         self.info = RunnerInfo(model_cfg, max_len, num_blocks)
+        self._cohort_hidden: dict[str, torch.Tensor] = {}  # layered prefill: per request, between steps
 
-    def _layout(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, BatchLayout]:
+    def _layout(self, seqs: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, BatchLayout]:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         query_start = [0]
         seq_lens, block_ids = [], []
-        for seq in plan.seqs:
+        for seq in seqs:
             r = seq.request
             start, end = seq.start, seq.start + seq.num_new_tokens
             input_ids.extend(r.all_token_ids[start:end])
@@ -96,22 +97,61 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, layer_done: Callable[[int], None] | None = None) -> SampleResult | None:
-        """Runs one step; returns tokens for the sequences that sample, in plan order.
+        """Runs one step; returns tokens for the sequences that sample, in `plan.sampling` order.
         layer_done(i) is called as soon as layer i has written its KV (layer-wise transfer)."""
-        input_ids, positions, layout = self._layout(plan)
-        cos, sin = self.model.rotary.tables(positions, self.dtype)
-        ctx = ForwardContext(positions, cos, sin, self.kv_cache, self.backend,
-                             self.backend.prepare(layout, self.device))
-        hidden = self.model.embed(input_ids)
-        if layer_done is None:
-            hidden = self.model.run_layers(hidden, ctx)
+        if plan.cohort is not None:
+            hidden, layout = self._layered(plan, layer_done)
         else:
-            for i in range(self.model.num_layers):
-                hidden = self.model.run_layers(hidden, ctx, i, i + 1)
-                layer_done(i)
-        rows = [i for i, s in enumerate(plan.seqs) if s.samples]
+            input_ids, positions, layout = self._layout(plan.seqs)
+            ctx = self._context(positions, layout)
+            hidden = self.model.embed(input_ids)
+            if layer_done is None:
+                hidden = self.model.run_layers(hidden, ctx)
+            else:
+                for i in range(self.model.num_layers):
+                    hidden = self.model.run_layers(hidden, ctx, i, i + 1)
+                    layer_done(i)
+        rows = [i for i, s in enumerate(plan.done) if s.samples]
         if not rows:
             return None
         last = torch.tensor([layout.query_start[i + 1] - 1 for i in rows], device=self.device)
         logits = self.model.compute_logits(self.model.final_norm(hidden.index_select(0, last)))
-        return self.sampler.sample(logits, [plan.seqs[i].request for i in rows])
+        return self.sampler.sample(logits, [plan.done[i].request for i in rows])
+
+    def _context(self, positions: torch.Tensor, layout: BatchLayout) -> ForwardContext:
+        cos, sin = self.model.rotary.tables(positions, self.dtype)
+        return ForwardContext(positions, cos, sin, self.kv_cache, self.backend, self.backend.prepare(layout, self.device))
+
+    def _layered(self, plan: StepPlan, layer_done: Callable[[int], None] | None
+                 ) -> tuple[torch.Tensor, BatchLayout]:
+        """Every decode through all layers; the cohort through its group, packed with the decodes
+        there so the group's weights are read once (layer_done after each of the group's layers).
+        Returns the hidden states of `plan.done` (the cohort's only on its last group) and their
+        layout."""
+        cohort = plan.cohort
+        assert cohort is not None
+        ids_all, pos_all, layout_all = self._layout(plan.seqs + cohort.seqs)
+        num_d = layout_all.query_start[len(plan.seqs)]
+        if cohort.first:
+            hidden_c = self.model.embed(ids_all[num_d:])
+        else:  # requests aborted since the last group are gone from the plan; drop their rows
+            hidden_c = torch.cat([self._cohort_hidden[s.request.request_id] for s in cohort.seqs])
+        hidden_d = self.model.embed(ids_all[:num_d])
+        if plan.seqs:
+            _, pos_d, layout_d = self._layout(plan.seqs)
+            ctx_d = self._context(pos_d, layout_d)
+            hidden_d = self.model.run_layers(hidden_d, ctx_d, 0, cohort.layer_start)
+        hidden, ctx_all = torch.cat([hidden_d, hidden_c]), self._context(pos_all, layout_all)
+        for i in range(cohort.layer_start, cohort.layer_end):
+            hidden = self.model.run_layers(hidden, ctx_all, i, i + 1)
+            if layer_done is not None:
+                layer_done(i)
+        hidden_d, hidden_c = hidden[:num_d], hidden[num_d:]
+        if plan.seqs:
+            hidden_d = self.model.run_layers(hidden_d, ctx_d, cohort.layer_end)
+        self._cohort_hidden = {}
+        if not cohort.last:
+            sizes = [s.num_new_tokens for s in cohort.seqs]
+            self._cohort_hidden = {s.request.request_id: h for s, h in zip(cohort.seqs, hidden_c.split(sizes))}
+            return hidden_d, layout_all
+        return torch.cat([hidden_d, hidden_c]), layout_all

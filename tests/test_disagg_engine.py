@@ -31,8 +31,11 @@ def run_1p1d(prefill, decode, prompt_list, params):
     return [out[str(i)] for i in range(len(prompt_list))]
 
 
-@pytest.mark.parametrize("prefill_setting", [dict(), dict(max_num_batched_tokens=24), dict(block_size=8)])
-def test_1p1d_equals_colocated_and_hf(prefill_setting, tiny_llama, references, make_engine):
+@pytest.mark.parametrize("prefill_setting", [dict(), dict(max_num_batched_tokens=24), dict(block_size=8),
+                                             dict(prefill_schedule="whole"), dict(prefill_schedule="layered")])
+def test_1p1d_equals_colocated_and_hf(prefill_setting, tiny_llama, references, make_engine, monkeypatch):
+    from engine import batcher
+    monkeypatch.setattr(batcher, "_GROUPS", ((16, 1), (64, 2), (128, 3)))  # a layered cohort in 3 groups
     block_size = prefill_setting.get("block_size", 16)
     prefill = make_engine(model=str(tiny_llama), **prefill_setting)
     decode = make_engine(model=str(tiny_llama), block_size=block_size)

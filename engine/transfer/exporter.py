@@ -2,7 +2,8 @@
 
 Before a step, `plan` lists for each prefilling request the run of block indices this step
 writes: from the first block not yet sent complete to the block holding the step's last
-token. The runner calls `layer_done(i)` after layer i; each request's run is exported from
+token (a layered cohort's whole prompt, for the layers of its group). The runner calls
+`layer_done(i)` after layer i; each request's run is exported from
 the cache for that layer and given to the sink. After the step, blocks that are now full
 count as sent; a partially filled last block goes again with the next chunk. Blocks the
 receiver holds already (`KVSink.blocks_held`: its cached prefix) are never sent, and a
@@ -37,7 +38,7 @@ class LayerExporter:
         bs = self.cache.block_size
         self.runs = []
         self.layer_times_s = []
-        for seq in plan.seqs:
+        for seq in plan.seqs + (plan.cohort.seqs if plan.cohort else []):
             r = seq.request
             end = seq.start + seq.num_new_tokens
             held = self.sink.blocks_held(r.request_id)
@@ -57,5 +58,5 @@ class LayerExporter:
 
     def finish(self, plan: StepPlan) -> None:
         bs = self.cache.block_size
-        for seq in plan.seqs:
+        for seq in plan.done:
             seq.request.num_sent_blocks = min(seq.request.num_computed_tokens, seq.request.num_prompt_tokens) // bs
