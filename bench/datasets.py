@@ -11,6 +11,8 @@
   workload changes under them.
 - `file`: JSONL lines `{"prompt": ..., "max_tokens": ...}` (`output_len` also accepted),
   or ShareGPT-format JSON (first human turn is the prompt, the reply's length the output).
+  JSONL rows that all carry `"at_s"` (seconds from the phase's start) are a trace: replayed
+  once, in order, each at its time, whatever `--num-prompts` and the rate say.
 
 Prompt text is real text from `bench.corpus`; every request is clipped so that prompt
 plus output fits the server's context.
@@ -32,6 +34,7 @@ class BenchRequest:
     prompt: str
     max_tokens: int
     prompt_tokens: int  # counted with the tokenizer when given, else estimated
+    at_s: float | None = None  # a trace's send time (seconds from the phase's start)
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,7 @@ def _from_file(path: Path, spec: DatasetSpec, counter: TokenCounter, rng: random
                max_model_len: int | None) -> list[BenchRequest]:
     text = path.read_text()
     pairs: list[tuple[str, int]] = []
+    times: list[float | None] = []
     if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
         for line_no, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -154,6 +158,7 @@ def _from_file(path: Path, spec: DatasetSpec, counter: TokenCounter, rng: random
             if "prompt" not in row:
                 raise ValueError(f"{path}:{line_no}: a JSONL row needs a 'prompt'")
             pairs.append((row["prompt"], int(row.get("max_tokens") or row.get("output_len") or 128)))
+            times.append(float(row["at_s"]) if "at_s" in row else None)
     else:  # ShareGPT: [{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}]
         for entry in json.loads(text):
             turns = entry.get("conversations") or []
@@ -161,14 +166,19 @@ def _from_file(path: Path, spec: DatasetSpec, counter: TokenCounter, rng: random
                 pairs.append((turns[0]["value"], counter.count(turns[1]["value"])))
     if not pairs:
         raise ValueError(f"{path} holds no usable prompts")
-    rng.shuffle(pairs)
+    trace = bool(times) and all(t is not None for t in times)
+    if any(t is not None for t in times) and not trace:
+        raise ValueError(f"{path}: give 'at_s' on every row (a trace, replayed in order) or on none")
+    if not trace:
+        rng.shuffle(pairs)
+        times = [None] * spec.num_prompts
+        pairs = [pairs[i % len(pairs)] for i in range(spec.num_prompts)]  # repeats when the file is shorter
     out = []
-    for i in range(spec.num_prompts):
-        prompt, max_tokens = pairs[i % len(pairs)]  # repeats when the file is shorter
+    for (prompt, max_tokens), at_s in zip(pairs, times):
         n = counter.count(prompt)
         if max_model_len is not None and n + max_tokens > max_model_len:
             max_tokens = max_model_len - n
             if max_tokens < 1:
                 continue  # too long for this server: skipped, as vLLM's benchmark does
-        out.append(BenchRequest(prompt, max(1, max_tokens), n))
+        out.append(BenchRequest(prompt, max(1, max_tokens), n, at_s))
     return out

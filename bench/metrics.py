@@ -88,12 +88,14 @@ class Summary:
     median: float | None
     p90: float | None
     p99: float | None
+    max: float | None = None
 
     @classmethod
     def of(cls, values: list[float]) -> "Summary":
         if not values:
             return cls(None, None, None, None)
-        return cls(sum(values) / len(values), percentile(values, 50), percentile(values, 90), percentile(values, 99))
+        return cls(sum(values) / len(values), percentile(values, 50), percentile(values, 90), percentile(values, 99),
+                   max(values))
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,8 @@ def _rows(r: PhaseResult) -> list[tuple[str, str]]:
             ("total token throughput (tok/s)",
              f"{(prompt_tokens / rep.duration_s if rep.duration_s else 0) + rep.output_token_throughput:.1f}")]
     rows += _summary_rows("TTFT", rep.ttft_s) + _summary_rows("TPOT", rep.tpot_s)
-    rows += _summary_rows("ITL (pooled)", rep.itl_s) + _summary_rows("E2EL", rep.e2el_s)
+    rows += _summary_rows("ITL (pooled)", rep.itl_s) + [("ITL (pooled) max (ms)", _ms(rep.itl_s.max))]
+    rows += _summary_rows("E2EL", rep.e2el_s)
     rows += [("SLO attainment", "-" if rep.attainment is None else f"{rep.attainment:.1%}"),
              ("goodput, SLO-met req/s", "-" if rep.goodput_rps is None else f"{rep.goodput_rps:.3f}")]
     return rows

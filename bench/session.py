@@ -111,7 +111,7 @@ class Session:
                      warmup: bool = False) -> PhaseResult:
         cfg = self.config
         phase = Phase(target.name, target.url, cfg.endpoint, cfg.model or target.model, rate, requests,
-                      arrival_times(len(requests), rate, cfg.burstiness, cfg.dataset.seed),
+                      _send_times(requests, rate, cfg.burstiness, cfg.dataset.seed),
                       max_concurrency=cfg.max_concurrency or (4 if warmup else None),
                       timeout_s=cfg.request_timeout_s, duration_s=None if warmup else cfg.duration_s,
                       ignore_eos=cfg.ignore_eos, api_key=cfg.api_key)
@@ -139,3 +139,10 @@ class Session:
         if self.current is None or self.current.start_s is None:
             return list(self.results)
         return [*self.results, PhaseResult.of(self.current, self.config.slo, interrupted=True)]
+
+
+def _send_times(requests: list[BenchRequest], rate: float, burstiness: float, seed: int) -> list[float]:
+    """A trace's own times (`at_s` on every request), else arrivals at the rate."""
+    if requests and all(r.at_s is not None for r in requests):
+        return [r.at_s for r in requests]  # type: ignore[misc]
+    return arrival_times(len(requests), rate, burstiness, seed)

@@ -84,6 +84,23 @@ def test_files_jsonl_and_sharegpt(tmp_path, counter):
         build_requests(DatasetSpec("file", 1, path=str(tmp_path / "bad.jsonl")), counter, None)
 
 
+def test_a_jsonl_trace_replays_in_order_at_its_times(tmp_path, counter):
+    from bench.session import _send_times
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"prompt": "a", "max_tokens": 4, "at_s": 0}\n{"prompt": "b c", "max_tokens": 2, "at_s": 0}\n'
+                     '{"prompt": "long one", "max_tokens": 1, "at_s": 6.5}\n')
+    reqs = build_requests(DatasetSpec("file", 100, path=str(trace)), counter, None)
+    assert [(r.prompt, r.max_tokens, r.at_s) for r in reqs] == [("a", 4, 0.0), ("b c", 2, 0.0), ("long one", 1, 6.5)]
+    assert _send_times(reqs, 0.1, 1.0, 0) == [0.0, 0.0, 6.5]  # the trace's times, not the rate's
+    plain = tmp_path / "p.jsonl"
+    plain.write_text('{"prompt": "a"}\n')
+    reqs = build_requests(DatasetSpec("file", 3, path=str(plain)), counter, None)
+    assert [r.at_s for r in reqs] == [None] * 3 and _send_times(reqs, float("inf"), 1.0, 0) == [0.0] * 3
+    trace.write_text('{"prompt": "a", "at_s": 0}\n{"prompt": "b"}\n')
+    with pytest.raises(ValueError, match="'at_s' on every row"):
+        build_requests(DatasetSpec("file", 2, path=str(trace)), counter, None)
+
+
 def parse(*argv):
     return from_args(build_parser().parse_args(list(argv)))
 
