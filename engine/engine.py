@@ -49,6 +49,8 @@ class EngineStats:
     prefix_cache_queries_tokens: int
     prefix_cache_hit_tokens: int
     num_pending_prefill_tokens: int = 0  # prompt tokens admitted or queued but not yet computed
+    weight_bytes_dense: int = 0   # since start: weights the steps read, experts apart
+    weight_bytes_expert: int = 0  # since start: each expert counted once per layer run that routed to it
 
 
 class Engine:
@@ -247,5 +249,7 @@ class Engine:
         cohort = [s.request for s in self.batcher.cohort.seqs] if self.batcher.cohort else []
         pending = sum(max(0, r.num_prompt_tokens - r.num_computed_tokens)
                       for r in (*self.batcher.waiting, *self.batcher.running, *cohort))
+        reads = self.runner.weight_reads
         return EngineStats(len(self.batcher.running), len(self.batcher.waiting), self.kv.num_used_blocks,
-                           self.num_kv_blocks, self.kv.stats.queries_tokens, self.kv.stats.hit_tokens, pending)
+                           self.num_kv_blocks, self.kv.stats.queries_tokens, self.kv.stats.hit_tokens, pending,
+                           reads.dense_bytes, reads.expert_bytes)

@@ -21,6 +21,7 @@ from engine.models.config import ModelConfig
 from engine.models.llama import ForwardContext
 from engine.models import packed_gemm
 from engine.models.loader import load_model, open_weights
+from engine.models.moe import WeightReads
 from engine.sampler import SampleResult, Sampler
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,6 +73,7 @@ class ModelRunner:
         self.sampler = Sampler(self.device, config.seed)
         self.info = RunnerInfo(model_cfg, max_len, num_blocks)
         self._cohort_hidden: dict[str, torch.Tensor] = {}  # layered prefill: per request, between steps
+        self.weight_reads = WeightReads()  # since start: dense and expert weight bytes the steps read
 
     def _layout(self, seqs: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, BatchLayout]:
         bs = self.block_size
@@ -120,7 +122,8 @@ class ModelRunner:
 
     def _context(self, positions: torch.Tensor, layout: BatchLayout) -> ForwardContext:
         cos, sin = self.model.rotary.tables(positions, self.dtype)
-        return ForwardContext(positions, cos, sin, self.kv_cache, self.backend, self.backend.prepare(layout, self.device))
+        return ForwardContext(positions, cos, sin, self.kv_cache, self.backend, self.backend.prepare(layout, self.device),
+                              self.weight_reads)
 
     def _layered(self, plan: StepPlan, layer_done: Callable[[int], None] | None
                  ) -> tuple[torch.Tensor, BatchLayout]:

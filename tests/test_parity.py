@@ -7,7 +7,7 @@ from engine.sampling_params import SamplingParams
 from parity_cases import GREEDY, PROMPT_LENS, prompts
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2", "llama3", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2", "llama3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe"])
 def test_greedy_matches_hf(arch, tiny_dirs, references, make_engine):
     engine = make_engine(model=str(tiny_dirs[arch]))
     out = run_to_end(engine, prompts(), GREEDY)

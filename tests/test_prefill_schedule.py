@@ -120,3 +120,30 @@ def test_whole_and_chunked_plans():
     assert steps == [[("a", 1500)], [("a", 1), ("b", 100)], [("a", 1), ("b", 1), ("c", 2000)]]
     with pytest.raises(ValueError, match="prefill schedule"):
         _batcher("sliced")
+
+
+@pytest.mark.parametrize("schedule", ["whole", "chunked", "layered"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_moe_schedules_match_hf(arch, schedule, tiny_dirs, references, make_engine, monkeypatch):
+    monkeypatch.setattr(batcher_mod, "_GROUPS", SMALL_GROUPS)
+    engine = make_engine(model=str(tiny_dirs[arch]), prefill_schedule=schedule, token_budget=24)
+    out = staggered(engine, prompts(), GREEDY)
+    assert [out[str(i)] for i in range(len(PROMPT_LENS))] == references(arch)
+    assert engine.kv.num_used_blocks == 0
+
+
+def test_layered_reads_each_expert_once_per_cohort_where_chunks_reread_them(tiny_dirs, make_engine, monkeypatch):
+    monkeypatch.setattr(batcher_mod, "_GROUPS", SMALL_GROUPS)
+    from engine.sampling_params import SamplingParams
+    prompt = prompts()[-1]  # 200 tokens: 3 groups layered, 9 chunks of 24
+    reads = {}
+    for schedule in ("chunked", "layered"):
+        engine = make_engine(model=str(tiny_dirs["mixtral"]), prefill_schedule=schedule, token_budget=24)
+        run_to_end(engine, [prompt], SamplingParams(temperature=0, max_tokens=1))
+        stats = engine.stats()
+        reads[schedule] = (stats.weight_bytes_dense, stats.weight_bytes_expert)
+    layers = 3
+    expert = engine.runner.model.layers[0].moe.expert_bytes
+    assert reads["layered"][1] % expert == 0 and reads["layered"][1] <= layers * 8 * expert  # each expert once
+    assert reads["chunked"][1] > 4 * reads["layered"][1], reads  # each of 9 chunks reads most experts again
+    assert reads["chunked"][0] == 9 * reads["layered"][0]  # and every dense weight 9 times

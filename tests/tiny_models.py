@@ -57,6 +57,17 @@ def build_model(out: Path, arch: str = "llama", seed: int = 0, **overrides) -> P
     elif arch == "mistral":
         cfg = transformers.MistralConfig(sliding_window=None, **common)
         cls = transformers.MistralForCausalLM
+    elif arch == "mixtral":  # 8 experts, top 2, renormalised
+        cfg = transformers.MixtralConfig(num_local_experts=8, num_experts_per_tok=2, sliding_window=None, **common)
+        cls = transformers.MixtralForCausalLM
+    elif arch == "qwen2_moe":  # qkv bias, shared expert with its sigmoid gate, top-4 not renormalised
+        cfg = transformers.Qwen2MoeConfig(num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
+                                          shared_expert_intermediate_size=48, norm_topk_prob=False, **common)
+        cls = transformers.Qwen2MoeForCausalLM
+    elif arch == "qwen3_moe":  # q/k norm, top-2 renormalised, layer 1 dense (mlp_only_layers)
+        cfg = transformers.Qwen3MoeConfig(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                          norm_topk_prob=True, mlp_only_layers=[1], head_dim=32, **common)
+        cls = transformers.Qwen3MoeForCausalLM
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)

@@ -11,6 +11,9 @@ ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 
 
@@ -34,6 +37,16 @@ class ModelConfig:
     sliding_window: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    # mixture of experts (num_experts 0: dense)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0
+    dense_layers: tuple[int, ...] = ()  # layers with a dense MLP in an MoE model
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_layers
 
     @property
     def rope_scaling_dict(self) -> dict:
@@ -57,7 +70,11 @@ class ModelConfig:
         if gen.exists():
             eos = json.loads(gen.read_text()).get("eos_token_id", eos)
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        window = raw.get("sliding_window") if raw.get("use_sliding_window", arch == "mistral") else None
+        window = raw.get("sliding_window") if raw.get("use_sliding_window", arch in ("mistral", "mixtral")) else None
+        experts = raw.get("num_local_experts") or raw.get("num_experts") or 0
+        step = raw.get("decoder_sparse_step") or 1
+        dense_layers = tuple(i for i in range(raw["num_hidden_layers"])
+                             if i in (raw.get("mlp_only_layers") or []) or (i + 1) % step)
         return cls(
             architecture=arch,
             vocab_size=raw["vocab_size"],
@@ -71,10 +88,17 @@ class ModelConfig:
             rope_theta=float(theta),
             max_position_embeddings=raw.get("max_position_embeddings", 4096),
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
-            attention_bias=raw.get("attention_bias", arch == "qwen2"),
-            qk_norm=arch == "qwen3",
+            attention_bias=next((raw[k] for k in ("attention_bias", "qkv_bias") if raw.get(k) is not None),
+                                arch in ("qwen2", "qwen2_moe")),
+            qk_norm=arch in ("qwen3", "qwen3_moe"),
             rope_scaling=scaling,
             sliding_window=window,
             eos_token_ids=eos_ids,
             bos_token_id=raw.get("bos_token_id"),
+            num_experts=experts,
+            num_experts_per_tok=raw.get("num_experts_per_tok") or 0,
+            moe_intermediate_size=raw.get("moe_intermediate_size") or (raw["intermediate_size"] if experts else 0),
+            norm_topk_prob=arch == "mixtral" or bool(raw.get("norm_topk_prob")),
+            shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size") or 0,
+            dense_layers=dense_layers if experts else (),
         )

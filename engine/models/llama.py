@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) over a paged KV cache.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, and with engine/models/moe.py
+Mixtral, Qwen2-MoE, Qwen3-MoE) over a paged KV cache.
 
 The forward is split so a caller can run any contiguous range of layers on part of a
 batch and carry (hidden, residual) between steps: `embed` -> `run_layers` -> `final_norm`
@@ -18,6 +19,7 @@ from torch import nn
 from engine.attention.base import AttentionBackend
 from engine.kv.cache import KVCache
 from engine.models.config import ModelConfig
+from engine.models.moe import SparseMoE, WeightReads
 from engine.models.packed_gemm import PackedWeight
 
 
@@ -31,6 +33,7 @@ class ForwardContext:
     kv_cache: KVCache
     backend: AttentionBackend
     attn_meta: Any
+    reads: WeightReads | None = None  # counts the weight bytes each layer reads
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -114,10 +117,14 @@ class DecoderLayer(nn.Module):
         self.o_proj = Dense(q_size, cfg.hidden_size)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.gate_up_proj = Dense(cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size)
+        self.moe = SparseMoE(cfg, Dense) if cfg.is_moe_layer(layer_idx) else None
+        if self.moe is None:
+            self.gate_up_proj = Dense(cfg.hidden_size, 2 * cfg.intermediate_size)
+            self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        expert_params = set(self.moe.experts.parameters()) if self.moe is not None else set()
+        self.dense_bytes = sum(p.numel() * p.element_size() for p in self.parameters() if p not in expert_params)
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         n = h.shape[0]
@@ -131,7 +138,12 @@ class DecoderLayer(nn.Module):
         k_cache, v_cache = ctx.kv_cache.layer(self.layer_idx)
         attn = ctx.backend.forward(q, k, v.contiguous(), k_cache, v_cache, ctx.attn_meta)
         h = h + self.o_proj(attn.reshape(n, -1))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(h)).chunk(2, dim=-1)
+        if ctx.reads is not None:
+            ctx.reads.dense_bytes += self.dense_bytes
+        x = self.post_attention_layernorm(h)
+        if self.moe is not None:
+            return h + self.moe(x, ctx.reads)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return h + self.down_proj(F.silu(gate) * up)
 
 

@@ -57,10 +57,11 @@ def _assign(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]], dtyp
     pending: dict[str, dict[int, torch.Tensor]] = {}
     loaded: set[str] = set()
     for name, tensor in tensors:
-        name = name.removeprefix("model.")
+        name = _moe_name(name.removeprefix("model."))
         if "rotary_emb" in name:
             continue
-        match = re.match(r"(layers\.\d+\.(?:self_attn|mlp)\.)(\w+)\.(weight|bias)$", name)
+        match = re.match(r"(layers\.\d+\.(?:self_attn|mlp|moe)\.(?:(?:experts\.\d+|shared_expert)\.)?)(\w+)\.(weight|bias)$",
+                         name)
         if match and match.group(2) in _FUSED:
             fused, part = _FUSED[match.group(2)]
             key = f"{match.group(1)}{fused}.{match.group(3)}"
@@ -83,6 +84,20 @@ def _assign(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]], dtyp
     missing = set(params) - loaded
     if pending or missing:
         raise ValueError(f"incomplete weights: missing {sorted(missing)[:5]} pending {sorted(pending)[:5]}")
+
+
+def _moe_name(name: str) -> str:
+    """Mixtral's and Qwen-MoE's expert weights under the model's names: layers.N.moe.gate,
+    layers.N.moe.experts.E.{gate,up,down}_proj, layers.N.moe.shared_expert(_gate)."""
+    name = name.replace(".block_sparse_moe.", ".mlp.")
+    match = re.match(r"(layers\.\d+)\.mlp\.(gate|experts|shared_expert|shared_expert_gate)\.(.*)$", name)
+    if not match:
+        return name
+    rest = re.sub(r"^(\d+)\.w([123])\.", lambda m: f"{m.group(1)}.{_MIXTRAL[m.group(2)]}.", match.group(3))
+    return f"{match.group(1)}.moe.{match.group(2)}.{rest}"
+
+
+_MIXTRAL = {"1": "gate_proj", "2": "down_proj", "3": "up_proj"}
 
 
 def _safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
