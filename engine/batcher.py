@@ -23,10 +23,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from engine.config import PREFILL_SCHEDULES
 from engine.kv.manager import KVCacheManager
 from engine.request import Request, RequestStatus
 
-SCHEDULES = ("whole", "chunked", "layered")
 COHORT_TOKENS = 8192  # the most prompt tokens in one layered cohort
 _GROUPS = ((512, 1), (1024, 2), (2048, 4), (4096, 8))  # cohort tokens -> layer groups; beyond: 16
 
@@ -66,10 +66,6 @@ class Cohort:
     num_groups: int
     group: int = 0  # the group the next step runs
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.seqs)
-
 
 @dataclass
 class CohortStep:
@@ -89,9 +85,13 @@ class StepPlan:
     cohort: CohortStep | None = None
 
     @property
+    def scheduled(self) -> list[ScheduledSeq]:
+        """Every seq this step computes tokens for: the full-depth ones, then the cohort's."""
+        return self.seqs + (self.cohort.seqs if self.cohort else [])
+
+    @property
     def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.seqs) + (
-            sum(s.num_new_tokens for s in self.cohort.seqs) if self.cohort else 0)
+        return sum(s.num_new_tokens for s in self.scheduled)
 
     @property
     def done(self) -> list[ScheduledSeq]:
@@ -107,8 +107,8 @@ class StepPlan:
 class Batcher:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  schedule: str = "chunked", token_budget: int | None = None, num_layers: int = 1):
-        if schedule not in SCHEDULES:
-            raise ValueError(f"prefill schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
+        if schedule not in PREFILL_SCHEDULES:
+            raise ValueError(f"prefill schedule must be one of {', '.join(PREFILL_SCHEDULES)}, not {schedule!r}")
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens

@@ -64,8 +64,9 @@ class EngineConfig:
             raise ValueError("block_size must be a positive multiple of 8")
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
-        if self.prefill_schedule not in ("whole", "chunked", "layered"):
-            raise ValueError(f"prefill_schedule must be whole, chunked or layered, not {self.prefill_schedule!r}")
+        if self.prefill_schedule not in PREFILL_SCHEDULES:
+            raise ValueError(f"prefill_schedule must be one of {', '.join(PREFILL_SCHEDULES)}, "
+                             f"not {self.prefill_schedule!r}")
         if self.token_budget is not None and self.token_budget <= 0:
             raise ValueError("token_budget must be positive")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
@@ -91,6 +92,7 @@ class EngineConfig:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PREFILL_SCHEDULES = ("whole", "chunked", "layered")
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
           "g": 1e9, "gb": 1e9, "gib": 2**30}

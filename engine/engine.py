@@ -209,7 +209,7 @@ class Engine:
             return outputs
         sampling = [s.request for s in plan.sampling]
         now = time.monotonic()
-        for seq in plan.seqs + (plan.cohort.seqs if plan.cohort else []):
+        for seq in plan.scheduled:
             if seq.request.timeline.prefill_start_s is None:
                 seq.request.timeline.prefill_start_s = now
         exporter = self.exporter

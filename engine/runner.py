@@ -133,16 +133,17 @@ class ModelRunner:
         layout."""
         cohort = plan.cohort
         assert cohort is not None
-        ids_all, pos_all, layout_all = self._layout(plan.seqs + cohort.seqs)
-        num_d = layout_all.query_start[len(plan.seqs)]
+        ids_all, pos_all, layout_all = self._layout(plan.scheduled)
+        n, num_d = len(plan.seqs), layout_all.query_start[len(plan.seqs)]
         if cohort.first:
             hidden_c = self.model.embed(ids_all[num_d:])
         else:  # requests aborted since the last group are gone from the plan; drop their rows
             hidden_c = torch.cat([self._cohort_hidden[s.request.request_id] for s in cohort.seqs])
         hidden_d = self.model.embed(ids_all[:num_d])
         if plan.seqs:
-            _, pos_d, layout_d = self._layout(plan.seqs)
-            ctx_d = self._context(pos_d, layout_d)
+            layout_d = BatchLayout(layout_all.query_start[:n + 1], layout_all.seq_lens[:n], layout_all.block_ids[:n],
+                                   layout_all.slot_mapping[:num_d], layout_all.block_size)  # the decodes lead
+            ctx_d = self._context(pos_all[:num_d], layout_d)
             hidden_d = self.model.run_layers(hidden_d, ctx_d, 0, cohort.layer_start)
         hidden, ctx_all = torch.cat([hidden_d, hidden_c]), self._context(pos_all, layout_all)
         for i in range(cohort.layer_start, cohort.layer_end):

@@ -62,8 +62,9 @@ class SparseMoE(nn.Module):
             y = self.experts[e](x.index_select(0, tokens)) * weights.flatten()[picks, None]
             out.index_add_(0, tokens, y)
         if reads is not None:
-            reads.experts += sum(1 for c in counts if c)
-            reads.expert_bytes += self.expert_bytes * sum(1 for c in counts if c)
+            ran = sum(1 for c in counts if c)
+            reads.experts += ran
+            reads.expert_bytes += self.expert_bytes * ran
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

@@ -38,7 +38,7 @@ class LayerExporter:
         bs = self.cache.block_size
         self.runs = []
         self.layer_times_s = []
-        for seq in plan.seqs + (plan.cohort.seqs if plan.cohort else []):
+        for seq in plan.scheduled:
             r = seq.request
             end = seq.start + seq.num_new_tokens
             held = self.sink.blocks_held(r.request_id)
