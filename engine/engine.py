@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from engine.batcher import Batcher
 from engine.config import EngineConfig
 from engine.errors import RequestError
+from engine.kv.lent import LentBlocks
 from engine.kv.manager import KVCacheManager
 from engine.models.registry import resolve_model_path
 from engine.request import Request, RequestStatus, Timeline, TokenLogprobs, validate_request
@@ -54,10 +55,12 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None, kv: KVCacheManager | LentBlocks | None = None):
+        """runner and kv: semi-PD's prefill engine shares the decode engine's weights and KV
+        cache (a sibling runner) and computes into blocks the decode side lends it."""
         self.config = config
         self.model_path = resolve_model_path(config.model)
-        self.runner = ModelRunner(config, self.model_path)
+        self.runner = runner or ModelRunner(config, self.model_path)
         info = self.runner.info
         self.model_config = info.model_config
         self.max_model_len = info.max_model_len
@@ -66,7 +69,7 @@ class Engine:
             raise ValueError(f"the KV cache holds {info.num_kv_blocks * config.block_size} tokens, fewer "
                              f"than max_model_len={self.max_model_len}: raise --kv-cache-memory or "
                              f"--num-kv-blocks, or lower --max-model-len")
-        self.kv = KVCacheManager(info.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = kv or KVCacheManager(info.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.batcher = Batcher(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_schedule,
                                config.token_budget, self.model_config.num_layers)
         self.requests: dict[str, list[Request]] = {}
@@ -142,6 +145,16 @@ class Engine:
         if chunk.last:
             request.kv_landed = True
             self._admit_when_ready(request)
+        return True
+
+    def kv_written(self, request_id: str) -> bool:
+        """Semi-PD: the prefill stream has computed the whole prompt into the reserved blocks
+        themselves (no copy). False: no such request waiting for its KV."""
+        request = self._waiting_for_kv(request_id)
+        if request is None:
+            return False
+        request.kv_landed = True
+        self._admit_when_ready(request)
         return True
 
     def give_first_token(self, request_id: str, token_id: int, logprob: TokenLogprobs | None = None,

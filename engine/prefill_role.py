@@ -10,6 +10,7 @@ it), so the decode side continues exactly where colocated serving would.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import replace
 
@@ -50,6 +51,35 @@ class RoutingSink(KVSink):
         self.held.pop(request_id, None)
 
 
+def first_token(worker: EngineWorker, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                on_failure: Callable[[], None] = lambda: None) -> "Future[StepOutput]":
+    """Runs the prompt on worker for its first token only, sampled with the request's own
+    parameters (EOS masked when min_tokens asks for it). The future holds that StepOutput or
+    the error; cancelling it aborts the request. on_failure runs on an error or a cancel.
+    Raises at once what `worker.submit` raises."""
+    future: Future = Future()
+
+    def on_output(out: "StepOutput | Exception") -> None:
+        try:
+            if isinstance(out, Exception):
+                on_failure()
+                future.set_exception(out)
+            elif out.finished:
+                future.set_result(out)
+        except InvalidStateError:
+            pass  # cancelled meanwhile
+
+    def on_done(f: Future) -> None:
+        if f.cancelled():  # the decode side gave up on it: stop computing (and sending)
+            on_failure()
+            worker.abort(request_id)
+
+    first_only = replace(params, n=1, max_tokens=1, min_tokens=min(1, params.min_tokens))
+    worker.submit(request_id, prompt_token_ids, first_only, on_output)
+    future.add_done_callback(on_done)
+    return future
+
+
 class PrefillRole:
     def __init__(self, worker: EngineWorker):
         self.worker = worker
@@ -59,33 +89,14 @@ class PrefillRole:
     def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                 sink: KVSink, skip_blocks: int = 0) -> "Future[StepOutput]":
         """skip_blocks: leading blocks the receiver has cached (not sent)."""
-        future: Future = Future()
-
-        def on_output(out: "StepOutput | Exception") -> None:
-            try:
-                if isinstance(out, Exception):
-                    self.sink.drop(request_id)
-                    future.set_exception(out)
-                elif out.finished:
-                    future.set_result(out)
-            except InvalidStateError:
-                pass  # cancelled meanwhile
-
-        def on_done(f: Future) -> None:
-            if f.cancelled():  # the decode side gave up on it: stop computing and sending
-                self.abort(request_id)
-
-        first_only = replace(params, n=1, max_tokens=1, min_tokens=min(1, params.min_tokens))
         self.sink.routes[request_id] = sink
         if skip_blocks:
             self.sink.held[request_id] = skip_blocks
         try:
-            self.worker.submit(request_id, prompt_token_ids, first_only, on_output)
+            return first_token(self.worker, request_id, prompt_token_ids, params, lambda: self.sink.drop(request_id))
         except Exception:
             self.sink.drop(request_id)
             raise
-        future.add_done_callback(on_done)
-        return future
 
     def owes(self, request_id: str) -> bool:
         """Whether this worker still has KV of the request to send (queued, computing or sending)."""

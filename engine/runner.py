@@ -6,6 +6,8 @@ one device. Everything per step is built once here and passed down in a ForwardC
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from engine.models import packed_gemm
 from engine.models.loader import load_model, open_weights
 from engine.models.moe import WeightReads
 from engine.sampler import SampleResult, Sampler
+from engine.split import ComputeSplit
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_DEFAULT_LEN = 8192
@@ -74,6 +77,19 @@ class ModelRunner:
         self.info = RunnerInfo(model_cfg, max_len, num_blocks)
         self._cohort_hidden: dict[str, torch.Tensor] = {}  # layered prefill: per request, between steps
         self.weight_reads = WeightReads()  # since start: dense and expert weight bytes the steps read
+        self.split: ComputeSplit | None = None  # semi-PD: this runner's share of the device
+        self.phase = ""
+
+    def share(self, split: ComputeSplit, phase: str) -> "ModelRunner":
+        """Semi-PD: this runner runs `phase` on its share of `split`, and the returned sibling
+        runs the other phase with the same weights and KV cache (its own sampler, layered
+        state and counters). Each is driven by one thread."""
+        other = copy.copy(self)
+        other.sampler = Sampler(self.device, self.sampler.seed + 1)
+        other._cohort_hidden, other.weight_reads = {}, WeightReads()
+        self.split = other.split = split
+        self.phase, other.phase = phase, split.other(phase)
+        return other
 
     def _layout(self, seqs: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, BatchLayout]:
         bs = self.block_size
@@ -101,6 +117,10 @@ class ModelRunner:
     def execute(self, plan: StepPlan, layer_done: Callable[[int], None] | None = None) -> SampleResult | None:
         """Runs one step; returns tokens for the sequences that sample, in `plan.sampling` order.
         layer_done(i) is called as soon as layer i has written its KV (layer-wise transfer)."""
+        with self.split.use(self.phase) if self.split else contextlib.nullcontext():
+            return self._execute(plan, layer_done)
+
+    def _execute(self, plan: StepPlan, layer_done: Callable[[int], None] | None) -> SampleResult | None:
         if plan.cohort is not None:
             hidden, layout = self._layered(plan, layer_done)
         else:

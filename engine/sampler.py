@@ -25,6 +25,7 @@ class SampleResult:
 class Sampler:
     def __init__(self, device: torch.device, seed: int):
         self.device = device
+        self.seed = seed
         self._seeder = torch.Generator().manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
 
