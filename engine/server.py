@@ -214,7 +214,9 @@ class WorkerService(pb_grpc.WorkerServicer):
                              num_running=stats.num_running, num_waiting=waiting,
                              num_free_blocks=stats.num_kv_blocks_total - stats.num_kv_blocks_used,
                              num_total_blocks=stats.num_kv_blocks_total,
-                             block_size=self.worker.engine.config.block_size, incarnation=self.incarnation)
+                             block_size=self.worker.engine.config.block_size, incarnation=self.incarnation,
+                             weight_bytes_dense=stats.weight_bytes_dense,
+                             weight_bytes_expert=stats.weight_bytes_expert)
 
 
 def start_server(service: pb_grpc.WorkerServicer, host: str, max_workers: int = 512) -> tuple[grpc.Server, int]:

@@ -183,7 +183,7 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("worker_id", "role", "pending_prefill_tokens", "num_running", "num_waiting", "num_free_blocks", "num_total_blocks", "block_size", "incarnation")
+    __slots__ = ("worker_id", "role", "pending_prefill_tokens", "num_running", "num_waiting", "num_free_blocks", "num_total_blocks", "block_size", "incarnation", "weight_bytes_dense", "weight_bytes_expert")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     PENDING_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +193,8 @@ class WorkerLoad(_message.Message):
     NUM_TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_DENSE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_EXPERT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     pending_prefill_tokens: int
@@ -202,4 +204,6 @@ class WorkerLoad(_message.Message):
     num_total_blocks: int
     block_size: int
     incarnation: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., pending_prefill_tokens: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., incarnation: _Optional[str] = ...) -> None: ...
+    weight_bytes_dense: int
+    weight_bytes_expert: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., pending_prefill_tokens: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., incarnation: _Optional[str] = ..., weight_bytes_dense: _Optional[int] = ..., weight_bytes_expert: _Optional[int] = ...) -> None: ...

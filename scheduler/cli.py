@@ -15,7 +15,8 @@ log = logging.getLogger("pdserve")
 
 
 def build_server(engine_config: EngineConfig, config: ServeConfig = ServeConfig(mode="colocated")):
-    """Engine, worker thread, client and FastAPI app for colocated serving. Returns (app, worker)."""
+    """Engine, worker thread(s), client and FastAPI app for colocated or semi-PD serving (one
+    process). Returns (app, worker)."""
     from engine.engine import Engine
     from engine.models.registry import model_name
     from engine.worker import EngineWorker
@@ -24,10 +25,13 @@ def build_server(engine_config: EngineConfig, config: ServeConfig = ServeConfig(
     from scheduler.metrics import ServerMetrics
     from scheduler.tokenizer import Tokenizer
 
-    engine = Engine(engine_config)
-    tokenizer = Tokenizer.load(engine.model_path)
+    if config.mode == "semi-pd":
+        from engine.semi_pd import SemiPDWorker
+        worker = SemiPDWorker(engine_config, config.semi_pd_prefill_share, config.split_controller_or_none()).start()
+    else:
+        worker = EngineWorker(Engine(engine_config)).start()
+    tokenizer = Tokenizer.load(worker.engine.model_path)
     name = engine_config.served_model_name or model_name(engine_config.model)
-    worker = EngineWorker(engine).start()
     state = ServerState(InProcessClient(worker, name), tokenizer, name, config.api_key, ServerMetrics(config))
     return build_app(state), worker
 
@@ -62,10 +66,10 @@ def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
 
 def serve(config: ServeConfig, engine_config: EngineConfig) -> None:
     import uvicorn
-    if config.mode == "colocated":
+    if config.mode in ("colocated", "semi-pd"):
         app, worker = build_server(engine_config, config)
-        log.info("serving %s on http://%s:%d (%d KV blocks)", app.state.pd.model_name, config.host, config.port,
-                 worker.engine.num_kv_blocks)
+        log.info("serving %s on http://%s:%d (%s, %d KV blocks)", app.state.pd.model_name, config.host, config.port,
+                 config.mode, worker.engine.num_kv_blocks)
         stop = worker.shutdown
     else:
         app, cluster = build_disagg_server(config, engine_config)

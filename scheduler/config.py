@@ -17,7 +17,7 @@ from engine.config import field_help
 @dataclass(frozen=True)
 class ServeConfig:
     mode: str = "disagg"
-    """Serving mode: disagg (prefill and decode worker pools on Ray, KV shipped layer by layer) or colocated (one engine in this process does both)."""
+    """Serving mode: disagg (prefill and decode worker pools on Ray, KV shipped layer by layer), colocated (one engine in this process does both) or semi-pd (one process, prefill and decode as two concurrent streams over one KV pool, each on its share of the device)."""
     host: str = "127.0.0.1"
     """Address to bind the HTTP server to."""
     port: int = 8000
@@ -46,6 +46,12 @@ class ServeConfig:
     """disagg: requests a decode worker queues while it has no KV blocks for them; beyond that, 503 with Retry-After."""
     transfer_timeout_s: float = 30.0
     """disagg: a request whose prompt KV makes no progress this long fails: no chunk landed, and its prefill worker did not show it working on the request (queued or computing) within 5 s of being asked."""
+    semi_pd_prefill_share: float = 50.0
+    """semi-pd: the prefill stream's share of the device in percent at start (CPU: of the torch threads, --num-threads or all cores; GPU: of the SMs); decode gets the rest."""
+    semi_pd_controller: bool = True
+    """semi-pd: move the split every --semi-pd-window decode steps from the windowed p90 TTFT and TPOT against --slo-ttft-ms and --slo-tpot-ms."""
+    semi_pd_window: int = 200
+    """semi-pd, controller: decode steps per decision."""
     slo_ttft_ms: float = 2000.0
     """TTFT SLO for /metrics: a finished request meets the SLOs when its TTFT and its TPOT are both within them (set both to your targets)."""
     slo_tpot_ms: float = 200.0
@@ -69,9 +75,20 @@ class ServeConfig:
             raise ValueError("--local-prefill-tokens must be >= 0, --prefill-full-tokens and "
                              "--controller-window-s positive")
 
+        if not 0 < self.semi_pd_prefill_share < 100 or self.semi_pd_window < 1:
+            raise ValueError("--semi-pd-prefill-share must be in (0, 100) and --semi-pd-window at least 1")
+
     def policy_config(self):
         from scheduler.policies import PolicyConfig
         return PolicyConfig(self.local_prefill_tokens, self.prefill_full_tokens)
+
+    def split_controller_or_none(self):
+        """Semi-PD's split controller, if asked for."""
+        if self.mode != "semi-pd" or not self.semi_pd_controller:
+            return None
+        from engine.split_controller import SplitController, SplitControllerConfig
+        return SplitController(self.slo_ttft_ms / 1000, self.slo_tpot_ms / 1000,
+                               SplitControllerConfig(window=self.semi_pd_window), self.semi_pd_prefill_share)
 
     def role_controller_or_none(self):
         """The role controller to run in the global scheduler, if asked for."""
@@ -82,7 +99,7 @@ class ServeConfig:
                               ControllerConfig(window_s=self.controller_window_s))
 
 
-MODES = ("disagg", "colocated")
+MODES = ("disagg", "colocated", "semi-pd")
 
 
 

@@ -2,7 +2,7 @@
 
 `generate` yields a request's StepOutputs until all its samples finish; leaving the
 iterator early (client gone, stop string) aborts what is left. `InProcessClient` drives
-an EngineWorker in this process (colocated mode, tests).
+an EngineWorker in this process (colocated mode, tests), or a SemiPDWorker (semi-PD mode).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from engine.engine import StepOutput
 from engine.sampling_params import SamplingParams
+from engine.semi_pd import SemiPDWorker
 from engine.worker import EngineWorker
 from scheduler.policies import WorkerLoad
 from scheduler.router import WorkerView
@@ -51,7 +52,7 @@ class EngineClient(abc.ABC):
 
 
 class InProcessClient(EngineClient):
-    def __init__(self, worker: EngineWorker, name: str):
+    def __init__(self, worker: EngineWorker | SemiPDWorker, name: str):
         self.worker = worker
         engine = worker.engine
         self.info = ModelInfo(name, engine.max_model_len, engine.model_config.vocab_size)
@@ -85,6 +86,12 @@ class InProcessClient(EngineClient):
     async def workers(self) -> list[WorkerView]:
         stats = self.worker.stats()
         free = stats.num_kv_blocks_total - stats.num_kv_blocks_used
-        load = WorkerLoad("colocated-0", stats.num_pending_prefill_tokens, stats.num_running, stats.num_waiting,
-                          free, self.worker.engine.config.block_size)
-        return [WorkerView("colocated-0", "colocated", "", load, stats.num_kv_blocks_total)]
+        role = "semi-pd" if isinstance(self.worker, SemiPDWorker) else "colocated"
+        load = WorkerLoad(f"{role}-0", stats.num_pending_prefill_tokens, stats.num_running, stats.num_waiting,
+                          free, self.worker.engine.config.block_size, weight_bytes_dense=stats.weight_bytes_dense,
+                          weight_bytes_expert=stats.weight_bytes_expert)
+        return [WorkerView(f"{role}-0", role, "", load, stats.num_kv_blocks_total)]
+
+    async def control(self) -> dict:
+        """Semi-PD: the split and its controller's last decision."""
+        return self.worker.control() if isinstance(self.worker, SemiPDWorker) else {}

@@ -58,16 +58,21 @@ class ServerMetrics:
                              worker, registry=r),
             "used": Gauge("pdserve_worker_kv_blocks_used", "KV-cache blocks in use", worker, registry=r),
             "total": Gauge("pdserve_worker_kv_blocks_total", "KV-cache blocks in all", worker, registry=r),
+            "weight_bytes": Gauge("pdserve_worker_weight_bytes_read", "Weight bytes the worker's steps read since it "
+                                  "started (cumulative; kind: dense, or expert: each expert once per layer run that "
+                                  "routed a token to it)", [*worker, "kind"], registry=r),
             "lent": Gauge("pdserve_worker_lent", "1 while the mixed-pool policy lends the worker to the pool "
                           "labelled (it runs both phases)", worker, registry=r),
         }
         self.role_moves = Gauge("pdserve_controller_role_moves", "Workers the role controller moved into each pool "
                                 "since the scheduler started (cumulative)", ["pool"], registry=r)
-        self.controller_latency = Gauge("pdserve_controller_window_seconds", "The role controller's last windowed "
-                                        "p90 of TTFT and TPOT", ["metric"], registry=r)
-        self.controller_verdict = Gauge("pdserve_controller_verdict", "1 for the role controller's last verdict "
-                                        "(ok, both-miss, need-prefill, need-decode, few-samples, off)", ["verdict"],
-                                        registry=r)
+        self.controller_latency = Gauge("pdserve_controller_window_seconds", "The role (or semi-PD split) "
+                                        "controller's last windowed p90 of TTFT and TPOT", ["metric"], registry=r)
+        self.controller_verdict = Gauge("pdserve_controller_verdict", "1 for the last verdict of the role "
+                                        "controller, or of semi-PD's split controller (ok, both-miss, need-prefill, "
+                                        "need-decode, few-samples, off)", ["verdict"], registry=r)
+        self.split_share = Gauge("pdserve_semi_pd_share_percent", "Semi-PD: each stream's share of the device "
+                                 "(CPU: of the torch threads; GPU: of the SMs)", ["phase"], registry=r)
         self.local_prefills = Gauge("pdserve_local_prefills", "Requests this front door routed to be prefilled on "
                                     "their decode worker (cumulative)", registry=r)
 
@@ -103,6 +108,8 @@ class ServerMetrics:
             g["pending"].labels(*key).set(load.pending_prefill_tokens)
             g["used"].labels(*key).set(w.num_total_blocks - load.num_free_blocks)
             g["total"].labels(*key).set(w.num_total_blocks)
+            g["weight_bytes"].labels(*key, "dense").set(load.weight_bytes_dense)
+            g["weight_bytes"].labels(*key, "expert").set(load.weight_bytes_expert)
             if w.worker_id in lent:
                 g["lent"].labels(lent[w.worker_id], w.worker_id).set(1)
         for pool, n in control.get("moves", {}).items():
@@ -112,5 +119,8 @@ class ServerMetrics:
                 self.controller_latency.labels(metric).set(control[f"{metric}_s"])
         if "verdict" in control:
             self.controller_verdict.labels(control["verdict"]).set(1)
+        if "prefill_share" in control:
+            self.split_share.labels("prefill").set(control["prefill_share"])
+            self.split_share.labels("decode").set(100 - control["prefill_share"])
         self.local_prefills.set(control.get("local_prefills", 0))
         return generate_latest(self.registry)

@@ -40,6 +40,8 @@ class WorkerLoad:
     num_free_blocks: int = 0
     block_size: int = 16
     alive: bool = True
+    weight_bytes_dense: int = 0   # since start: weights its steps read (metrics only)
+    weight_bytes_expert: int = 0
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -104,7 +104,8 @@ class LoadClient:
                 out[address] = e
                 continue
             out[address] = (WorkerLoad(m.worker_id, m.pending_prefill_tokens, m.num_running, m.num_waiting,
-                                       m.num_free_blocks, m.block_size), m.incarnation)
+                                       m.num_free_blocks, m.block_size, weight_bytes_dense=m.weight_bytes_dense,
+                                       weight_bytes_expert=m.weight_bytes_expert), m.incarnation)
         return out
 
     def forget(self, address: str) -> None:

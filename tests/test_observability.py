@@ -103,20 +103,23 @@ def test_worker_gauges_follow_the_view_and_drop_gone_workers():
     from scheduler.policies import WorkerLoad
     from scheduler.router import WorkerView
     m = ServerMetrics()
-    prefill = WorkerView("prefill-0", "prefill", "a:1", WorkerLoad("prefill-0", 300, 1, 2, 90), 100)
+    prefill = WorkerView("prefill-0", "prefill", "a:1", WorkerLoad("prefill-0", 300, 1, 2, 90, weight_bytes_dense=7,
+                                                                   weight_bytes_expert=11), 100)
     decode = WorkerView("decode-0", "decode", "a:2", WorkerLoad("decode-0", 0, 5, 1, 40, alive=False), 100)
 
     def samples(views):
         text = m.render(views).decode()
-        return {(s.name, s.labels.get("pool"), s.labels.get("worker")): s.value
+        return {(s.name, s.labels.get("pool"), s.labels.get("worker"), s.labels.get("kind")): s.value
                 for f in text_string_to_metric_families(text) for s in f.samples if s.name.startswith("pdserve_worker")}
 
     got = samples([prefill, decode])
-    assert got[("pdserve_worker_up", "prefill", "prefill-0")] == 1
-    assert got[("pdserve_worker_up", "decode", "decode-0")] == 0
-    assert got[("pdserve_worker_pending_prefill_tokens", "prefill", "prefill-0")] == 300
-    assert got[("pdserve_worker_kv_blocks_used", "decode", "decode-0")] == 60
-    assert got[("pdserve_worker_kv_blocks_total", "decode", "decode-0")] == 100
-    assert got[("pdserve_worker_running_requests", "decode", "decode-0")] == 5
-    assert got[("pdserve_worker_waiting_requests", "prefill", "prefill-0")] == 2
-    assert not any(worker == "decode-0" for _, _, worker in samples([prefill]))
+    assert got[("pdserve_worker_up", "prefill", "prefill-0", None)] == 1
+    assert got[("pdserve_worker_up", "decode", "decode-0", None)] == 0
+    assert got[("pdserve_worker_pending_prefill_tokens", "prefill", "prefill-0", None)] == 300
+    assert got[("pdserve_worker_kv_blocks_used", "decode", "decode-0", None)] == 60
+    assert got[("pdserve_worker_kv_blocks_total", "decode", "decode-0", None)] == 100
+    assert got[("pdserve_worker_running_requests", "decode", "decode-0", None)] == 5
+    assert got[("pdserve_worker_waiting_requests", "prefill", "prefill-0", None)] == 2
+    assert got[("pdserve_worker_weight_bytes_read", "prefill", "prefill-0", "dense")] == 7
+    assert got[("pdserve_worker_weight_bytes_read", "prefill", "prefill-0", "expert")] == 11
+    assert not any(worker == "decode-0" for _, _, worker, _ in samples([prefill]))

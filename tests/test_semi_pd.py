@@ -171,3 +171,42 @@ def test_semi_pd_on_gpu_matches_colocated(tiny_llama, references):
     out = generate(worker, prompts(), GREEDY, 0.01)
     assert [out[str(i)] for i in range(len(PROMPT_LENS))] == references("llama")
     assert_no_leak(worker)
+
+
+def test_serving_semi_pd_over_http(tiny_llama):
+    """`--mode semi-pd` behind the OpenAI server: greedy equals the offline engine, n > 1, a
+    client gone mid-stream frees its blocks, and /metrics shows the split and weight bytes."""
+    import httpx
+    import openai
+
+    from conftest import LiveServer
+    from engine import LLM
+    from scheduler.config import ServeConfig
+    config = EngineConfig(model=str(tiny_llama), num_kv_blocks=128, max_model_len=256, served_model_name="tiny")
+    server = LiveServer(config, serve_config=ServeConfig(mode="semi-pd", semi_pd_window=3, semi_pd_prefill_share=30))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        greedy = dict(max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+        out = client.completions.create(model="tiny", prompt="The quick brown fox", **greedy)
+        llm = LLM(model=str(tiny_llama), num_kv_blocks=64, max_model_len=256)
+        offline = llm.generate("The quick brown fox", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        assert out.choices[0].text == offline[0].text
+        batch = client.completions.create(model="tiny", prompt=["Paris is", "def f"], max_tokens=4, n=2,
+                                          temperature=0.8, seed=1)
+        assert sorted(c.index for c in batch.choices) == [0, 1, 2, 3]
+        body = {"prompt": "Once upon a time", "max_tokens": 200, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            assert any(next(lines).startswith("data: ") for _ in range(6))
+        wait_for(lambda: server.engine.kv.num_used_blocks == 0, "a disconnected stream's blocks to be freed")
+        text = httpx.get(server.url + "/metrics").text
+        assert 'pdserve_semi_pd_share_percent{phase="prefill"} 30.0' in text
+        assert 'pdserve_semi_pd_share_percent{phase="decode"} 70.0' in text
+        assert 'pdserve_worker_up{pool="semi-pd",worker="semi-pd-0"} 1.0' in text
+        assert 'pdserve_controller_verdict{verdict="few-samples"} 1.0' in text
+        dense = [line for line in text.splitlines() if line.startswith("pdserve_worker_weight_bytes_read")
+                 and 'kind="dense"' in line]
+        assert dense and float(dense[0].split()[-1]) > 0
+    finally:
+        server.stop()
+    assert_no_leak(server.worker)
