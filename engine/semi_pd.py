@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from engine.config import EngineConfig
 from engine.decode_role import DecodeRole
@@ -46,12 +46,9 @@ class _Window:
 
     start_s: float
     arrivals: int = 0
-    ttft_s: list[float] | None = None
-    tpot_s: list[float] | None = None
-    prefill_full_s: list[float] | None = None
-
-    def __post_init__(self) -> None:
-        self.ttft_s, self.tpot_s, self.prefill_full_s = [], [], []
+    ttft_s: list[float] = field(default_factory=list)
+    tpot_s: list[float] = field(default_factory=list)
+    prefill_full_s: list[float] = field(default_factory=list)  # each prefill's time scaled to the whole device
 
 
 class SemiPDWorker:
@@ -105,6 +102,7 @@ class SemiPDWorker:
             ids = self._children.get(request_id, [])
             if index is None:
                 self._children.pop(request_id, None)
+                self._finished.pop(request_id, None)
         for child_id in ids if index is None else ids[index:index + 1]:
             self.role.abort(child_id)
 

@@ -98,7 +98,7 @@ def test_the_serve_command_parses_with_pdserve_own_flags(name):
     argv = shlex.split(script.split("exec pdserve ", 1)[1].replace("$PDSERVE_API_KEY", "k"))
     args = build_parser().parse_args(argv)  # exits on an unknown flag or a bad value
     config = from_args(ServeConfig, args)
-    from_args(EngineConfig, args)
+    engine = from_args(EngineConfig, args)
     assert config.mode == "disagg" and config.host == "0.0.0.0" and config.ray_address
     values = VALUE_SETS[name]
     assert config.prefill_workers == values.get("prefill", {}).get("replicas", 1)
@@ -107,6 +107,7 @@ def test_the_serve_command_parses_with_pdserve_own_flags(name):
     assert config.local_prefill_tokens == scheduling.get("localPrefillTokens", 2048)
     assert config.role_controller == scheduling.get("roleController", False)
     assert config.controller_window_s == scheduling.get("controllerWindowS", 20)
+    assert engine.prefill_schedule == values.get("engine", {}).get("prefillSchedule", "chunked")
 
 
 def test_the_api_key_comes_from_its_secret():
@@ -128,6 +129,8 @@ def test_the_api_key_comes_from_its_secret():
     ({"scheduling": {"policy": "fastest"}}, "value must be one of 'jsq', 'round-robin', 'prefix'"),
     ({"ray": {"external": {"enabled": True}}}, "/ray/external/address"),
     ({"slo": {"attainmentTarget": 1.5}}, "/slo/attainmentTarget"),
+    ({"engine": {"prefillSchedule": "fast"}}, "value must be one of 'whole', 'chunked', 'layered'"),
+    ({"engine": {"tokenBudget": 0}}, "/engine/tokenBudget"),
     ({"prefill": {"minReplicas": 3, "replicas": 2}}, "prefill: minReplicas (3) <= replicas (2) <= maxReplicas (1)"),
 ])
 def test_bad_values_are_refused_with_a_message(values, message):

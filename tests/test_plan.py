@@ -86,3 +86,20 @@ def test_shipped_profiles_load_and_document_their_source():
         cpu = load_profile(name)
         assert cpu.transfer_gbps and cpu.prefill_samples and cpu.latency.prefill.r2 > 0.9
         assert cpu.latency.decode_small.r2 > 0.9 and cpu.num_kv_blocks > 0 and name in cpu.command
+
+
+def test_the_planner_chooses_the_colocated_prefill_schedule():
+    planner = Planner(profile(num_layers=32), PlanConfig(2.0, 0.02, input_len=600, output_len=16, num_requests=60,
+                                                         min_duration_s=5))
+    g = planner.goodput(None)
+    assert set(g.colocated_by_schedule) == {"whole", "chunked", "chunked-512", "layered"}
+    assert g.colocated == max(g.colocated_by_schedule.values()) == g.colocated_by_schedule[g.colocated_schedule]
+    # a strict TPOT (20 ms against 5 ms + 1 ms per request decodes) rules out whole prompts beside decodes
+    assert g.colocated_by_schedule["whole"] <= g.colocated
+
+
+def test_slos_no_instance_can_meet_are_refused_with_a_message(capsys):
+    assert main(["--profile", "smollm2-135m-cpu-2core", "--slo-ttft-ms", "1", "--slo-tpot-ms", "200", "--rate", "1",
+                 "--gpus", "2", "--input-len", "64", "--output-len", "8", "--num-requests", "20",
+                 "--min-duration-s", "2"]) == 2
+    assert "one prefill instance cannot meet the SLOs" in capsys.readouterr().err

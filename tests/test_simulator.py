@@ -108,3 +108,26 @@ def test_the_mixed_pool_borrows_a_decode_worker_for_prefill_when_the_prefill_poo
     assert a.ttft_s == pytest.approx(P(100)) and b.ttft_s == pytest.approx(P(100))
     jsq = Simulator(MODEL, SimConfig(num_prefill=1, num_decode=2)).run([SimRequest(0.0, 100, 2), SimRequest(0.0, 100, 2)])
     assert max(r.ttft_s for r in jsq) == pytest.approx(P(200))  # one prefill worker batches both prompts
+
+
+def test_whole_and_layered_schedules_time_their_steps():
+    # whole: a 100-token prompt in one step even over a 64-token budget (it runs alone)
+    whole = SimConfig(colocated=True, max_num_batched_tokens=64, prefill_schedule="whole")
+    (record,) = Simulator(MODEL, whole).run([SimRequest(0.0, 100, 2)])
+    assert record.ttft_s == pytest.approx(P(100))
+    # layered over 4 layers: 100 tokens make one group (the table's first row), so the cohort
+    # goes through all 4 layers in one step; over 2048 tokens, 4 groups of a quarter each
+    layered = SimConfig(colocated=True, prefill_schedule="layered", num_layers=4)
+    (record,) = Simulator(MODEL, layered).run([SimRequest(0.0, 100, 2)])
+    assert record.ttft_s == pytest.approx(P(100))
+    (record,) = Simulator(MODEL, layered).run([SimRequest(0.0, 2048, 2)])
+    assert record.ttft_s == pytest.approx(4 * (0.010 + 0.001 * 2048 / 4))
+
+
+@pytest.mark.parametrize("schedule", ["whole", "chunked", "layered"])
+def test_a_long_prompt_stalls_the_decoders_least_under_chunked_and_layered(schedule):
+    """The interference case: 8 requests decode, a 2048-token prompt arrives."""
+    config = SimConfig(colocated=True, prefill_schedule=schedule, token_budget=256, num_layers=32)
+    records = Simulator(MODEL, config).run([SimRequest(0.0, 16, 40) for _ in range(8)] + [SimRequest(0.1, 2048, 2)])
+    gap = max(b - a for r in records[:8] for a, b in zip(r.chunk_s, r.chunk_s[1:]))
+    assert gap == pytest.approx(P(2048) + D(8) - 0.005) if schedule == "whole" else gap < P(2048) / 2

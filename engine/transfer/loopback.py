@@ -1,5 +1,5 @@
-"""In-process transport: chunks go straight into a decode engine in the same process (tests,
-and the same-device path semi-PD will use). A chunk for a request the decode engine no
+"""In-process transport: chunks go straight into a decode engine in the same process (tests;
+semi-PD needs no transport: its prefill stream computes into the decode side's blocks). A chunk for a request the decode engine no
 longer waits on (aborted) is dropped, as a network transport would drop it."""
 
 from __future__ import annotations

@@ -69,9 +69,13 @@ def plan(args: argparse.Namespace, console: Console) -> dict:
         intra = planner.goodput(profile.transfer_gbps)
         # KV across nodes: once, for every size that spans more than one node
         inter = planner.goodput(args.interconnect_gbps) if max(_sizes(args)) > args.gpus_per_node else intra
+    for phase in ("prefill", "decode"):
+        if not getattr(intra, phase):
+            raise ValueError(f"one {phase} instance cannot meet the SLOs for {args.attainment:.0%} of requests even "
+                             "at the lowest rate tried: relax --slo-ttft-ms / --slo-tpot-ms or --attainment")
     tp = planner.tp
     need_p, need_d = math.ceil(args.rate / intra.prefill), math.ceil(args.rate / intra.decode)
-    need_c = math.ceil(args.rate / intra.colocated)
+    need_c = math.ceil(args.rate / intra.colocated) if intra.colocated else None  # None: colocated cannot
     fits = (need_p + need_d) * tp <= args.gpus
     best = planner.placement(args.gpus, intra, inter)
     prefill, decode = (need_p, need_d) if fits else (best.prefill, best.decode)
@@ -79,8 +83,8 @@ def plan(args: argparse.Namespace, console: Console) -> dict:
     gbps = profile.transfer_gbps if best.per_node or args.gpus <= args.gpus_per_node else args.interconnect_gbps
     with console.status("simulating the recommended deployment"):
         predicted = planner.check(prefill, decode, rate, gbps)
-        colocated = min(need_c, args.gpus // tp)
-        predicted_c = planner.colocated_check(colocated, args.rate)
+        colocated = min(need_c or args.gpus // tp, args.gpus // tp)
+        predicted_c = planner.colocated_check(colocated, args.rate, intra.colocated_schedule)
     result = {
         "profile": profile.model, "hardware": profile.hardware, "workload": args.workload,
         "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms, "attainment_target": args.attainment,
@@ -90,7 +94,8 @@ def plan(args: argparse.Namespace, console: Console) -> dict:
         "recommended": {"prefill_workers": prefill, "decode_workers": decode, "rate": rate,
                         "predicted_attainment": predicted},
         "colocated": {"workers": colocated, "predicted_attainment": predicted_c,
-                      "needed_workers": need_c},
+                      "needed_workers": need_c, "prefill_schedule": intra.colocated_schedule,
+                      "goodput_by_schedule": intra.colocated_by_schedule},
         "per_gpu_goodput": {str(n): _per_gpu(planner, n, intra, inter) for n in _sizes(args)},
     }
     _print(console, result, args, profile)
@@ -124,8 +129,11 @@ def _print(console: Console, r: dict, args: argparse.Namespace, profile: Profile
         console.print(f"[bold red]{args.rate:g} req/s needs more than {args.gpus} devices[/]; the best split, "
                       f"{rec['prefill_workers']}P{rec['decode_workers']}D, carries {rec['rate']:.2f} req/s "
                       f"(attainment there {pct(rec['predicted_attainment'])})")
-    console.print(f"colocated: {col['needed_workers']} workers needed for {args.rate:g} req/s; with "
-                  f"{col['workers']}, predicted attainment {pct(col['predicted_attainment'])}")
+    by = ", ".join(f"{name} {rate:.2f}" for name, rate in col["goodput_by_schedule"].items())
+    needed = col["needed_workers"] or "no number of"
+    console.print(f"colocated, best under --prefill-schedule {col['prefill_schedule']} (req/s per instance: {by}): "
+                  f"{needed} workers needed for {args.rate:g} req/s; with {col['workers']}, "
+                  f"predicted attainment {pct(col['predicted_attainment'])}")
     table = Table(title="per-device goodput (req/s per device at the SLOs)")
     for name in ("devices", "disaggregated", "split", "KV", "colocated", "disagg / colocated"):
         table.add_column(name, justify="right")

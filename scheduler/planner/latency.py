@@ -86,15 +86,21 @@ class LatencyModel:
     def decode_s(self, contexts: Sequence[int]) -> float:
         return self._decode_fit(len(contexts))(*decode_features(contexts)) if contexts else 0.0
 
-    def step_s(self, chunks: Sequence[tuple[int, int]], contexts: Sequence[int]) -> float:
+    def step_s(self, chunks: Sequence[tuple[int, int]], contexts: Sequence[int],
+               cohort: Sequence[tuple[int, int]] = (), cohort_layers: float = 0.0) -> float:
         """One engine step computing prefill chunks (start, new tokens) and decodes (context
         lengths). A chunk's attention term is new * (start + new), a whole prompt's l^2; a
-        mixed step pays the fixed cost once."""
+        mixed step pays the fixed cost once. cohort: layered prefill's chunks, through a
+        cohort_layers fraction of the layers (their per-token work scales with it)."""
         prefill = self.prefill(sum(n for _, n in chunks), sum(n * (s + n) for s, n in chunks)) if chunks else 0.0
+        if cohort:
+            fixed = self.prefill.coef[0]
+            work = self.prefill(sum(n for _, n in cohort), sum(n * (s + n) for s, n in cohort)) - fixed
+            prefill += cohort_layers * work + (0.0 if chunks else fixed)
         if not contexts:
             return prefill
         decode = self.decode_s(contexts)
-        if not chunks:
+        if not chunks and not cohort:
             return decode
         return prefill + decode - min(self.prefill.coef[0], self._decode_fit(len(contexts)).coef[0])
 
@@ -146,6 +152,7 @@ class Profile:
     num_kv_blocks: int = 0  # the engine's KV blocks per worker when the memory figures are unknown
     max_num_seqs: int = 0  # the engine's batch limits the planner simulates (0: the simulator's defaults)
     max_num_batched_tokens: int = 0
+    num_layers: int = 0  # the model's (layered prefill's groups); 0: unknown, taken as 32
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1) + "\n"

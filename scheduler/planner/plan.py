@@ -7,7 +7,8 @@ DistServe's placement search (../shared/TECHNIQUES.md), over the simulator
 2. One prefill instance alone (one-token requests: TTFT judged, the KV transfer at the
    given bandwidth counted in full), one decode instance fed by enough prefill instances
    that they never queue (both SLOs judged: waiting for a decode slot delays the first
-   token) and one colocated instance (both judged) are simulated on the workload's lengths
+   token) and one colocated instance (both judged; under each prefill schedule of
+   COLOCATED_SCHEDULES, the best kept) are simulated on the workload's lengths
    with Poisson arrivals, at least `min_duration_s` of them; the highest rate at which
    `attainment` of requests meet their SLOs is bisected.
 3. For N devices, the prefill:decode split maximising min(p * goodput_p, d * goodput_d) is
@@ -23,7 +24,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from bench.arrivals import arrival_times
 from bench.datasets import WORKLOADS
@@ -32,6 +33,9 @@ from scheduler.planner.latency import Fit, LatencyModel, Profile
 from scheduler.planner.simulator import SimConfig, SimRequest, Simulator
 
 FULL_CHECK_MAX_INSTANCES = 16
+# the prefill schedules a colocated instance is simulated under (--prefill-schedule, --token-budget)
+COLOCATED_SCHEDULES = {"whole": ("whole", None), "chunked": ("chunked", None), "chunked-512": ("chunked", 512),
+                       "layered": ("layered", None)}
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,9 @@ class PlanConfig:
 class Goodput:
     prefill: float  # requests/s one prefill instance carries within the TTFT SLO
     decode: float
-    colocated: float
+    colocated: float  # under its best schedule
+    colocated_schedule: str = "chunked"
+    colocated_by_schedule: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -128,15 +134,15 @@ class Planner:
         self.sim = SimConfig(num_blocks=blocks or profile.num_kv_blocks or 4096, block_size=profile.block_size,
                              max_num_seqs=profile.max_num_seqs or 64,
                              max_num_batched_tokens=profile.max_num_batched_tokens or 2048,
-                             max_model_len=config.max_model_len)
+                             max_model_len=config.max_model_len, num_layers=profile.num_layers or 32)
         self.slo = SLO(ttft_ms=config.slo_ttft_s * 1000, tpot_ms=config.slo_tpot_s * 1000)
 
     def transfer_s_per_token(self, gbps: float | None) -> float:
         return self.profile.transfer_s_per_token(gbps) if gbps else 0.0
 
     def attainment(self, kind: str, rate: float, transfer_gbps: float | None = None,
-                   prefill_goodput: float = 0.0) -> float:
-        """Attainment of one instance of kind (prefill, decode, colocated) at rate."""
+                   prefill_goodput: float = 0.0, schedule: str = "chunked") -> float:
+        """Attainment of one instance of kind (prefill, decode, colocated under schedule) at rate."""
         requests, sim = workload_requests(self.config, rate), self.sim
         transfer = self.transfer_s_per_token(transfer_gbps)
         if kind == "prefill":  # one-token requests: TTFT only, the transfer counted in full
@@ -145,7 +151,7 @@ class Planner:
         elif kind == "decode":  # enough prefill instances that prompts never queue for one
             sim = replace(sim, num_prefill=max(1, math.ceil(2 * rate / prefill_goodput)), transfer_s_per_token=transfer)
         else:
-            sim = replace(sim, colocated=True)
+            sim = self._colocated(schedule)
         records = Simulator(self.latency, sim).run(requests)
         return summarize(records, requests[-1].arrival_s, self.slo).attainment if keeps_up(requests, records) else 0.0
 
@@ -164,9 +170,16 @@ class Planner:
     def goodput(self, transfer_gbps: float | None) -> Goodput:
         target = self.config.attainment
         prefill = self.max_rate(lambda r: self.attainment("prefill", r, transfer_gbps) >= target)
-        decode = self.max_rate(lambda r: self.attainment("decode", r, transfer_gbps, prefill) >= target)
-        colocated = self.max_rate(lambda r: self.attainment("colocated", r) >= target)
-        return Goodput(prefill, decode, colocated)
+        decode = self.max_rate(lambda r: self.attainment("decode", r, transfer_gbps, prefill) >= target) \
+            if prefill > 0 else 0.0  # no prefill instance to feed it
+        by_schedule = {name: self.max_rate(lambda r, s=name: self.attainment("colocated", r, schedule=s) >= target)
+                       for name in COLOCATED_SCHEDULES}
+        best = max(by_schedule, key=lambda name: (by_schedule[name], name == "chunked"))
+        return Goodput(prefill, decode, by_schedule[best], best, by_schedule)
+
+    def _colocated(self, schedule: str, instances: int = 1) -> SimConfig:
+        name, budget = COLOCATED_SCHEDULES[schedule]
+        return replace(self.sim, colocated=True, num_decode=instances, prefill_schedule=name, token_budget=budget)
 
     def best_split(self, devices: int, g: Goodput, per_node: bool) -> Placement:
         slots = devices // self.tp
@@ -194,8 +207,8 @@ class Planner:
         return self._whole(replace(self.sim, num_prefill=prefill, num_decode=decode,
                                    transfer_s_per_token=self.transfer_s_per_token(transfer_gbps)), rate)
 
-    def colocated_check(self, instances: int, rate: float) -> float | None:
-        return self._whole(replace(self.sim, colocated=True, num_decode=instances), rate)
+    def colocated_check(self, instances: int, rate: float, schedule: str = "chunked") -> float | None:
+        return self._whole(self._colocated(schedule, instances), rate)
 
     def _whole(self, sim: SimConfig, rate: float) -> float | None:
         instances = sim.num_decode + (0 if sim.colocated else sim.num_prefill)

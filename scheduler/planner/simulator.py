@@ -11,7 +11,9 @@ the decode worker emits the first token at its next step boundary and decodes th
 A route without a prefill worker (conditional disaggregation, or the mixed pool with nothing
 to borrow) prefills on the decode worker, in its batcher, as colocated serving does; a worker
 lent to the other pool runs both kinds of work. Colocated workers prefill and decode in one
-batcher; a request goes to the one with the fewest pending prompt tokens. (The role
+batcher; a request goes to the one with the fewest pending prompt tokens. Workers prefill
+under the configured schedule (whole, chunked, layered): a layered cohort's step costs its
+share of the layers (LatencyModel.step_s). (The role
 controller is not simulated.) The result is bench's RequestRecords,
 so `bench.metrics.summarize` reports simulated and measured runs the same way.
 """
@@ -50,6 +52,9 @@ class SimConfig:
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    prefill_schedule: str = "chunked"  # whole | chunked | layered, as the engine's --prefill-schedule
+    token_budget: int | None = None    # chunked: tokens per step (default max_num_batched_tokens)
+    num_layers: int = 32               # layered: the model's layers, which the cohort's groups divide
     transfer_s_per_token: float = 0.0  # exposed KV transfer after the prefill step, per prompt token
     max_model_len: int = 1 << 20
     policy_config: PolicyConfig = PolicyConfig()
@@ -59,7 +64,8 @@ class _Worker:
     def __init__(self, worker_id: str, role: str, config: SimConfig):
         self.worker_id, self.role, self.config = worker_id, role, config
         self.kv = KVCacheManager(config.num_blocks, config.block_size, enable_prefix_caching=False)
-        self.batcher = Batcher(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.batcher = Batcher(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_schedule,
+                               config.token_budget, config.num_layers)
         self.busy_until: float | None = None  # end of the step in progress
         self.waiting_for_blocks: deque[tuple[Request, _Worker]] = deque()  # decode: (request, its prefill worker)
         self.ready: list[Request] = []  # decode: KV landed, first token goes out at the next step boundary
@@ -68,7 +74,8 @@ class _Worker:
     def view(self) -> WorkerView:
         """The load a live worker would report to the scheduler."""
         config = self.config
-        queued = [*self.batcher.waiting, *self.batcher.running]
+        cohort = [s.request for s in self.batcher.cohort.seqs] if self.batcher.cohort else []
+        queued = [*self.batcher.waiting, *self.batcher.running, *cohort]
         pending = sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in queued)
         load = WorkerLoad(self.worker_id, pending, len(self.batcher.running),
                           len(self.batcher.waiting) + len(self.waiting_for_blocks), self.kv.num_free_blocks,
@@ -168,17 +175,21 @@ class Simulator:
                     worker.batcher.add_running(request)
             worker.ready = []
         plan = worker.batcher.schedule()
-        if not plan.seqs:
+        if not plan.seqs and plan.cohort is None:
             return
         chunks = [(s.start, s.num_new_tokens) for s in plan.seqs if s.start < s.request.num_prompt_tokens]
         contexts = [s.start + 1 for s in plan.seqs if s.start >= s.request.num_prompt_tokens]
-        worker.busy_until = self.now + self.latency.step_s(chunks, contexts)
+        cohort, layers = [], 0.0
+        if plan.cohort is not None:
+            cohort = [(s.start, s.num_new_tokens) for s in plan.cohort.seqs]
+            layers = (plan.cohort.layer_end - plan.cohort.layer_start) / self.config.num_layers
+        worker.busy_until = self.now + self.latency.step_s(chunks, contexts, cohort, layers)
         self._at(worker.busy_until, self._step_done, worker, plan)
 
     def _step_done(self, worker: _Worker, plan: StepPlan) -> None:
         worker.busy_until = None
-        sampling = [seq.request for seq in plan.seqs if seq.samples]  # before the counts move, as in Engine.step
-        for seq in plan.seqs:
+        sampling = [seq.request for seq in plan.sampling]  # before the counts move, as in Engine.step
+        for seq in plan.done:
             seq.request.num_computed_tokens += seq.num_new_tokens
         for request in sampling:
             status = request.append_token(1)
