@@ -123,3 +123,25 @@ def test_worker_gauges_follow_the_view_and_drop_gone_workers():
     assert got[("pdserve_worker_weight_bytes_read", "prefill", "prefill-0", "dense")] == 7
     assert got[("pdserve_worker_weight_bytes_read", "prefill", "prefill-0", "expert")] == 11
     assert not any(worker == "decode-0" for _, _, worker, _ in samples([prefill]))
+
+
+def test_the_load_rpc_carries_weight_bytes_to_the_scheduler(tiny_llama, make_engine):
+    """A worker's Load reply holds the weight bytes its steps read; the global scheduler's
+    poll turns them into the WorkerLoad the metrics render."""
+    from conftest import run_to_end
+    from engine.server import WorkerService, start_server
+    from engine.worker import EngineWorker
+    from parity_cases import GREEDY, prompts
+    from scheduler.worker_rpc import LoadClient
+    engine = make_engine(model=str(tiny_llama))
+    run_to_end(engine, prompts()[:2], GREEDY)
+    worker = EngineWorker(engine)  # not started: Load reads the stats it took when built
+    server, port = start_server(WorkerService("w0", "i0", worker, "decode"), "127.0.0.1")
+    client = LoadClient()
+    try:
+        load, incarnation = client.poll([f"127.0.0.1:{port}"], 5.0)[f"127.0.0.1:{port}"]
+    finally:
+        client.forget(f"127.0.0.1:{port}")
+        server.stop(0)
+    assert incarnation == "i0" and load.weight_bytes_dense == engine.stats().weight_bytes_dense > 0
+    assert load.weight_bytes_expert == 0  # a dense model

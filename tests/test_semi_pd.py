@@ -83,7 +83,7 @@ def test_semi_pd_matches_hf(setting, every_s, tiny_llama, references, monkeypatc
     assert_no_leak(worker)
 
 
-@pytest.mark.parametrize("schedule", ["chunked", "layered"])
+@pytest.mark.parametrize("schedule", ["whole", "chunked", "layered"])
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_semi_pd_moe_matches_hf(arch, schedule, tiny_dirs, references, monkeypatch):
     monkeypatch.setattr(batcher_mod, "_GROUPS", SMALL_GROUPS)
