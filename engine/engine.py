@@ -55,7 +55,8 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None, kv: KVCacheManager | LentBlocks | None = None):
+    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None,
+                 kv: KVCacheManager | LentBlocks | None = None):
         """runner and kv: semi-PD's prefill engine shares the decode engine's weights and KV
         cache (a sibling runner) and computes into blocks the decode side lends it."""
         self.config = config

@@ -72,7 +72,7 @@ class SemiPDWorker:
         if controller is not None:
             self.decode.add_hook(self._control)
 
-    def start(self) -> "SemiPDWorker":
+    def start(self) -> SemiPDWorker:
         self.decode.start()
         self.prefill.start()
         return self
@@ -167,7 +167,7 @@ class SemiPDWorker:
         first_s: list[float] = []
         count = [0]
 
-        def observe(out: "StepOutput | Exception") -> None:
+        def observe(out: StepOutput | Exception) -> None:
             if isinstance(out, Exception):  # the other samples end too (later: DecodeRole's lock may be held)
                 try:
                     self.decode.call(lambda _: self.abort(request_id))
