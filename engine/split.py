@@ -6,9 +6,12 @@ own thread and enters `use(phase)` around every step. How a share becomes hardwa
   per calling thread): prefill gets round(share * cores / 100) threads, at least one and
   leaving at least one for decode; decode the remaining cores. With two cores the only
   split is 1 + 1, whatever the share; with one, both streams time-share it.
-- CUDA with green contexts (`torch.cuda.green_contexts`): each phase's kernels go to the
-  stream of a green context holding its share of the SMs (rounded to the partition
-  granularity), created the first time a share is used.
+- CUDA with green contexts (`torch.cuda.green_contexts`): prefill's kernels go to the stream
+  of a green context holding its share of the SMs (rounded to the partition granularity),
+  created the first time a share is used; decode's go to a high-priority stream of the
+  ordinary context, which gets the SMs prefill leaves. (Each `GreenContext.create` splits
+  from the whole device, so two contexts made one by one are not known to be disjoint:
+  capping one phase is what torch's API can guarantee.)
 - CUDA without green contexts: no SM split; decode's stream gets the higher priority, so
   its kernels are scheduled first whenever both streams have work.
 """
@@ -65,7 +68,7 @@ class ComputeSplit:
         return prefill if phase == "prefill" else self.num_cores - prefill
 
     def sms(self, phase: str) -> int:
-        """CUDA: SMs of the phase's green context at the current share."""
+        """CUDA: SMs of the phase's green context at the current share (prefill's is used)."""
         total = torch.cuda.get_device_properties(self.device).multi_processor_count
         units = max(1, round(self.share_of(phase) * total / 100 / SM_GRANULARITY))
         return min(units * SM_GRANULARITY, total - SM_GRANULARITY)
@@ -95,7 +98,7 @@ class ComputeSplit:
             return "stream-priority"
 
     def _stream(self, phase: str) -> torch.cuda.Stream:
-        if getattr(self, "mechanism", "") == "stream-priority":
+        if phase == "decode" or getattr(self, "mechanism", "") == "stream-priority":
             key = (phase, 0)
             if key not in self._streams:  # lower number = higher priority
                 self._streams[key] = torch.cuda.Stream(self.device, priority=-1 if phase == "decode" else 0)
