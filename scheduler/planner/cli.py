@@ -68,7 +68,7 @@ def plan(args: argparse.Namespace, console: Console) -> dict:
     with console.status("simulating one prefill, one decode and one colocated instance"):
         intra = planner.goodput(profile.transfer_gbps)
         # KV across nodes: once, for every size that spans more than one node
-        inter = planner.goodput(args.interconnect_gbps) if max(_sizes(args)) > args.gpus_per_node else intra
+        inter = planner.goodput(args.interconnect_gbps, intra) if max(_sizes(args)) > args.gpus_per_node else intra
     for phase in ("prefill", "decode"):
         if not getattr(intra, phase):
             raise ValueError(f"one {phase} instance cannot meet the SLOs for {args.attainment:.0%} of requests even "

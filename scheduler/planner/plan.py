@@ -167,11 +167,15 @@ class Planner:
             lo, hi = (mid, hi) if meets(mid) else (lo, mid)
         return lo
 
-    def goodput(self, transfer_gbps: float | None) -> Goodput:
+    def goodput(self, transfer_gbps: float | None, colocated: Goodput | None = None) -> Goodput:
+        """One instance's goodput per kind; the colocated figures are taken from `colocated`
+        when given (they do not depend on the KV link)."""
         target = self.config.attainment
         prefill = self.max_rate(lambda r: self.attainment("prefill", r, transfer_gbps) >= target)
         decode = self.max_rate(lambda r: self.attainment("decode", r, transfer_gbps, prefill) >= target) \
             if prefill > 0 else 0.0  # no prefill instance to feed it
+        if colocated is not None:
+            return replace(colocated, prefill=prefill, decode=decode)
         by_schedule = {name: self.max_rate(lambda r, s=name: self.attainment("colocated", r, schedule=s) >= target)
                        for name in COLOCATED_SCHEDULES}
         best = max(by_schedule, key=lambda name: (by_schedule[name], name == "chunked"))
