@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(see `pdserve profile -h`)")
     sub.add_parser("plan", help="prefill and decode workers for a workload, rate and SLOs, simulated from a "
                                 "profile (see `pdserve plan -h`)")
+    sub.add_parser("kvpred", help="KV prediction: train a small model that fills the prompt's KV cache "
+                                  "(see `pdserve kvpred train -h`)")
     return parser
 
 
@@ -107,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["plan"]:
         from scheduler.planner.cli import main as plan_main
         return plan_main(argv[1:])
+    if argv[:1] == ["kvpred"]:
+        from engine.kvpred.cli import main as kvpred_main
+        return kvpred_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

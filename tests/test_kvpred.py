@@ -81,3 +81,44 @@ def test_save_and_load_round_trip(tiny_dirs, tmp_path):
     other = base_model(tiny_dirs["qwen3"])
     with pytest.raises(ValueError, match="does not hold a predictor"):
         KVPredictor.load(tmp_path / "p", other.cfg)
+
+
+def test_a_short_training_run_lowers_the_loss_and_resumes(tiny_dirs, tmp_path):
+    from engine.kvpred.train import Trainer, TrainConfig, kvpred_loss
+    torch.manual_seed(0)
+    base = base_model(tiny_dirs["llama"])
+    g = torch.Generator().manual_seed(1)
+    windows = [torch.randint(3, 60, (48,), generator=g).tolist() for _ in range(4)]  # a small vocabulary: learnable
+    predictor = KVPredictor.every_other_layer(base, str(tiny_dirs["llama"]), 512)
+    config = TrainConfig(steps=40, seq_len=48, lr=3e-3, checkpoint_every=20)
+
+    def mean_loss(p):
+        with torch.no_grad():
+            return sum(kvpred_loss(p, base, torch.tensor(w), config.prompt_len)[1].total for w in windows) / 4
+
+    before = mean_loss(predictor)
+    history = Trainer(predictor, base, windows, config, tmp_path / "p").run()
+    assert [h["step"] for h in history] == list(range(1, 41))
+    assert mean_loss(predictor) < 0.8 * before
+    assert all(p.grad is None or not p.requires_grad for p in base.parameters())  # the base stays frozen
+    # resume: step 40 saved; asking for 50 runs 10 more with the saved optimizer and sampling state
+    loaded, meta = KVPredictor.load(tmp_path / "p", base.cfg)
+    assert meta["step"] == 40
+    more = Trainer(loaded, base, windows, TrainConfig(steps=50, seq_len=48, lr=3e-3), tmp_path / "p", 40).run()
+    assert [h["step"] for h in more] == list(range(1, 51))
+
+
+def test_kvpred_train_cli_reads_text_and_jsonl(tiny_dirs, tmp_path, capsys):
+    from scheduler.cli import main
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("the cat sat on the mat. " * 40)
+    (docs / "b.jsonl").write_text('{"text": "' + "a dog ran in the park. " * 40 + '"}\n')
+    args = ["kvpred", "train", "--base", str(tiny_dirs["llama"]), "--data", str(docs), "--steps", "3",
+            "--seq-len", "32", "--out", str(tmp_path / "out"), "--checkpoint-every", "2"]
+    assert main(args) == 0
+    assert "to step 3" in capsys.readouterr().out
+    assert main([*args[:-4], "--steps", "4", "--out", str(tmp_path / "out")]) == 0  # resumes at 3
+    assert "to step 4" in capsys.readouterr().out
+    (docs / "bad.jsonl").write_text('{"txt": 1}\n')
+    assert main(args) == 2 and "needs a string field 'text'" in capsys.readouterr().err

@@ -1,0 +1,93 @@
+"""`pdserve kvpred train`: trains a KV predictor for a base model (engine/kvpred/train.py).
+
+    pdserve kvpred train --base MODEL --aux every-other-layer|PATH --data PATH [PATH ...]
+        --steps N --out DIR [--seq-len 256] [--prompt-frac 0.75] [--lr 1e-4]
+        [--checkpoint-every 50] [--num-threads N] [--seed 0]
+
+Run it again with the same --out to resume from the last checkpoint (up to --steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from engine.kvpred.predictor import EVERY_OTHER_LAYER, KVPredictor
+from engine.kvpred.train import Trainer, TrainConfig, read_texts, token_windows
+from engine.models.loader import load_model, open_weights
+from engine.models.registry import resolve_model_path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve kvpred", description="KV prediction: train a predictor")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train an auxiliary model and K/V maps for a base model (the base frozen)")
+    t.add_argument("--base", default=None, help="the base model (HF folder or .gguf); default: pdserve's default")
+    t.add_argument("--aux", default=EVERY_OTHER_LAYER,
+                   help="every-other-layer (the base's even layers, initialised from it) or a smaller model's path")
+    t.add_argument("--data", nargs="+", required=True, help="plain-text or JSONL files, or folders of them")
+    t.add_argument("--steps", type=int, required=True, help="train up to this many steps (one window each)")
+    t.add_argument("--out", required=True, help="folder for the predictor and its checkpoints (resumed if present)")
+    t.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
+    t.add_argument("--prompt-frac", type=float, default=0.75, help="share of a window that is the prompt")
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--checkpoint-every", type=int, default=50)
+    t.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all cores)")
+    t.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def train(args: argparse.Namespace) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from scheduler.tokenizer import Tokenizer
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    config = TrainConfig(args.steps, args.seq_len, args.prompt_frac, args.lr, args.checkpoint_every, args.seed)
+    base_path = resolve_model_path(args.base)
+    base = load_model(open_weights(base_path), torch.float32, torch.device("cpu"), args.seq_len)
+    tokenizer = Tokenizer.load(base_path)
+    windows = token_windows((tokenizer.encode(t) for t in read_texts(args.data)), args.seq_len)
+    out = Path(args.out)
+    step = 0
+    if (out / "kvpred.json").exists():
+        predictor, meta = KVPredictor.load(out, base.cfg)
+        step = int(meta.get("step", 0))
+        if predictor.info.base != str(base_path):
+            raise ValueError(f"{out} holds a predictor for {predictor.info.base}, not {base_path}")
+    elif args.aux == EVERY_OTHER_LAYER:
+        predictor = KVPredictor.every_other_layer(base, str(base_path), args.seq_len)
+    else:
+        predictor = KVPredictor.from_model(base.cfg, str(base_path), args.aux, args.seq_len)
+    trainer = Trainer(predictor, base, windows, config, out, step)
+    started = time.monotonic()
+    columns = (TextColumn("[bold]kvpred train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[losses]}"))
+    with Progress(*columns) as progress:
+        task = progress.add_task("train", total=config.steps, completed=step, losses="")
+        trainer.run(lambda s, loss: progress.update(
+            task, completed=s, losses=f"loss {loss.total:.3f} (base {loss.base_ce:.3f}, aux {loss.aux_ce:.3f}, "
+                                      f"L1 {loss.l1:.3f})"))
+    seconds = time.monotonic() - started
+    print(f"trained {len(windows)} windows of {args.seq_len} tokens to step {trainer.step} in {seconds:.0f} s; "
+          f"saved to {out}")
+    return {"step": trainer.step, "seconds": seconds, "windows": len(windows)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            train(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pdserve kvpred: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
