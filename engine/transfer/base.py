@@ -7,7 +7,7 @@ block list, not by physical id, so the receiver writes them into whatever blocks
 reserved. A chunked prompt sends each chunk's blocks when the chunk runs; the block it ends
 in is sent again, complete, with the next chunk.
 
-Implementations: loopback (same process, tests and semi-PD), gloo (CPU, between
+Implementations: loopback (same process, tests), gloo (CPU, between
 processes) and NCCL (GPU).
 """
 
