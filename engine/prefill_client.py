@@ -170,7 +170,10 @@ class PrefillClient:
         peer.receiver.expect(transfer_id, request.request_id)
         request.transfer_id = transfer_id
         self._active[request.request_id] = peer
-        call = peer.stub.Prefill.future(request)
+        try:
+            call = peer.stub.Prefill.future(request)
+        except ValueError as e:  # another request found the peer dead and closed its channel meanwhile
+            raise PeerFailed(f"the link to {peer.worker_id} was closed: {e}") from e
         future.add_done_callback(lambda f: call.cancel() if f.cancelled() else None)
         return call.result()
 
