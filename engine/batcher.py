@@ -132,6 +132,14 @@ class Batcher:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running) + (len(self.cohort.seqs) if self.cohort else 0)
 
+    @property
+    def num_pending_prefill_tokens(self) -> int:
+        """Prompt tokens queued, admitted or in the cohort, not yet computed (the load the
+        engine reports, and the simulator's workers with it)."""
+        cohort = [s.request for s in self.cohort.seqs] if self.cohort else []
+        return sum(max(0, r.num_prompt_tokens - r.num_computed_tokens)
+                   for r in (*self.waiting, *self.running, *cohort))
+
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         layered = self.prefill_schedule == "layered"

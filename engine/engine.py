@@ -260,10 +260,7 @@ class Engine:
             self.requests.pop(request.parent_id, None)
 
     def stats(self) -> EngineStats:
-        cohort = [s.request for s in self.batcher.cohort.seqs] if self.batcher.cohort else []
-        pending = sum(max(0, r.num_prompt_tokens - r.num_computed_tokens)
-                      for r in (*self.batcher.waiting, *self.batcher.running, *cohort))
         reads = self.runner.weight_reads
         return EngineStats(len(self.batcher.running), len(self.batcher.waiting), self.kv.num_used_blocks,
-                           self.num_kv_blocks, self.kv.stats.queries_tokens, self.kv.stats.hit_tokens, pending,
-                           reads.dense_bytes, reads.expert_bytes)
+                           self.num_kv_blocks, self.kv.stats.queries_tokens, self.kv.stats.hit_tokens,
+                           self.batcher.num_pending_prefill_tokens, reads.dense_bytes, reads.expert_bytes)

@@ -74,10 +74,7 @@ class _Worker:
     def view(self) -> WorkerView:
         """The load a live worker would report to the scheduler."""
         config = self.config
-        cohort = [s.request for s in self.batcher.cohort.seqs] if self.batcher.cohort else []
-        queued = [*self.batcher.waiting, *self.batcher.running, *cohort]
-        pending = sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in queued)
-        load = WorkerLoad(self.worker_id, pending, len(self.batcher.running),
+        load = WorkerLoad(self.worker_id, self.batcher.num_pending_prefill_tokens, len(self.batcher.running),
                           len(self.batcher.waiting) + len(self.waiting_for_blocks), self.kv.num_free_blocks,
                           config.block_size)
         return WorkerView(self.worker_id, self.role, self.worker_id, load, config.num_blocks)
