@@ -20,6 +20,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from scheduler.controller import quantile  # the role controller's: both report "windowed p90" alike
+
 
 @dataclass(frozen=True)
 class SplitControllerConfig:
@@ -55,11 +57,6 @@ class SplitDecision:
     share: float  # the prefill share from now on
     ttft_s: float | None = None  # the window's percentile TTFT and TPOT
     tpot_s: float | None = None
-
-
-def quantile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 class InverseModel:
