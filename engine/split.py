@@ -91,22 +91,26 @@ class ComputeSplit:
         if not green_contexts.SUPPORTED:
             return "stream-priority"
         try:
-            self._stream("prefill")
+            self._green_stream(self.sms("prefill"))
             return "green-contexts"
         except Exception as e:  # old driver, MIG, ...: fall back to priorities
             log.warning("green contexts unavailable (%s); semi-PD runs without an SM split, decode first", e)
             return "stream-priority"
 
     def _stream(self, phase: str) -> torch.cuda.Stream:
-        if phase == "decode" or getattr(self, "mechanism", "") == "stream-priority":
-            key = (phase, 0)
-            if key not in self._streams:  # lower number = higher priority
-                self._streams[key] = torch.cuda.Stream(self.device, priority=-1 if phase == "decode" else 0)
-            return self._streams[key]
-        key = (phase, self.sms(phase))
+        if phase == "prefill" and self.mechanism == "green-contexts":
+            return self._green_stream(self.sms(phase))
+        key = (phase, 0)
+        if key not in self._streams:  # lower number = higher priority
+            self._streams[key] = torch.cuda.Stream(self.device, priority=-1 if phase == "decode" else 0)
+        return self._streams[key]
+
+    def _green_stream(self, num_sms: int) -> torch.cuda.Stream:
+        """The stream of a green context holding num_sms SMs (made once per size)."""
+        key = ("prefill", num_sms)
         if key not in self._streams:
             from torch.cuda.green_contexts import GreenContext
-            context = GreenContext.create(num_sms=key[1], device_id=self.device.index or 0)
+            context = GreenContext.create(num_sms=num_sms, device_id=self.device.index or 0)
             self._contexts.append(context)
             self._streams[key] = context.Stream()
         return self._streams[key]
