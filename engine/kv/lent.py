@@ -39,7 +39,8 @@ class LentBlocks:
             self._loans[request_id] = Loan(tuple(block_ids), num_cached_blocks)
 
     def cancel(self, request_id: str) -> None:
-        """The prefill never started (refused): return the blocks now."""
+        """Returns the request's blocks to the decode side (the prefill is done with them, or
+        never started)."""
         with self._lock:
             loan = self._loans.pop(request_id, None)
         if loan is not None:
@@ -66,11 +67,8 @@ class LentBlocks:
         return True
 
     def free(self, request: Request) -> None:
-        with self._lock:
-            loan = self._loans.pop(request.request_id, None)
         request.block_ids = []
-        if loan is not None:
-            self.give_back(list(loan.block_ids))
+        self.cancel(request.request_id)
 
     @property
     def num_used_blocks(self) -> int:
