@@ -56,6 +56,8 @@ class EngineConfig:
     """Torch intra-op threads on CPU; default: all cores this process may use."""
     seed: int = 0
     """Seed for requests that do not give their own."""
+    kv_predictor: str | None = None
+    """Folder of a KV predictor trained for this model (pdserve kvpred train): requests may then be prefilled from its predicted KV (the kv_prediction request field, or the TTFT-SLO policy)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

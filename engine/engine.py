@@ -15,6 +15,7 @@ from engine.config import EngineConfig
 from engine.errors import RequestError
 from engine.kv.lent import LentBlocks
 from engine.kv.manager import KVCacheManager
+from engine.kvpred.prefill import PredictedPrefill
 from engine.models.registry import resolve_model_path
 from engine.request import Request, RequestStatus, Timeline, TokenLogprobs, validate_request
 from engine.runner import ModelRunner
@@ -75,6 +76,11 @@ class Engine:
                                config.token_budget, self.model_config.num_layers)
         self.requests: dict[str, list[Request]] = {}
         self.exporter: LayerExporter | None = None  # set on a prefill engine: ships prompt KV
+        self.kv_predictor: PredictedPrefill | None = None
+        if config.kv_predictor:
+            r = self.runner
+            self.kv_predictor = PredictedPrefill(config.kv_predictor, r.model, self.max_model_len, r.device, r.dtype)
+        self.num_predicted_prefills = 0
         self._ready: list[StepOutput] = []  # first tokens of admitted prefilled requests
 
     def set_kv_sink(self, sink: KVSink) -> None:
@@ -84,6 +90,11 @@ class Engine:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raises RequestError for a request this engine cannot run."""
         validate_request(prompt_token_ids, params, self.max_model_len, self.model_config.vocab_size)
+        if params.kv_prediction and self.kv_predictor is None:
+            raise RequestError("kv_prediction: this server has no KV predictor (start it with --kv-predictor DIR)",
+                               param="kv_prediction")
+        if params.kv_prediction and params.n != 1:
+            raise RequestError("kv_prediction works with n=1 only", param="n")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_s: float | None = None) -> None:
@@ -97,8 +108,29 @@ class Engine:
                                     self.model_config.eos_token_ids, self.max_model_len, index=i,
                                     parent_id=request_id, arrival_s=arrival_s))
         self.requests[request_id] = children
+        if params.kv_prediction and self._predict(children[0]):
+            return
         for child in children:
             self.batcher.add(child)
+
+    def _predict(self, request: Request) -> bool:
+        """Predicted prefill (engine/kvpred/prefill.py): the predictor's KV of all but the
+        prompt's last token lands in reserved blocks through the KV import path; the request
+        then runs with that much computed, so its next step computes the last token and samples.
+        False, changing nothing, for a one-token prompt or when the pool has no room now: the
+        request is then prefilled as usual."""
+        n = request.num_prompt_tokens - 1
+        if n == 0 or not self.kv.reserve(request, n):
+            request.kv_predicted = False
+            return False
+        request.status = RequestStatus.WAITING_FOR_KV
+        request.timeline.first_scheduled_s = request.timeline.prefill_start_s = time.monotonic()
+        for chunk in self.kv_predictor.chunks(request.request_id, request.prompt_token_ids, self.config.block_size):
+            self.receive_kv(chunk)
+        request.num_computed_tokens = n
+        self.batcher.add_running(request)
+        self.num_predicted_prefills += 1
+        return True
 
     def abort(self, request_id: str, index: int | None = None) -> bool:
         """Ends the request (or only its index-th sample) in any state and frees its blocks."""

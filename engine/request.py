@@ -109,6 +109,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0
         self.num_sent_blocks = 0
+        self.kv_predicted = bool(params.kv_prediction)  # prompt KV from a KV predictor: never prefix-cached
         self.kv_landed = False  # decode side: the prompt's last layer chunk has been written
         self.first_token: tuple[int, TokenLogprobs | None] | None = None  # decode side, from prefill
         self.logprobs: list[TokenLogprobs] = []

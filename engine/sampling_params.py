@@ -29,6 +29,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    kv_prediction: bool | None = None  # predicted prefill (KV prediction): None lets the server's policy choose
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

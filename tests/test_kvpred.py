@@ -122,3 +122,78 @@ def test_kvpred_train_cli_reads_text_and_jsonl(tiny_dirs, tmp_path, capsys):
     assert "to step 4" in capsys.readouterr().out
     (docs / "bad.jsonl").write_text('{"txt": 1}\n')
     assert main(args) == 2 and "needs a string field 'text'" in capsys.readouterr().err
+
+
+# predicted prefill in the engine: predicted KV through the KV import path
+
+def perfect_predictor(tmp_path, path) -> str:
+    """A predictor folder whose auxiliary model is the base itself with identity maps."""
+    base = base_model(path)
+    predictor = KVPredictor.from_model(base.cfg, str(path), str(path), 512)
+    predictor.save(tmp_path / "perfect")
+    return str(tmp_path / "perfect")
+
+
+def engine_with(path, predictor_dir, **config):
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    return Engine(EngineConfig(model=str(path), kv_predictor=predictor_dir, num_kv_blocks=128, **config))
+
+
+def run(engine, prompt_list, params):
+    for i, p in enumerate(prompt_list):
+        engine.add_request(str(i), p, params)
+    out = {str(i): [] for i in range(len(prompt_list))}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id] += o.new_token_ids
+    return [out[str(i)] for i in range(len(prompt_list))]
+
+
+@pytest.mark.parametrize("schedule", ["chunked", "whole", "layered"])
+def test_a_perfect_predictor_served_gives_hf_greedy_tokens(schedule, tiny_dirs, references, tmp_path):
+    """Predicted KV written through the import path, then the base's last prompt token and
+    decode over it: with a perfect predictor, exactly HF's greedy tokens; nothing left behind."""
+    from engine.sampling_params import SamplingParams
+    path = tiny_dirs["llama"]
+    engine = engine_with(path, perfect_predictor(tmp_path, path), prefill_schedule=schedule, token_budget=64)
+    chosen = [1, 2, 4, 7]  # 1, 17, 64 and 200 tokens: blocks partly filled, a one-token prompt
+    got = run(engine, [prompts()[i] for i in chosen],
+              SamplingParams(max_tokens=NUM_TOKENS, temperature=0, ignore_eos=True, kv_prediction=True))
+    for i, tokens in zip(chosen, got):
+        assert tokens == references("llama")[i][:len(tokens)] and len(tokens) == NUM_TOKENS
+    assert engine.num_predicted_prefills == sum(len(prompts()[i]) > 1 for i in chosen)
+    assert engine.kv.num_used_blocks == 0 and not engine.requests
+
+
+def test_predicted_prefill_is_deterministic_and_never_enters_the_prefix_cache(tiny_dirs, tmp_path):
+    """An (untrained) every-other-layer predictor: greedy output is the same every time, differs
+    from full prefill, and a later full prefill of the same prompt reuses none of its blocks."""
+    from engine.sampling_params import SamplingParams
+    path = tiny_dirs["llama"]
+    KVPredictor.every_other_layer(base_model(path), str(path), 512).save(tmp_path / "eol")
+    engine = engine_with(path, str(tmp_path / "eol"))
+    prompt = prompts()[7]
+    greedy = dict(max_tokens=NUM_TOKENS, temperature=0, ignore_eos=True)
+    first = run(engine, [prompt], SamplingParams(**greedy, kv_prediction=True))
+    assert run(engine, [prompt], SamplingParams(**greedy, kv_prediction=True)) == first
+    assert engine.kv.stats.hit_tokens == 0
+    full = run(engine, [prompt], SamplingParams(**greedy))
+    assert engine.kv.stats.hit_tokens == 0  # the predicted blocks were never registered
+    assert full != first
+    assert run(engine_with(path, None), [prompt], SamplingParams(**greedy)) == full
+    assert engine.kv.num_used_blocks == 0 and not engine.requests and engine.num_predicted_prefills == 2
+
+
+def test_kv_prediction_is_refused_clearly_without_a_predictor_or_with_n(tiny_dirs, tmp_path):
+    from engine.errors import RequestError
+    from engine.sampling_params import SamplingParams
+    path = tiny_dirs["llama"]
+    with pytest.raises(RequestError, match="no KV predictor"):
+        engine_with(path, None).add_request("a", [1, 2, 3], SamplingParams(kv_prediction=True))
+    engine = engine_with(path, perfect_predictor(tmp_path, path))
+    with pytest.raises(RequestError, match="n=1"):
+        engine.add_request("a", [1, 2, 3], SamplingParams(n=2, kv_prediction=True))
+    assert not engine.requests and engine.kv.num_used_blocks == 0
+    with pytest.raises(ValueError, match="no KV predictor"):
+        engine_with(path, str(tmp_path))

@@ -70,7 +70,7 @@ class KVCacheManager:
             new = self.pool.allocate(need)
             assert new is not None
             request.block_ids.extend(new)
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and not request.kv_predicted:  # predicted KV is approximate
             num_full = (num_computed + num_new_tokens) // self.block_size
             hashes = self._hashes(request, num_full)
             for i in range(request.num_registered_blocks, num_full):

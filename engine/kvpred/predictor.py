@@ -100,11 +100,14 @@ class KVPredictor(nn.Module):
         (folder / "kvpred.json").write_text(json.dumps(meta, indent=1) + "\n")
 
     @classmethod
-    def load(cls, folder: str | Path, base_cfg: ModelConfig, device: torch.device = torch.device("cpu")
-             ) -> tuple[KVPredictor, dict]:
-        """The predictor saved in folder, and the rest of its kvpred.json (e.g. the step)."""
+    def load(cls, folder: str | Path, base_cfg: ModelConfig, device: torch.device = torch.device("cpu"),
+             max_len: int | None = None) -> tuple[KVPredictor, dict]:
+        """The predictor saved in folder, and the rest of its kvpred.json (e.g. the step);
+        max_len: the longest prompt it will read (default: its training windows')."""
         from safetensors.torch import load_file
         folder = Path(folder)
+        if not (folder / "kvpred.json").is_file():
+            raise ValueError(f"{folder} holds no KV predictor (no kvpred.json): train one with pdserve kvpred train")
         meta = json.loads((folder / "kvpred.json").read_text())
         fields = {f: meta.pop(f) for f in PredictorInfo.__dataclass_fields__}
         aux_raw = dict(fields["aux_config"])
@@ -113,7 +116,7 @@ class KVPredictor(nn.Module):
             aux_raw[key] = tuple(aux_raw[key])
         info = PredictorInfo(**{**fields, "source_layers": tuple(fields["source_layers"])})
         aux_cfg = ModelConfig(**aux_raw)
-        aux = LlamaModel(aux_cfg, Rotary(aux_cfg, info.max_len, device))
+        aux = LlamaModel(aux_cfg, Rotary(aux_cfg, max(info.max_len, max_len or 0), device))
         predictor = cls(aux, base_cfg, info)
         try:
             predictor.load_state_dict(load_file(str(folder / "predictor.safetensors")))
