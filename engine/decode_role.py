@@ -68,7 +68,7 @@ class DecodeRole:
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  start_prefill: StartPrefill, sink: Sink) -> None:
         """Raises RequestError for a bad request and Overloaded when the wait queue is full."""
-        self.worker.engine.validate(prompt_token_ids, params)
+        self.worker.engine.validate(prompt_token_ids, params, prefills=False)
         with self._lock:
             if len(self._pending) >= self.max_pending:
                 raise Overloaded(f"the decode worker has {self.max_pending} requests waiting for KV blocks; "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from engine.batcher import Batcher
+from engine.batcher import Batcher, StepPlan
 from engine.config import EngineConfig
 from engine.errors import RequestError
 from engine.kv.lent import LentBlocks
@@ -22,6 +22,8 @@ from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.transfer.base import KVSink, LayerChunk
 from engine.transfer.exporter import LayerExporter
+
+PREFILL_SAMPLE_TOKENS = 32  # a step with fewer prompt tokens says little of prefill speed
 
 
 @dataclass
@@ -53,6 +55,9 @@ class EngineStats:
     num_pending_prefill_tokens: int = 0  # prompt tokens admitted or queued but not yet computed
     weight_bytes_dense: int = 0   # since start: weights the steps read, experts apart
     weight_bytes_expert: int = 0  # since start: each expert counted once per layer run that routed to it
+    prefill_s_per_token: float = 0.0  # measured: seconds per token of steps that prefill (moving average)
+    kv_prediction_cost: float = 0.0   # predicted prefill's FLOPs as a share of full prefill's; 0: no predictor
+    num_predicted_prefills: int = 0   # since start
 
 
 class Engine:
@@ -81,16 +86,18 @@ class Engine:
             r = self.runner
             self.kv_predictor = PredictedPrefill(config.kv_predictor, r.model, self.max_model_len, r.device, r.dtype)
         self.num_predicted_prefills = 0
+        self.prefill_s_per_token = 0.0  # moving average over steps with at least PREFILL_SAMPLE_TOKENS prompt tokens
         self._ready: list[StepOutput] = []  # first tokens of admitted prefilled requests
 
     def set_kv_sink(self, sink: KVSink) -> None:
         """Makes this a prefill engine: every prompt's KV goes to sink, layer by layer."""
         self.exporter = LayerExporter(self.runner.kv_cache, sink, self.model_config.num_layers)
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raises RequestError for a request this engine cannot run."""
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, prefills: bool = True) -> None:
+        """Raises RequestError for a request this engine cannot run (prefills: it would
+        compute the prompt itself, not receive its KV)."""
         validate_request(prompt_token_ids, params, self.max_model_len, self.model_config.vocab_size)
-        if params.kv_prediction and self.kv_predictor is None:
+        if params.kv_prediction and prefills and self.kv_predictor is None:
             raise RequestError("kv_prediction: this server has no KV predictor (start it with --kv-predictor DIR)",
                                param="kv_prediction")
         if params.kv_prediction and params.n != 1:
@@ -152,7 +159,7 @@ class Engine:
             raise RequestError(f"duplicate request id {request_id!r}")
         if params.n != 1:
             raise RequestError("disaggregated serving supports n=1 only", param="n")
-        self.validate(prompt_token_ids, params)
+        self.validate(prompt_token_ids, params, prefills=False)
         request = Request(request_id, prompt_token_ids, params, self.model_config.eos_token_ids,
                           self.max_model_len, arrival_s=arrival_s)
         if not self.kv.reserve(request, request.num_prompt_tokens):
@@ -262,6 +269,7 @@ class Engine:
         if exporter is not None:
             exporter.plan(plan)
         result = self.runner.execute(plan, exporter.layer_done if exporter and exporter.runs else None)
+        self._measure_prefill(plan, time.monotonic() - now)
         for seq in plan.done:
             seq.request.num_computed_tokens += seq.num_new_tokens
         if exporter is not None:
@@ -284,6 +292,15 @@ class Engine:
                                       request.num_cached_tokens, timeline))
         return outputs
 
+    def _measure_prefill(self, plan: StepPlan, seconds: float) -> None:
+        """Seconds per token of a step that prefills (its decodes counted as tokens too): what
+        routing estimates a prompt's prefill time by (the KV-prediction policy)."""
+        prompt = sum(s.num_new_tokens for s in plan.scheduled if s.start < s.request.num_prompt_tokens)
+        if prompt >= PREFILL_SAMPLE_TOKENS:
+            sample = seconds / plan.num_tokens
+            old = self.prefill_s_per_token
+            self.prefill_s_per_token = sample if old == 0 else 0.8 * old + 0.2 * sample
+
     def _finish(self, request: Request, status: RequestStatus) -> None:
         self.batcher.finish(request, status)
         self.runner.sampler.release(request.request_id)
@@ -295,4 +312,6 @@ class Engine:
         reads = self.runner.weight_reads
         return EngineStats(len(self.batcher.running), len(self.batcher.waiting), self.kv.num_used_blocks,
                            self.num_kv_blocks, self.kv.stats.queries_tokens, self.kv.stats.hit_tokens,
-                           self.batcher.num_pending_prefill_tokens, reads.dense_bytes, reads.expert_bytes)
+                           self.batcher.num_pending_prefill_tokens, reads.dense_bytes, reads.expert_bytes,
+                           self.prefill_s_per_token, self.kv_predictor.cost if self.kv_predictor else 0.0,
+                           self.num_predicted_prefills)

@@ -54,6 +54,8 @@ class _Window:
 class SemiPDWorker:
     def __init__(self, config: EngineConfig, prefill_share: float = 50.0,
                  controller: SplitController | None = None):
+        if config.kv_predictor:
+            raise ValueError("--kv-predictor runs on colocated, prefill and decode workers, not in semi-PD mode")
         self.engine = Engine(config)  # the decode side: owns the weights, the KV cache and the pool
         runner = self.engine.runner
         self.split = ComputeSplit(runner.device, controller.share if controller else prefill_share,

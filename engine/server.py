@@ -46,7 +46,7 @@ def params_to_proto(p: SamplingParams) -> pb.SamplingParams:
                              top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, presence_penalty=p.presence_penalty,
                              frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty,
                              seed=p.seed, stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
-                             logprobs=p.logprobs)
+                             logprobs=p.logprobs, kv_prediction=p.kv_prediction)
 
 
 def params_from_proto(m: pb.SamplingParams) -> SamplingParams:
@@ -56,7 +56,8 @@ def params_from_proto(m: pb.SamplingParams) -> SamplingParams:
                           temperature=m.temperature, top_p=m.top_p, top_k=m.top_k, min_p=m.min_p,
                           presence_penalty=m.presence_penalty, frequency_penalty=m.frequency_penalty,
                           repetition_penalty=m.repetition_penalty, seed=opt("seed"),
-                          stop_token_ids=tuple(m.stop_token_ids), ignore_eos=m.ignore_eos, logprobs=opt("logprobs"))
+                          stop_token_ids=tuple(m.stop_token_ids), ignore_eos=m.ignore_eos, logprobs=opt("logprobs"),
+                          kv_prediction=opt("kv_prediction"))
 
 
 def logprob_to_proto(lp: TokenLogprobs) -> pb.TokenLogprob:
@@ -216,7 +217,10 @@ class WorkerService(pb_grpc.WorkerServicer):
                              num_total_blocks=stats.num_kv_blocks_total,
                              block_size=self.worker.engine.config.block_size, incarnation=self.incarnation,
                              weight_bytes_dense=stats.weight_bytes_dense,
-                             weight_bytes_expert=stats.weight_bytes_expert)
+                             weight_bytes_expert=stats.weight_bytes_expert,
+                             prefill_s_per_token=stats.prefill_s_per_token,
+                             kv_prediction_cost=stats.kv_prediction_cost,
+                             num_predicted_prefills=stats.num_predicted_prefills)
 
 
 def start_server(service: pb_grpc.WorkerServicer, host: str, max_workers: int = 512) -> tuple[grpc.Server, int]:

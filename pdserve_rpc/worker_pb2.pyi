@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SamplingParams(_message.Message):
-    __slots__ = ("n", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "seed", "stop_token_ids", "ignore_eos", "logprobs")
+    __slots__ = ("n", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "seed", "stop_token_ids", "ignore_eos", "logprobs", "kv_prediction")
     N_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class SamplingParams(_message.Message):
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    KV_PREDICTION_FIELD_NUMBER: _ClassVar[int]
     n: int
     max_tokens: int
     min_tokens: int
@@ -36,7 +37,8 @@ class SamplingParams(_message.Message):
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     ignore_eos: bool
     logprobs: int
-    def __init__(self, n: _Optional[int] = ..., max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[int] = ...) -> None: ...
+    kv_prediction: bool
+    def __init__(self, n: _Optional[int] = ..., max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[int] = ..., kv_prediction: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "params", "prefill_worker", "prefill_address")
@@ -183,7 +185,7 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("worker_id", "role", "pending_prefill_tokens", "num_running", "num_waiting", "num_free_blocks", "num_total_blocks", "block_size", "incarnation", "weight_bytes_dense", "weight_bytes_expert")
+    __slots__ = ("worker_id", "role", "pending_prefill_tokens", "num_running", "num_waiting", "num_free_blocks", "num_total_blocks", "block_size", "incarnation", "weight_bytes_dense", "weight_bytes_expert", "prefill_s_per_token", "kv_prediction_cost", "num_predicted_prefills")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     PENDING_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +197,9 @@ class WorkerLoad(_message.Message):
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_DENSE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_EXPERT_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_S_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    KV_PREDICTION_COST_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREDICTED_PREFILLS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     pending_prefill_tokens: int
@@ -206,4 +211,7 @@ class WorkerLoad(_message.Message):
     incarnation: str
     weight_bytes_dense: int
     weight_bytes_expert: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., pending_prefill_tokens: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., incarnation: _Optional[str] = ..., weight_bytes_dense: _Optional[int] = ..., weight_bytes_expert: _Optional[int] = ...) -> None: ...
+    prefill_s_per_token: float
+    kv_prediction_cost: float
+    num_predicted_prefills: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., pending_prefill_tokens: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., incarnation: _Optional[str] = ..., weight_bytes_dense: _Optional[int] = ..., weight_bytes_expert: _Optional[int] = ..., prefill_s_per_token: _Optional[float] = ..., kv_prediction_cost: _Optional[float] = ..., num_predicted_prefills: _Optional[int] = ...) -> None: ...

@@ -32,7 +32,7 @@ def build_server(engine_config: EngineConfig, config: ServeConfig = ServeConfig(
         worker = EngineWorker(Engine(engine_config)).start()
     tokenizer = Tokenizer.load(worker.engine.model_path)
     name = engine_config.served_model_name or model_name(engine_config.model)
-    state = ServerState(InProcessClient(worker, name), tokenizer, name, config.api_key, ServerMetrics(config))
+    state = ServerState(InProcessClient(worker, name, config.slo_ttft_ms / 1000), tokenizer, name, config.api_key, ServerMetrics(config))
     return build_app(state), worker
 
 
@@ -57,7 +57,7 @@ def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
         max_model_len, vocab_size = cluster.limits()
         name = engine_config.served_model_name or model_name(engine_config.model)
         client = DisaggClient(cluster.scheduler, ModelInfo(name, max_model_len, vocab_size), config.policy,
-                              policy_config=config.policy_config())
+                              policy_config=config.policy_config(), slo_ttft_s=config.slo_ttft_ms / 1000)
         return build_app(ServerState(client, tokenizer, name, config.api_key, ServerMetrics(config))), cluster
     except BaseException:
         cluster.stop()

@@ -19,21 +19,27 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from engine.decode_role import Overloaded
 from engine.engine import StepOutput
+from engine.errors import RequestError
 from engine.request import validate_request
 from engine.sampling_params import SamplingParams
 from scheduler.engine_client import EngineClient, ModelInfo
-from scheduler.policies import PolicyConfig
+from scheduler.policies import PolicyConfig, use_kv_prediction
 from scheduler.router import Router, WorkerView
 from scheduler.worker_rpc import StreamClient, WorkerFailed
 
 
 class DisaggClient(EngineClient):
     def __init__(self, scheduler, info: ModelInfo, policy: str = "jsq", refresh_s: float = 0.02,
-                 stale_s: float = 0.5, policy_config: PolicyConfig = PolicyConfig()):
+                 stale_s: float = 0.5, policy_config: PolicyConfig = PolicyConfig(),
+                 slo_ttft_s: float | None = None):
+        """slo_ttft_s: a request that leaves kv_prediction unset is prefilled from its prefill
+        worker's KV predictor (if it has one) when full prefill there would miss it."""
         self.scheduler = scheduler  # the GlobalScheduler actor handle
+        self.slo_ttft_s = slo_ttft_s
         self.info = info
         self.router = Router(policy, policy_config)
         self._latencies: list[tuple[float, float | None]] = []  # finished since the last refresh
@@ -83,9 +89,16 @@ class DisaggClient(EngineClient):
     async def _one(self, request_id: str, prompt_token_ids: list[int],
                    params: SamplingParams) -> AsyncIterator[StepOutput]:
         await self._refresh_view()
+        loads = {w: v.load for w, v in self.router.views.items()}  # before this route is charged to them
         target = self.router.route(len(prompt_token_ids), prompt_token_ids)
         if target is None:
             raise Overloaded("no decode worker can take this prompt now (all busy or down); retry later")
+        prefiller = loads[target.prefill_id or target.decode_id]
+        if params.kv_prediction and prefiller.kv_prediction_cost <= 0:
+            raise RequestError("kv_prediction: the workers have no KV predictor (start them with --kv-predictor DIR)",
+                               param="kv_prediction")
+        if params.kv_prediction is None and self.slo_ttft_s is not None:
+            params = replace(params, kv_prediction=use_kv_prediction(prefiller, len(prompt_token_ids), self.slo_ttft_s))
         sent_s, first_s, tokens = time.monotonic(), None, 0
         try:
             async for out in self.streams.generate(target.decode_id, target.decode_address, target.prefill_id,

@@ -61,6 +61,8 @@ class ServerMetrics:
             "weight_bytes": Gauge("pdserve_worker_weight_bytes_read", "Weight bytes the worker's steps read since it "
                                   "started (cumulative; kind: dense, or expert: each expert once per layer run that "
                                   "routed a token to it)", [*worker, "kind"], registry=r),
+            "predicted": Gauge("pdserve_worker_predicted_prefills", "Prompts the worker prefilled from a KV "
+                               "predictor's KV since it started (cumulative)", worker, registry=r),
             "lent": Gauge("pdserve_worker_lent", "1 while the mixed-pool policy lends the worker to the pool "
                           "labelled (it runs both phases)", worker, registry=r),
         }
@@ -110,6 +112,7 @@ class ServerMetrics:
             g["total"].labels(*key).set(w.num_total_blocks)
             g["weight_bytes"].labels(*key, "dense").set(load.weight_bytes_dense)
             g["weight_bytes"].labels(*key, "expert").set(load.weight_bytes_expert)
+            g["predicted"].labels(*key).set(load.num_predicted_prefills)
             if w.worker_id in lent:
                 g["lent"].labels(lent[w.worker_id], w.worker_id).set(1)
         for pool, n in control.get("moves", {}).items():

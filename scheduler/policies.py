@@ -42,6 +42,9 @@ class WorkerLoad:
     alive: bool = True
     weight_bytes_dense: int = 0   # since start: weights its steps read (metrics only)
     weight_bytes_expert: int = 0
+    prefill_s_per_token: float = 0.0  # measured: seconds per token of its prefill steps
+    kv_prediction_cost: float = 0.0   # predicted prefill's share of full prefill's FLOPs; 0: no KV predictor
+    num_predicted_prefills: int = 0   # since start (metrics only)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -175,6 +178,18 @@ class MixedPool:
                 return Route(None, d.worker_id)
             self.lent[p.worker_id] = "prefill"
         return Route(p.worker_id, d.worker_id)
+
+
+def use_kv_prediction(load: WorkerLoad, num_prompt_tokens: int, slo_ttft_s: float) -> bool:
+    """KV prediction's rule: prefill this prompt from predicted KV when the worker has a
+    predictor and its full prefill, behind the prompt tokens already queued there, would miss
+    the TTFT SLO at the worker's measured prefill speed, while predicted prefill (which runs
+    on arrival, at its FLOPs' share of that speed) would come sooner."""
+    rate, cost = load.prefill_s_per_token, load.kv_prediction_cost
+    if cost <= 0 or rate <= 0:
+        return False
+    full_s = (load.pending_prefill_tokens + num_prompt_tokens) * rate
+    return full_s > slo_ttft_s and num_prompt_tokens * cost * rate < full_s
 
 
 def round_robin() -> Policy:

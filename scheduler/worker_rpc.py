@@ -105,7 +105,10 @@ class LoadClient:
                 continue
             out[address] = (WorkerLoad(m.worker_id, m.pending_prefill_tokens, m.num_running, m.num_waiting,
                                        m.num_free_blocks, m.block_size, weight_bytes_dense=m.weight_bytes_dense,
-                                       weight_bytes_expert=m.weight_bytes_expert), m.incarnation)
+                                       weight_bytes_expert=m.weight_bytes_expert,
+                                       prefill_s_per_token=m.prefill_s_per_token,
+                                       kv_prediction_cost=m.kv_prediction_cost,
+                                       num_predicted_prefills=m.num_predicted_prefills), m.incarnation)
         return out
 
     def forget(self, address: str) -> None:

@@ -161,3 +161,14 @@ def tiny_server(tiny_llama):
     yield server
     server.stop()
     assert_no_leak(server.engine)
+
+
+def metric_sum(url: str, name: str) -> float:
+    """The sum of a metric's series on a live server's /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    samples = [s.value for family in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+               for s in family.samples if s.name == name]
+    if not samples:
+        raise KeyError(name)
+    return sum(samples)

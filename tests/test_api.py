@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import LiveServer, assert_no_leak
+from conftest import LiveServer, assert_no_leak, metric_sum
 
 
 @pytest.fixture(scope="module")
@@ -116,25 +116,15 @@ def test_bad_input_gets_a_4xx_and_the_server_keeps_serving(tiny_server, path, bo
     assert ok.status_code == 200
 
 
-def _metric(url: str, name: str) -> float:
-    """The sum of a metric's series."""
-    from prometheus_client.parser import text_string_to_metric_families
-    samples = [s.value for family in text_string_to_metric_families(httpx.get(url + "/metrics").text)
-               for s in family.samples if s.name == name]
-    if not samples:
-        raise KeyError(name)
-    return sum(samples)
-
-
 def test_client_disconnect_mid_stream_frees_blocks(tiny_server):
     body = {"prompt": "Once upon a time", "max_tokens": 200, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", tiny_server.url + "/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in got)
-        assert _metric(tiny_server.url, "pdserve_worker_kv_blocks_used") > 0
+        assert metric_sum(tiny_server.url, "pdserve_worker_kv_blocks_used") > 0
     deadline = time.monotonic() + 5
-    while _metric(tiny_server.url, "pdserve_worker_kv_blocks_used") > 0:
+    while metric_sum(tiny_server.url, "pdserve_worker_kv_blocks_used") > 0:
         assert time.monotonic() < deadline, "blocks of a disconnected stream were not freed"
         time.sleep(0.02)
     assert_no_leak(tiny_server.engine)
@@ -145,7 +135,7 @@ def test_client_disconnect_of_a_non_streaming_request_aborts_it(tiny_server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(tiny_server.url + "/v1/completions", json=body, timeout=0.3)
     deadline = time.monotonic() + 5
-    while tiny_server.engine.has_unfinished() or _metric(tiny_server.url, "pdserve_worker_kv_blocks_used") > 0:
+    while tiny_server.engine.has_unfinished() or metric_sum(tiny_server.url, "pdserve_worker_kv_blocks_used") > 0:
         assert time.monotonic() < deadline, "a non-streaming request outlived its client"
         time.sleep(0.02)
 

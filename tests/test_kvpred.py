@@ -197,3 +197,81 @@ def test_kv_prediction_is_refused_clearly_without_a_predictor_or_with_n(tiny_dir
     assert not engine.requests and engine.kv.num_used_blocks == 0
     with pytest.raises(ValueError, match="no KV predictor"):
         engine_with(path, str(tmp_path))
+
+
+def test_predicted_prefill_on_a_prefill_engine_ships_to_decode_as_colocated(tiny_dirs, tmp_path):
+    """Disaggregated: the prefill engine's predicted KV plus its last token's go over the
+    transfer path; the decode engine's output equals colocated predicted prefill, and neither
+    side registers the predicted blocks in its prefix cache."""
+    from engine.sampling_params import SamplingParams
+    from engine.transfer.loopback import LoopbackSink
+    path = tiny_dirs["llama"]
+    KVPredictor.every_other_layer(base_model(path), str(path), 512).save(tmp_path / "eol")
+    params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0, ignore_eos=True, kv_prediction=True)
+    chosen = [prompts()[i] for i in (2, 4, 7)]
+    colocated = run(engine_with(path, str(tmp_path / "eol")), chosen, params)
+    prefill, decode = engine_with(path, str(tmp_path / "eol")), engine_with(path, None)
+    prefill.set_kv_sink(LoopbackSink(decode))
+    out = {}
+    for i, p in enumerate(chosen):
+        assert decode.reserve_prefilled(str(i), p, params)
+        prefill.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=1, kv_prediction=True))
+    while prefill.has_unfinished() or decode.has_unfinished():
+        for o in prefill.step():
+            if o.finished:
+                out[o.request_id] = decode.admit_prefilled(o.request_id, o.new_token_ids[0]).new_token_ids
+        for o in decode.step():
+            out[o.request_id] += o.new_token_ids
+    assert [out[str(i)] for i in range(len(chosen))] == colocated
+    for engine in (prefill, decode):
+        assert not engine.kv.pool.cached  # no block hash registered
+        assert engine.kv.num_used_blocks == 0 and not engine.requests
+    again = decode.reserve_prefilled("again", chosen[-1], SamplingParams(max_tokens=1))
+    assert again and decode.requests["again"][0].num_cached_tokens == 0  # nothing of it was cached
+    decode.abort("again")
+
+
+def test_http_kv_prediction_field_slo_policy_and_metrics(tiny_dirs, tmp_path):
+    """Over HTTP: `kv_prediction: false` never prefills from the predictor, `true` does, and
+    left unset it is used once full prefill would miss the TTFT SLO (1 ms here) at the engine's
+    measured speed while predicted prefill (every-other-layer: about half the FLOPs) is
+    cheaper; /metrics counts predicted prefills."""
+    import httpx
+
+    from conftest import LiveServer, assert_no_leak, metric_sum
+    from engine.config import EngineConfig
+    from scheduler.config import ServeConfig
+    path = tiny_dirs["llama"]
+    KVPredictor.every_other_layer(base_model(path), str(path), 512).save(tmp_path / "eol")
+    server = LiveServer(EngineConfig(model=str(path), kv_predictor=str(tmp_path / "eol"),
+                                     num_kv_blocks=128, max_model_len=256),
+                        serve_config=ServeConfig(mode="colocated", slo_ttft_ms=1))
+    try:
+        def complete(**extra):
+            body = {"prompt": prompts()[7][:60], "max_tokens": 8, "temperature": 0, "ignore_eos": True, **extra}
+            r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        def predicted():
+            return metric_sum(server.url, "pdserve_worker_predicted_prefills")
+
+        full = complete(kv_prediction=False)  # also measures the engine's prefill speed
+        assert predicted() == 0 and server.engine.stats().prefill_s_per_token > 0
+        assert 0.3 < server.engine.stats().kv_prediction_cost < 0.7
+        by_predictor = complete(kv_prediction=True)
+        assert by_predictor != full and predicted() == 1
+        assert complete() == by_predictor and predicted() == 2  # unset: 60 tokens miss a 1 ms SLO
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "n": 2, "kv_prediction": True})
+        assert r.status_code == 400 and "n=1" in r.json()["error"]["message"]
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "kv_prediction": "maybe"})
+        assert r.status_code == 400
+    finally:
+        server.stop()
+    assert_no_leak(server.engine)
+
+
+def test_http_kv_prediction_without_a_predictor_is_a_400(tiny_server):
+    import httpx
+    r = httpx.post(tiny_server.url + "/v1/completions", json={"prompt": "hi", "kv_prediction": True})
+    assert r.status_code == 400 and "--kv-predictor" in r.json()["error"]["message"]

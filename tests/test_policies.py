@@ -88,3 +88,17 @@ def test_mixed_pool_lends_a_worker_while_its_pool_is_idle_and_the_other_full():
 def test_policies_import_no_torch_or_ray():
     code = "import sys, scheduler.policies, scheduler.controller, scheduler.router; assert 'torch' not in sys.modules and 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_kv_prediction_when_full_prefill_would_miss_the_ttft_slo():
+    from scheduler.policies import use_kv_prediction
+
+    def w(pending, rate=0.001, cost=0.5):
+        return WorkerLoad("p0", pending_prefill_tokens=pending, prefill_s_per_token=rate, kv_prediction_cost=cost)
+
+    assert not use_kv_prediction(w(0), 1000, slo_ttft_s=2.0)        # 1 s: meets it
+    assert use_kv_prediction(w(1500), 1000, slo_ttft_s=2.0)         # 2.5 s behind the queue: misses
+    assert use_kv_prediction(w(0), 3000, slo_ttft_s=2.0)            # a long prompt alone misses
+    assert not use_kv_prediction(w(5000, cost=0), 1000, 2.0)        # no predictor
+    assert not use_kv_prediction(w(5000, rate=0), 1000, 2.0)        # speed not measured yet
+    assert not use_kv_prediction(w(0, cost=1.5), 3000, 2.0)         # a predictor dearer than prefill

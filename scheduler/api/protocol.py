@@ -3,7 +3,9 @@
 Type errors become 400s with the offending field named (see errors.py); value checks
 live in SamplingParams so the offline API and the server refuse the same things.
 Fields beyond OpenAI's that vLLM users know (top_k, min_p, repetition_penalty, min_tokens,
-ignore_eos, stop_token_ids, skip_special_tokens) are accepted too.
+ignore_eos, stop_token_ids, skip_special_tokens) are accepted too, and pdserve's own
+`kv_prediction` (true: prefill from the server's KV predictor; false: never; unset: when
+full prefill would miss the TTFT SLO).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    # pdserve: prefill from a KV predictor's KV (true), never (false), or as the TTFT-SLO policy says (unset)
+    kv_prediction: bool | None = None
 
     def _params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         if self.stream_options is not None and not self.stream:
@@ -57,7 +61,7 @@ class _Sampling(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             stop=tuple([self.stop] if isinstance(self.stop, str) else (self.stop or ())),
             stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-            logprobs=logprobs, skip_special_tokens=self.skip_special_tokens)
+            logprobs=logprobs, skip_special_tokens=self.skip_special_tokens, kv_prediction=self.kv_prediction)
 
     @property
     def include_usage(self) -> bool:
