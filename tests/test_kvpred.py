@@ -275,3 +275,37 @@ def test_http_kv_prediction_without_a_predictor_is_a_400(tiny_server):
     import httpx
     r = httpx.post(tiny_server.url + "/v1/completions", json={"prompt": "hi", "kv_prediction": True})
     assert r.status_code == 400 and "--kv-predictor" in r.json()["error"]["message"]
+
+
+def test_kvpred_eval_cli_measures_every_way(tiny_dirs, tmp_path, capsys):
+    """`pdserve kvpred eval`: per prompt length, the base (agreement 1), predicted prefill (a
+    perfect predictor: the base's tokens and perplexity, at more FLOPs than the base), the
+    auxiliary model alone and a truncated prompt no dearer than predicted prefill."""
+    import json
+
+    from scheduler.cli import main
+    path = tiny_dirs["llama"]
+    docs = tmp_path / "held_out.txt"
+    docs.write_text(" ".join(f"line {i}: the quick brown fox {i * 7 % 13} jumps." for i in range(300)))
+    predictor = perfect_predictor(tmp_path, path)
+    args = ["kvpred", "eval", "--predictor", predictor, "--data", str(docs), "--prompt-lens", "16,40",
+            "--num-prompts", "2", "--json", str(tmp_path / "eval.json")]
+    assert main(args) == 0
+    assert "predicted" in capsys.readouterr().out
+    results = json.loads((tmp_path / "eval.json").read_text())["results"]
+    for L in ("16", "40"):
+        ways = {r["way"]: r for r in results[L]}
+        assert list(ways) == ["base", "predicted", "aux", "truncated"]
+        assert ways["base"]["agreement"] == 1.0 and ways["predicted"]["agreement"] == 1.0
+        assert ways["predicted"]["perplexity"] == pytest.approx(ways["base"]["perplexity"], rel=1e-3)
+        assert ways["truncated"]["flops"] <= ways["predicted"]["flops"]
+        assert ways["truncated"]["prompt_len"] == int(L)  # a perfect predictor costs more than the base
+        assert all(ways[w]["ttft_s"] > 0 for w in ("base", "predicted", "truncated"))
+    from engine.kvpred.evaluate import truncated_len
+    from engine.kvpred.prefill import forward_flops, predicted_flops
+    half = KVPredictor.every_other_layer(base_model(path), str(path), 512).aux.cfg
+    cfg = base_model(path).cfg
+    keep = truncated_len(cfg, half, 400)
+    assert keep < 400 and forward_flops(cfg, keep) <= predicted_flops(cfg, half, 400) < forward_flops(cfg, keep + 1)
+    assert main(["kvpred", "eval", "--predictor", str(tmp_path), "--data", str(docs), "--base", str(path)]) == 2
+    assert "no KV predictor" in capsys.readouterr().err

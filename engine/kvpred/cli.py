@@ -1,10 +1,13 @@
-"""`pdserve kvpred train`: trains a KV predictor for a base model (engine/kvpred/train.py).
+"""`pdserve kvpred`: train a KV predictor for a base model (engine/kvpred/train.py), and
+evaluate one (engine/kvpred/evaluate.py).
 
     pdserve kvpred train --base MODEL --aux every-other-layer|PATH --data PATH [PATH ...]
         --steps N --out DIR [--seq-len 256] [--prompt-frac 0.75] [--lr 1e-4]
         [--checkpoint-every 50] [--num-threads N] [--seed 0]
+    pdserve kvpred eval --predictor DIR --data PATH [PATH ...] [--prompt-lens 128,512,2048]
+        [--num-prompts 4] [--json FILE] [--num-threads N]
 
-Run it again with the same --out to resume from the last checkpoint (up to --steps).
+Run train again with the same --out to resume from the last checkpoint (up to --steps).
 """
 
 from __future__ import annotations
@@ -38,6 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=50)
     t.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all cores)")
     t.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("eval", help="TTFT, FLOPs and quality of predicted prefill against the base and two "
+                                    "baselines of the same cost (the auxiliary model alone, a truncated prompt)")
+    e.add_argument("--predictor", required=True, help="a folder written by pdserve kvpred train")
+    e.add_argument("--data", nargs="+", required=True, help="held-out plain-text or JSONL files, or folders")
+    e.add_argument("--base", default=None, help="the base model (default: the one the predictor was trained for)")
+    e.add_argument("--prompt-lens", default="128,512,2048", help="comma-separated prompt lengths in tokens")
+    e.add_argument("--num-prompts", type=int, default=4, help="held-out windows per prompt length")
+    e.add_argument("--json", default=None, help="also write the results to this file")
+    e.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all cores)")
     return parser
 
 
@@ -78,11 +90,59 @@ def train(args: argparse.Namespace) -> dict:
     return {"step": trainer.step, "seconds": seconds, "windows": len(windows)}
 
 
+def evaluate(args: argparse.Namespace) -> dict:
+    import json
+    from dataclasses import asdict
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.kvpred.evaluate import EvalConfig, Evaluator
+    from scheduler.tokenizer import Tokenizer
+    try:
+        lens = tuple(int(x) for x in args.prompt_lens.split(","))
+    except ValueError:
+        raise ValueError(f"--prompt-lens must be comma-separated integers, not {args.prompt_lens!r}") from None
+    config = EvalConfig(lens, args.num_prompts)
+    meta = Path(args.predictor) / "kvpred.json"  # missing: the engine refuses the folder
+    base = args.base or (json.loads(meta.read_text())["base"] if meta.is_file() else None)
+    longest = max(lens) + config.text_tokens + config.gen_tokens
+    engine = Engine(EngineConfig(model=base, kv_predictor=args.predictor, device="cpu", dtype="float32",
+                                 max_model_len=longest, prefill_schedule="whole", max_num_batched_tokens=longest,
+                                 enable_prefix_caching=False, num_threads=args.num_threads))
+    tokenizer = Tokenizer.load(engine.model_path)
+    documents = [tokenizer.encode(t) for t in read_texts(args.data)]
+    results = Evaluator(engine, config).evaluate(documents)
+    table = Table(title=f"KV prediction: {args.predictor} (step {engine.kv_predictor.step})")
+    for column in ("prompt", "way", "tokens read", "GFLOPs", "TTFT", "TTFT speedup", "top-1 agreement",
+                   "perplexity"):
+        table.add_column(column, justify="right")
+    for L, ways in results.items():
+        base_ttft = ways[0].ttft_s
+        for r in ways:
+            table.add_row(str(L), r.way, str(r.prompt_len), f"{r.flops / 1e9:.1f}",
+                          f"{r.ttft_s * 1000:.0f} ms" if r.ttft_s else "-",
+                          f"{base_ttft / r.ttft_s:.2f}x" if r.ttft_s else "-", f"{r.agreement:.3f}",
+                          f"{r.perplexity:.2f}")
+    console = Console()
+    (console if console.is_terminal else Console(width=132)).print(table)  # a pipe or a file: not squeezed
+    out = {"predictor": args.predictor, "step": engine.kv_predictor.step, "base": str(engine.model_path),
+           "data": args.data, "config": asdict(config),
+           "results": {str(L): [asdict(r) for r in ways] for L, ways in results.items()}}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
             train(args)
+        elif args.command == "eval":
+            evaluate(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"pdserve kvpred: error: {e}", file=sys.stderr)
         return 2
