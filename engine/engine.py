@@ -121,18 +121,23 @@ class Engine:
             self.batcher.add(child)
 
     def _predict(self, request: Request) -> bool:
-        """Predicted prefill (engine/kvpred/prefill.py): the predictor's KV of all but the
-        prompt's last token lands in reserved blocks through the KV import path; the request
-        then runs with that much computed, so its next step computes the last token and samples.
-        False, changing nothing, for a one-token prompt or when the pool has no room now: the
-        request is then prefilled as usual."""
+        """Predicted prefill (engine/kvpred/prefill.py): the prompt's cached prefix blocks are
+        used as they are; the predictor's KV of the rest but the last token lands in new blocks
+        through the KV import path. The request then runs with that much computed, so its next
+        step computes the last token and samples. False, changing nothing, when there is nothing
+        to predict (a one-token or wholly cached prompt) or no room in the pool now: the request
+        is then prefilled as usual."""
         n = request.num_prompt_tokens - 1
-        if n == 0 or not self.kv.reserve(request, n):
+        cached = self.kv.get_computed_blocks(request)
+        num_cached = len(cached) * self.config.block_size
+        if num_cached >= n or not self.kv.allocate_slots(request, n - num_cached, cached):
             request.kv_predicted = False
             return False
+        request.num_cached_tokens = num_cached
         request.status = RequestStatus.WAITING_FOR_KV
         request.timeline.first_scheduled_s = request.timeline.prefill_start_s = time.monotonic()
-        for chunk in self.kv_predictor.chunks(request.request_id, request.prompt_token_ids, self.config.block_size):
+        for chunk in self.kv_predictor.chunks(request.request_id, request.prompt_token_ids, self.config.block_size,
+                                              len(cached)):
             self.receive_kv(chunk)
         request.num_computed_tokens = n
         self.batcher.add_running(request)

@@ -363,3 +363,41 @@ def test_conditional_prefix_and_role_controller_live(ray_local, tiny_llama, expe
         assert_clean(server)
     finally:
         stop_and_check_processes(server)
+
+
+def test_kv_prediction_on_the_prefill_worker_equals_colocated(ray_local, tiny_llama, tmp_path):
+    """1P1D with --kv-predictor: `kv_prediction: true` is prefilled from predicted KV on the
+    prefill worker, shipped over gloo with its last token's, and decodes to exactly the tokens
+    of colocated predicted prefill; left unset under a 1 ms TTFT SLO the policy picks it too
+    (after the worker's prefill speed is measured). Counted on /metrics; nothing left behind."""
+    import torch
+
+    from engine.kvpred.predictor import KVPredictor
+    from engine.llm import LLM
+    from engine.models.loader import load_model, open_weights
+    from engine.sampling_params import SamplingParams
+    base = load_model(open_weights(tiny_llama), torch.float32, torch.device("cpu"), 256)
+    KVPredictor.every_other_layer(base, str(tiny_llama), 256).save(tmp_path / "eol")
+    engine_config = EngineConfig(model=str(tiny_llama), num_kv_blocks=128, max_model_len=256,
+                                 max_num_batched_tokens=64, served_model_name="tiny", num_threads=1,
+                                 kv_predictor=str(tmp_path / "eol"))
+    prompt = prompts()[7][:100]
+    greedy = dict(max_tokens=NUM_TOKENS, min_tokens=NUM_TOKENS, temperature=0)
+    llm = LLM(str(tiny_llama), kv_predictor=str(tmp_path / "eol"), num_kv_blocks=128, max_model_len=256)
+    full, predicted = (llm.generate(prompt, SamplingParams(**greedy, kv_prediction=p))[0].text for p in (False, True))
+    assert full != predicted
+    server = LiveServer(engine_config, serve_config=ServeConfig(mode="disagg", prefill_workers=1, decode_workers=1,
+                                                                slo_ttft_ms=1))
+    try:
+        for extra, want in (({"kv_prediction": False}, full), ({"kv_prediction": True}, predicted)):
+            r = complete(server, prompt, **extra)
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, r.text
+        time.sleep(0.5)  # the scheduler polls the prefill worker's measured speed every 50 ms
+        r = complete(server, prompt)  # unset: 100 tokens miss a 1 ms TTFT SLO
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == predicted, r.text
+        def counted() -> dict:
+            return {dict(k)["pool"]: v for k, v in _metric(server, "pdserve_worker_predicted_prefills").items()}
+        wait_until(lambda: counted() == {"prefill": 2, "decode": 0}, 5, f"2 predicted prefills counted ({counted()})")
+        assert_clean(server)
+    finally:
+        stop_and_check_processes(server)

@@ -309,3 +309,21 @@ def test_kvpred_eval_cli_measures_every_way(tiny_dirs, tmp_path, capsys):
     assert keep < 400 and forward_flops(cfg, keep) <= predicted_flops(cfg, half, 400) < forward_flops(cfg, keep + 1)
     assert main(["kvpred", "eval", "--predictor", str(tmp_path), "--data", str(docs), "--base", str(path)]) == 2
     assert "no KV predictor" in capsys.readouterr().err
+
+
+def test_predicted_prefill_keeps_a_cached_prefix_and_predicts_the_rest(tiny_dirs, references, tmp_path):
+    """A prompt whose prefix is cached (exact KV): only the blocks after it are predicted,
+    written from the right block at the right positions (a perfect predictor: HF's tokens)."""
+    from engine.sampling_params import SamplingParams
+    path = tiny_dirs["llama"]
+    engine = engine_with(path, perfect_predictor(tmp_path, path))
+    prompt = prompts()[7]
+    greedy = dict(max_tokens=NUM_TOKENS, temperature=0, ignore_eos=True)
+    run(engine, [prompt[:100]], SamplingParams(**greedy))  # caches 6 blocks of the prompt
+    engine.add_request("p", prompt, SamplingParams(**greedy, kv_prediction=True))
+    assert engine.requests["p"][0].num_cached_tokens == 96
+    out = []
+    while engine.has_unfinished():
+        out += [t for o in engine.step() for t in o.new_token_ids]
+    assert out == references("llama")[7] and engine.num_predicted_prefills == 1
+    assert engine.kv.num_used_blocks == 0

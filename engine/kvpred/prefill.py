@@ -7,6 +7,7 @@ transfer from a prefill worker would be. The base model then computes the prompt
 token over that cache and samples the first token as usual, so predicted prefill costs the
 auxiliary model's forward plus one base token (`prefill_flops`).
 
+A cached prefix of the prompt (exact KV) is used as it is; only the rest is predicted.
 Predicted KV is approximate: its blocks never enter the prefix cache, and neither do the
 blocks of tokens computed over it.
 """
@@ -67,16 +68,18 @@ class PredictedPrefill:
         return predicted_flops(self.base.cfg, self.predictor.aux.cfg, 1024) / forward_flops(self.base.cfg, 1024)
 
     @torch.inference_mode()
-    def chunks(self, request_id: str, prompt_token_ids: list[int], block_size: int) -> Iterator[LayerChunk]:
-        """Per base layer, the predicted K/V of the prompt's first n - 1 tokens packed as a
-        transfer chunk over the request's blocks from its first (zero past the last token)."""
+    def chunks(self, request_id: str, prompt_token_ids: list[int], block_size: int, first_block: int = 0
+               ) -> Iterator[LayerChunk]:
+        """Per base layer, the predicted K/V of the prompt's first n - 1 tokens from block
+        `first_block` on (those before it are cached), packed as a transfer chunk over the
+        request's blocks (zero past the last token). The auxiliary model reads all n - 1."""
         ids = torch.tensor(prompt_token_ids[:-1], device=self.base.embed_tokens.weight.device)
-        n = ids.shape[0]
-        num_blocks = -(-n // block_size)
+        start, n = first_block * block_size, ids.shape[0]
+        num_blocks = -(-n // block_size) - first_block
         predicted, _ = self.predictor.predict(ids)
         last = len(predicted) - 1
         for layer, (k, v) in enumerate(predicted):
             packed = k.new_zeros(2, num_blocks * block_size, *k.shape[1:])
-            packed[0, :n], packed[1, :n] = rotate(k, self.base), v
-            yield LayerChunk(request_id, layer, 0, packed.view(2, num_blocks, block_size, *k.shape[1:]),
+            packed[0, :n - start], packed[1, :n - start] = rotate(k[start:], self.base, start), v[start:]
+            yield LayerChunk(request_id, layer, first_block, packed.view(2, num_blocks, block_size, *k.shape[1:]),
                              last=layer == last)
