@@ -32,7 +32,8 @@ def build_server(engine_config: EngineConfig, config: ServeConfig = ServeConfig(
         worker = EngineWorker(Engine(engine_config)).start()
     tokenizer = Tokenizer.load(worker.engine.model_path)
     name = engine_config.served_model_name or model_name(engine_config.model)
-    state = ServerState(InProcessClient(worker, name, config.slo_ttft_ms / 1000), tokenizer, name, config.api_key, ServerMetrics(config))
+    client = InProcessClient(worker, name, config.slo_ttft_ms / 1000)
+    state = ServerState(client, tokenizer, name, config.api_key, ServerMetrics(config))
     return build_app(state), worker
 
 

@@ -84,11 +84,11 @@ class Evaluator:
 
     # time to first token, through the engine
 
-    def ttft(self, prompt: list[int], predicted: bool) -> float:
+    def ttft(self, prompt: list[int], predicted: bool, repeats: int | None = None) -> float:
         from engine.sampling_params import SamplingParams
         params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, kv_prediction=predicted)
         times = []
-        for _ in range(self.config.timing_repeats):
+        for _ in range(repeats or self.config.timing_repeats):
             self._ids += 1
             start = time.perf_counter()
             self.engine.add_request(f"eval-{self._ids}", prompt, params)
@@ -154,6 +154,8 @@ class Evaluator:
                                             .float().mean()))
                     nll[way].append(float(F.cross_entropy(self.logits(way, prompt, text, keep).float(), text)))
             prompt = windows[0][:L]
+            for predicted in (False, True):  # warm-up: first-call costs are not prefill's
+                self.ttft(prompt, predicted, repeats=1)
             ttft = {"base": self.ttft(prompt, False), "predicted": self.ttft(prompt, True),
                     "truncated": self.ttft(prompt[L - keep:], False), "aux": None}
             flops = {"base": forward_flops(base_cfg, L), "predicted": predicted_flops(base_cfg, aux_cfg, L),
