@@ -42,13 +42,16 @@ class DenseAttention(AttentionBackend):
     def forward(self, q, k, v, k_cache, v_cache, meta):
         cos, sin = meta
         self.captured.append((Rotary.apply(k, cos, -sin), v))  # undo the rotation: the key before rotary
+        mask = None  # no prefix: plain causal attention, SDPA's fused kernel (no mask materialised)
         if k_cache is not None:
             k, v = torch.cat([k_cache, k]), torch.cat([v_cache, v])
-        t, total = q.shape[0], k.shape[0]
-        mask = torch.ones(t, total, dtype=torch.bool, device=q.device).tril(total - t)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             attn_mask=mask, enable_gqa=True)
-        return out.transpose(0, 1)
+            t, total = q.shape[0], k.shape[0]
+            mask = torch.ones(t, total, dtype=torch.bool, device=q.device).tril(total - t)
+        groups = q.shape[1] // k.shape[1]  # GQA: kv heads repeated (enable_gqa would take SDPA's slow math path)
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # 4-D: what the fused kernels take
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return out[0].transpose(0, 1)
 
 
 def forward_dense(model: LlamaModel, input_ids: torch.Tensor, start: int = 0, prefix: list[KV] | None = None,
