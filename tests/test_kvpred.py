@@ -157,7 +157,7 @@ def test_a_perfect_predictor_served_gives_hf_greedy_tokens(schedule, tiny_dirs, 
     from engine.sampling_params import SamplingParams
     path = tiny_dirs["llama"]
     engine = engine_with(path, perfect_predictor(tmp_path, path), prefill_schedule=schedule, token_budget=64)
-    chosen = [1, 2, 4, 7]  # 1, 17, 64 and 200 tokens: blocks partly filled, a one-token prompt
+    chosen = [0, 2, 4, 7]  # 1, 17, 64 and 200 tokens: blocks partly filled, a one-token prompt
     got = run(engine, [prompts()[i] for i in chosen],
               SamplingParams(max_tokens=NUM_TOKENS, temperature=0, ignore_eos=True, kv_prediction=True))
     for i, tokens in zip(chosen, got):
