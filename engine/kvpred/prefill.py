@@ -5,7 +5,7 @@ them (keys rotated by the base at their positions) are packed into `LayerChunk`s
 base layer, and written through the engine's KV import path (`Engine.receive_kv`), as a
 transfer from a prefill worker would be. The base model then computes the prompt's last
 token over that cache and samples the first token as usual, so predicted prefill costs the
-auxiliary model's forward plus one base token (`prefill_flops`).
+auxiliary model's forward plus one base token (`predicted_flops`).
 
 A cached prefix of the prompt (exact KV) is used as it is; only the rest is predicted.
 Predicted KV is approximate: its blocks never enter the prefix cache, and neither do the
@@ -60,12 +60,8 @@ class PredictedPrefill:
         predictor, meta = KVPredictor.load(self.folder, base.cfg, device, max_len)
         self.predictor = predictor.to(dtype).eval().requires_grad_(False)
         self.base, self.step = base, int(meta.get("step", 0))
-
-    @property
-    def cost(self) -> float:
-        """Predicted prefill's FLOPs as a share of the base's, for a 1024-token prompt (what
-        routing weighs it by)."""
-        return predicted_flops(self.base.cfg, self.predictor.aux.cfg, 1024) / forward_flops(self.base.cfg, 1024)
+        # predicted prefill's FLOPs as a share of the base's, for a 1024-token prompt (what routing weighs it by)
+        self.cost = predicted_flops(base.cfg, self.predictor.aux.cfg, 1024) / forward_flops(base.cfg, 1024)
 
     @torch.inference_mode()
     def chunks(self, request_id: str, prompt_token_ids: list[int], block_size: int, first_block: int = 0
