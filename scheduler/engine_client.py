@@ -64,7 +64,8 @@ class InProcessClient(EngineClient):
         self.worker.engine.validate(prompt_token_ids, params)
 
     async def generate(self, request_id, prompt_token_ids, params, arrival_s=None):
-        if params.kv_prediction is None and params.n == 1 and self.slo_ttft_s is not None:
+        if params.kv_prediction is None and params.n == 1 and self.slo_ttft_s is not None \
+                and self.worker.engine.kv_predictor is not None:  # no predictor: no stats read per request
             params = replace(params, kv_prediction=use_kv_prediction(self._load(), len(prompt_token_ids),
                                                                      self.slo_ttft_s))
         loop = asyncio.get_running_loop()
