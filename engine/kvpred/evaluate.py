@@ -101,16 +101,21 @@ class Evaluator:
     # quality, with dense forwards
 
     @torch.inference_mode()
-    def logits(self, way: str, prompt: torch.Tensor, after: torch.Tensor, keep: int) -> torch.Tensor:
-        """Each way's logits predicting `after` (the tokens following the prompt)."""
+    def predicted_prefix(self, prompt: torch.Tensor) -> list:
+        """The predictor's per-layer (rotated keys, values) of all but the prompt's last token."""
+        kv, _ = self.prefill.predictor.predict(prompt[:-1])
+        return [(rotate(k, self.base), v) for k, v in kv]
+
+    @torch.inference_mode()
+    def logits(self, way: str, prompt: torch.Tensor, after: torch.Tensor, keep: int, prefix: list) -> torch.Tensor:
+        """Each way's logits predicting `after` (the tokens following the prompt); prefix: the
+        prompt's predicted_prefix (for `predicted`)."""
         L = prompt.shape[0]
         seq = torch.cat([prompt, after[:-1]])
         if way == "aux":
             hidden, _ = forward_dense(self.aux, seq)
             return self.aux.compute_logits(hidden[L - 1:])
         if way == "predicted":
-            kv, _ = self.prefill.predictor.predict(prompt[:-1])
-            prefix = [(rotate(k, self.base), v) for k, v in kv]
             hidden, _ = forward_dense(self.base, seq[L - 1:], start=L - 1, prefix=prefix)
             return self.base.compute_logits(hidden)
         if way == "truncated":
@@ -148,11 +153,12 @@ class Evaluator:
             nll = {w: [] for w in WAYS}
             for window in map(torch.tensor, windows):
                 prompt, text = window[:L], window[L:]
-                greedy = self.base_greedy(prompt)
+                greedy, prefix = self.base_greedy(prompt), self.predicted_prefix(prompt)  # the prefix: once
                 for way in WAYS:
-                    agree[way].append(float((self.logits(way, prompt, greedy, keep).argmax(-1) == greedy)
+                    agree[way].append(float((self.logits(way, prompt, greedy, keep, prefix).argmax(-1) == greedy)
                                             .float().mean()))
-                    nll[way].append(float(F.cross_entropy(self.logits(way, prompt, text, keep).float(), text)))
+                    nll[way].append(float(F.cross_entropy(self.logits(way, prompt, text, keep, prefix).float(),
+                                                          text)))
             prompt = windows[0][:L]
             for predicted in (False, True):  # warm-up: first-call costs are not prefill's
                 self.ttft(prompt, predicted, repeats=1)
