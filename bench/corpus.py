@@ -18,7 +18,6 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from scheduler.tokenizer import Tokenizer
 
 Kind = Literal["prose", "code"]
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English BPE vocabularies
@@ -68,7 +67,7 @@ def _mostly_symbols(line: str) -> bool:
 class TokenCounter:
     """Counts tokens with the target's tokenizer, or estimates them when there is none."""
 
-    tokenizer: Tokenizer | None = None
+    tokenizer: object | None = None  # a transformers tokenizer
 
     @property
     def exact(self) -> bool:
@@ -77,11 +76,18 @@ class TokenCounter:
     def count(self, text: str) -> int:
         if self.tokenizer is None:
             return max(1, round(len(text) / CHARS_PER_TOKEN))
-        return len(self.tokenizer.encode(text))  # as the server counts a completions prompt
+        return len(self.tokenizer.encode(text, add_special_tokens=True))  # as the server counts a prompt
 
     @classmethod
     def load(cls, path: str | None) -> "TokenCounter":
-        return cls(Tokenizer.load(Path(path)) if path else None)
+        """path: an HF tokenizer folder, or a GGUF file (its tokenizer, converted by transformers)."""
+        if not path:
+            return cls(None)
+        from transformers import AutoTokenizer
+        p = Path(path)
+        if p.suffix == ".gguf":
+            return cls(AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name))
+        return cls(AutoTokenizer.from_pretrained(p))
 
 
 class TextSource:
@@ -90,7 +96,7 @@ class TextSource:
     def __init__(self, kind: Kind, counter: TokenCounter):
         self.text = corpus_text(kind)
         self.counter = counter
-        self._ids = counter.tokenizer.hf.encode(self.text, add_special_tokens=False) if counter.exact else None
+        self._ids = counter.tokenizer.encode(self.text, add_special_tokens=False) if counter.exact else None
 
     def window(self, num_tokens: int, rng: random.Random) -> tuple[str, int]:
         """(text, its token count); the count is exact with a tokenizer, else estimated."""
@@ -100,7 +106,7 @@ class TextSource:
         want, text = num_tokens, ""
         for _ in range(3):  # decoding then re-encoding can merge or split a token at the seams
             ids = self._cycle(self._ids, rng.randrange(len(self._ids)), want)
-            text = self.counter.tokenizer.decode(ids)
+            text = self.counter.tokenizer.decode(ids, skip_special_tokens=True)
             got = self.counter.count(text)
             if got == num_tokens:
                 break

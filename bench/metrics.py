@@ -11,8 +11,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+
+import numpy as np
 
 
 @dataclass
@@ -73,13 +74,9 @@ class SLO:
 
 
 def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default), q in [0, 100]."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+    """numpy's (linear) percentile, q in [0, 100], as the servers' controllers compute theirs;
+    None for no values."""
+    return float(np.percentile(values, q)) if values else None
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.config import PREFILL_SCHEDULES
+from engine.config import PrefillSchedule, as_enum
 from engine.kv.manager import KVCacheManager
 from engine.request import Request, RequestStatus
 
@@ -107,8 +107,7 @@ class StepPlan:
 class Batcher:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  schedule: str = "chunked", token_budget: int | None = None, num_layers: int = 1):
-        if schedule not in PREFILL_SCHEDULES:
-            raise ValueError(f"prefill schedule must be one of {', '.join(PREFILL_SCHEDULES)}, not {schedule!r}")
+        schedule = as_enum(PrefillSchedule, schedule, "prefill schedule")
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens

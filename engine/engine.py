@@ -8,59 +8,27 @@ blocks; outputs carry (request_id, index).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from engine.batcher import Batcher, StepPlan
 from engine.config import EngineConfig
 from engine.errors import RequestError
+from engine.kv.exporter import LayerExporter
 from engine.kv.lent import LentBlocks
 from engine.kv.manager import KVCacheManager
 from engine.kvpred.prefill import PredictedPrefill
 from engine.models.registry import resolve_model_path
-from engine.request import Request, RequestStatus, Timeline, TokenLogprobs, validate_request
+from engine.outputs import EngineInfo, EngineStats, StepOutput, TokenLogprobs
+from engine.request import Request, RequestStatus, validate_request
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.transfer.base import KVSink, LayerChunk
-from engine.transfer.exporter import LayerExporter
 
 PREFILL_SAMPLE_TOKENS = 32  # a step with fewer prompt tokens says little of prefill speed
 
 
-@dataclass
-class StepOutput:
-    """New tokens of one (request, index) from one step."""
-
-    request_id: str
-    index: int
-    new_token_ids: list[int]
-    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
-    finish_reason: str | None = None
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    timeline: Timeline | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_kv_blocks_used: int
-    num_kv_blocks_total: int
-    prefix_cache_queries_tokens: int
-    prefix_cache_hit_tokens: int
-    num_pending_prefill_tokens: int = 0  # prompt tokens admitted or queued but not yet computed
-    weight_bytes_dense: int = 0   # since start: weights the steps read, experts apart
-    weight_bytes_expert: int = 0  # since start: each expert counted once per layer run that routed to it
-    prefill_s_per_token: float = 0.0  # measured: seconds per token of steps that prefill (moving average)
-    kv_prediction_cost: float = 0.0   # predicted prefill's FLOPs as a share of full prefill's; 0: no predictor
-    num_predicted_prefills: int = 0   # since start
-
-
 class Engine:
+    """Our engine: the first implementation of engine.interface.WorkerEngine."""
+
     def __init__(self, config: EngineConfig, runner: ModelRunner | None = None,
                  kv: KVCacheManager | LentBlocks | None = None):
         """runner and kv: semi-PD's prefill engine shares the decode engine's weights and KV
@@ -86,6 +54,11 @@ class Engine:
             r = self.runner
             self.kv_predictor = PredictedPrefill(config.kv_predictor, r.model, self.max_model_len, r.device, r.dtype)
         self.num_predicted_prefills = 0
+        cache = self.runner.kv_cache.tensor
+        self.info = EngineInfo(self.max_model_len, self.model_config.vocab_size, config.block_size, self.num_kv_blocks,
+                               (config.block_size, self.model_config.num_kv_heads, self.model_config.head_dim),
+                               str(cache.dtype).removeprefix("torch."), str(self.runner.device),
+                               self.kv_predictor is not None)
         self.prefill_s_per_token = 0.0  # moving average over steps with at least PREFILL_SAMPLE_TOKENS prompt tokens
         self._ready: list[StepOutput] = []  # first tokens of admitted prefilled requests
 
@@ -104,10 +77,12 @@ class Engine:
             raise RequestError("kv_prediction works with n=1 only", param="n")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_s: float | None = None) -> None:
+                    arrival_s: float | None = None, validated: bool = False) -> None:
+        """validated: the caller has run `validate` on this request already."""
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
-        self.validate(prompt_token_ids, params)
+        if not validated:
+            self.validate(prompt_token_ids, params)
         children = []
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -157,22 +132,33 @@ class Engine:
     # decode side of disaggregation: reserve, receive the prompt's KV, then decode
 
     def reserve_prefilled(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                          arrival_s: float | None = None) -> bool:
-        """Reserves blocks for a prompt that a prefill engine will compute into them. Returns
-        False, changing nothing, when the pool has no room."""
+                          arrival_s: float | None = None) -> int | None:
+        """Reserves blocks for a prompt (validated, n=1) that a prefill engine will compute into
+        them. Returns the leading blocks cached here already, or None, changing nothing, when
+        the pool has no room."""
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
         if params.n != 1:
             raise RequestError("disaggregated serving supports n=1 only", param="n")
-        self.validate(prompt_token_ids, params, prefills=False)
         request = Request(request_id, prompt_token_ids, params, self.model_config.eos_token_ids,
                           self.max_model_len, arrival_s=arrival_s)
         if not self.kv.reserve(request, request.num_prompt_tokens):
-            return False
+            return None
         request.status = RequestStatus.WAITING_FOR_KV
         request.timeline.reserved_s = time.monotonic()
         self.requests[request_id] = [request]
-        return True
+        return request.num_cached_tokens // self.config.block_size
+
+    def waiting_for_kv(self, request_id: str) -> bool:
+        return self._waiting_for_kv(request_id) is not None
+
+    def lend_blocks(self, request_id: str) -> list[int]:
+        """Semi-PD: one more reference on a reserved request's blocks, for the prefill stream
+        to compute into (given back through the pool's `release`)."""
+        request = self.requests[request_id][0]
+        blocks = list(request.block_ids)
+        self.kv.pool.take(blocks)
+        return blocks
 
     def receive_kv(self, chunk: LayerChunk) -> bool:
         """Writes one layer chunk into the request's reserved blocks (False: no such request,
@@ -252,6 +238,12 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self.requests
+
+    def num_requests(self) -> int:
+        return len(self.requests)
 
     def has_work(self) -> bool:
         """Whether a step would do anything (a request waiting for its KV gives none)."""

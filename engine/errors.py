@@ -1,4 +1,5 @@
-"""Typed errors that carry the HTTP status a front door should answer with."""
+"""Engine-side errors. A RequestError carries the HTTP status a front door answers with;
+an EngineError is a failure of the engine itself while it ran a request."""
 
 from __future__ import annotations
 
@@ -15,14 +16,16 @@ class RequestError(ValueError):
         self.code = code
 
 
-class Unauthorized(RequestError):
-    status_code = 401
-
-
-class ModelNotFound(RequestError):
-    status_code = 404
-
-
 class ContextLengthExceeded(RequestError):
     def __init__(self, message: str):
         super().__init__(message, param=None, code="context_length_exceeded")
+
+
+class Overloaded(RequestError):
+    """No room for the request now (HTTP 503 with Retry-After)."""
+
+    status_code = 503
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request (HTTP 500 / an error event)."""

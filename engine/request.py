@@ -13,10 +13,9 @@ and its first token given. On a prefill engine `num_sent_blocks` counts the bloc
 from __future__ import annotations
 
 import enum
-import time
-from dataclasses import dataclass, field
 
 from engine.errors import ContextLengthExceeded, RequestError
+from engine.outputs import Timeline, TokenLogprobs
 from engine.sampling_params import SamplingParams
 
 
@@ -32,61 +31,6 @@ class RequestStatus(enum.Enum):
     @property
     def finished(self) -> bool:
         return self.value in ("stop", "length", "abort")
-
-
-@dataclass
-class Timeline:
-    """Wall-clock marks (time.monotonic seconds) of one request's life; None = not reached.
-
-    On a decode worker (disaggregated) `reserved_s` is when its prompt blocks were
-    reserved; prefill start and end are placed on this worker's clock from the first token's
-    arrival and the prefill worker's reported compute time, and `kv_*` describe the prompt's
-    KV as it landed."""
-
-    arrival_s: float = field(default_factory=time.monotonic)
-    first_scheduled_s: float | None = None
-    prefill_start_s: float | None = None
-    prefill_end_s: float | None = None
-    transfer_start_s: float | None = None
-    transfer_end_s: float | None = None
-    decode_queued_s: float | None = None
-    decode_start_s: float | None = None
-    first_token_s: float | None = None
-    finish_s: float | None = None
-    reserved_s: float | None = None
-    kv_first_s: float | None = None
-    kv_last_s: float | None = None
-    kv_bytes: int = 0
-
-    def phases(self, end_s: float | None = None) -> dict[str, float]:
-        """Seconds spent in each phase reached so far (the `timings` a client may ask for):
-        queue (to the first prefill step), prefill (to the first token), transfer (KV still
-        landing after the first token: the part layer-wise sending did not hide), decode_queue
-        (disaggregated: waiting for the decode worker's KV blocks; colocated: none) and decode
-        (first token to finish, or to end_s). Disaggregated requests add kv_span (first to last
-        KV chunk landed, overlapping prefill) and kv_bytes."""
-        start = self.reserved_s if self.reserved_s is not None else self.arrival_s
-        decode_queue = ((self.arrival_s, self.reserved_s) if self.reserved_s is not None
-                        else (self.decode_queued_s, self.decode_start_s))
-        spans = {"queue": (start, self.first_scheduled_s),
-                 "prefill": (self.first_scheduled_s, self.prefill_end_s),
-                 "transfer": (self.transfer_start_s, self.transfer_end_s),
-                 "decode_queue": decode_queue,
-                 "decode": (self.decode_start_s, self.finish_s or end_s),
-                 "kv_span": (self.kv_first_s, self.kv_last_s)}
-        out = {name: max(0.0, b - a) for name, (a, b) in spans.items() if a is not None and b is not None}
-        if self.kv_bytes:
-            out["kv_bytes"] = float(self.kv_bytes)
-        return out
-
-
-@dataclass
-class TokenLogprobs:
-    """Log-probability of a sampled token and the top alternatives at that step."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
 
 
 class Request:

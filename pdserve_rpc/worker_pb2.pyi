@@ -185,16 +185,18 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("worker_id", "role", "pending_prefill_tokens", "num_running", "num_waiting", "num_free_blocks", "num_total_blocks", "block_size", "incarnation", "weight_bytes_dense", "weight_bytes_expert", "prefill_s_per_token", "kv_prediction_cost", "num_predicted_prefills")
+    __slots__ = ("worker_id", "role", "incarnation", "block_size", "num_running", "num_waiting", "num_kv_blocks_used", "num_kv_blocks_total", "prefix_cache_queries_tokens", "prefix_cache_hit_tokens", "num_pending_prefill_tokens", "weight_bytes_dense", "weight_bytes_expert", "prefill_s_per_token", "kv_prediction_cost", "num_predicted_prefills")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
-    PENDING_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
-    NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    NUM_TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
-    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PENDING_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_DENSE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_EXPERT_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -202,16 +204,18 @@ class WorkerLoad(_message.Message):
     NUM_PREDICTED_PREFILLS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
-    pending_prefill_tokens: int
+    incarnation: str
+    block_size: int
     num_running: int
     num_waiting: int
-    num_free_blocks: int
-    num_total_blocks: int
-    block_size: int
-    incarnation: str
+    num_kv_blocks_used: int
+    num_kv_blocks_total: int
+    prefix_cache_queries_tokens: int
+    prefix_cache_hit_tokens: int
+    num_pending_prefill_tokens: int
     weight_bytes_dense: int
     weight_bytes_expert: int
     prefill_s_per_token: float
     kv_prediction_cost: float
     num_predicted_prefills: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., pending_prefill_tokens: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., incarnation: _Optional[str] = ..., weight_bytes_dense: _Optional[int] = ..., weight_bytes_expert: _Optional[int] = ..., prefill_s_per_token: _Optional[float] = ..., kv_prediction_cost: _Optional[float] = ..., num_predicted_prefills: _Optional[int] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., incarnation: _Optional[str] = ..., block_size: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_kv_blocks_used: _Optional[int] = ..., num_kv_blocks_total: _Optional[int] = ..., prefix_cache_queries_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., num_pending_prefill_tokens: _Optional[int] = ..., weight_bytes_dense: _Optional[int] = ..., weight_bytes_expert: _Optional[int] = ..., prefill_s_per_token: _Optional[float] = ..., kv_prediction_cost: _Optional[float] = ..., num_predicted_prefills: _Optional[int] = ...) -> None: ...

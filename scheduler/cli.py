@@ -1,5 +1,5 @@
 """`pdserve` command line: `serve`, `bench` (the load tester, also `python -m bench`),
-`profile` (the engine's latency model on this machine, bench/profile.py) and `plan` (workers
+`profile` (the engine's latency model on this machine, bench/lab/latency_profile.py) and `plan` (workers
 for a workload and SLOs, scheduler/planner/cli.py)."""
 
 from __future__ import annotations
@@ -8,33 +8,39 @@ import argparse
 import logging
 import sys
 
-from engine.config import EngineConfig
-from scheduler.config import ServeConfig, add_dataclass_args, from_args
+from engine.config import EngineConfig, Role
+from scheduler.config import ServeConfig, ServeMode, add_dataclass_args, from_args
 
 log = logging.getLogger("pdserve")
 
 
-def build_server(engine_config: EngineConfig, config: ServeConfig = ServeConfig(mode="colocated")):
-    """Engine, worker thread(s), client and FastAPI app for colocated or semi-PD serving (one
-    process). Returns (app, worker)."""
-    from engine.engine import Engine
-    from engine.models.registry import model_name
-    from engine.worker import EngineWorker
+def build_server(engine_config: EngineConfig, config: ServeConfig = ServeConfig(mode=ServeMode.COLOCATED)):
+    """Engine, its loop thread(s), client and FastAPI app for colocated or semi-PD serving (one
+    process). The tokenizer loads while the engine is built. Returns (app, loop)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.models.registry import model_name, resolve_model_path
     from scheduler.api.server import ServerState, build_app
     from scheduler.engine_client import InProcessClient
     from scheduler.metrics import ServerMetrics
     from scheduler.tokenizer import Tokenizer
 
-    if config.mode == "semi-pd":
-        from engine.semi_pd import SemiPDWorker
-        worker = SemiPDWorker(engine_config, config.semi_pd_prefill_share, config.split_controller_or_none()).start()
-    else:
-        worker = EngineWorker(Engine(engine_config)).start()
-    tokenizer = Tokenizer.load(worker.engine.model_path)
+    with ThreadPoolExecutor(1) as pool:
+        tokenizer = pool.submit(Tokenizer.load, resolve_model_path(engine_config.model))
+        if config.mode == ServeMode.SEMI_PD:
+            from engine.worker.semi_pd import SemiPD
+            loop = SemiPD(engine_config, config.semi_pd_prefill_share, config.split_controller_or_none(),
+                          config.worker).start()
+            role, control = Role.SEMI_PD, loop.control
+        else:
+            from engine.engine import Engine
+            from engine.worker.loop import EngineLoop
+            loop, role, control = EngineLoop(Engine(engine_config)).start(), Role.COLOCATED, None
+        tokenizer = tokenizer.result()
     name = engine_config.served_model_name or model_name(engine_config.model)
-    client = InProcessClient(worker, name, config.slo_ttft_ms / 1000)
+    client = InProcessClient(loop, name, config.slo_ttft_ms / 1000, role, control)
     state = ServerState(client, tokenizer, name, config.api_key, ServerMetrics(config))
-    return build_app(state), worker
+    return build_app(state), loop
 
 
 def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
@@ -47,18 +53,16 @@ def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
     from scheduler.engine_client import ModelInfo
     from scheduler.metrics import ServerMetrics
     from scheduler.tokenizer import Tokenizer
-    from scheduler.worker_actor import WorkerOptions
 
     tokenizer = Tokenizer.load(resolve_model_path(engine_config.model))  # fails fast on a bad --model
     spec = ClusterSpec(config.prefill_workers, config.decode_workers, config.ray_address, config.policy,
-                       WorkerOptions(config.max_waiting_for_blocks, config.transfer_timeout_s),
-                       policy_config=config.policy_config(), controller=config.role_controller_or_none())
+                       config.worker, policy_config=config.policy_config, controller=config.role_controller_or_none())
     cluster = Cluster(spec, engine_config).start()
     try:
         max_model_len, vocab_size = cluster.limits()
         name = engine_config.served_model_name or model_name(engine_config.model)
         client = DisaggClient(cluster.scheduler, ModelInfo(name, max_model_len, vocab_size), config.policy,
-                              policy_config=config.policy_config(), slo_ttft_s=config.slo_ttft_ms / 1000)
+                              policy_config=config.policy_config, slo_ttft_s=config.slo_ttft_ms / 1000)
         return build_app(ServerState(client, tokenizer, name, config.api_key, ServerMetrics(config))), cluster
     except BaseException:
         cluster.stop()
@@ -67,11 +71,11 @@ def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
 
 def serve(config: ServeConfig, engine_config: EngineConfig) -> None:
     import uvicorn
-    if config.mode in ("colocated", "semi-pd"):
-        app, worker = build_server(engine_config, config)
+    if config.mode in (ServeMode.COLOCATED, ServeMode.SEMI_PD):
+        app, loop = build_server(engine_config, config)
         log.info("serving %s on http://%s:%d (%s, %d KV blocks)", app.state.pd.model_name, config.host, config.port,
-                 config.mode, worker.engine.num_kv_blocks)
-        stop = worker.shutdown
+                 config.mode, loop.engine.info.num_kv_blocks)
+        stop = loop.shutdown
     else:
         app, cluster = build_disagg_server(config, engine_config)
         log.info("serving %s on http://%s:%d (%d prefill, %d decode workers)", app.state.pd.model_name,
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench.cli import main as bench_main
         return bench_main(argv[1:])
     if argv[:1] == ["profile"]:
-        from bench.profile import main as profile_main
+        from bench.lab.latency_profile import main as profile_main
         return profile_main(argv[1:])
     if argv[:1] == ["plan"]:
         from scheduler.planner.cli import main as plan_main

@@ -19,18 +19,18 @@ import os
 import time
 from dataclasses import dataclass, replace
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, Role, WorkerOptions
 from scheduler.controller import RoleController
 from scheduler.global_scheduler import GlobalScheduler, WorkerInfo
 from scheduler.policies import PolicyConfig
-from scheduler.worker_actor import WorkerActor, WorkerOptions
+from scheduler.worker_actor import WorkerActor
 
 log = logging.getLogger(__name__)
 
 # Ray would otherwise bind the node to the machine's external address and write a token file
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 # custom Ray resources a node may advertise to host one pool's workers (deploy/helm sets them)
-POOL_RESOURCE = {"prefill": "pdserve_prefill", "decode": "pdserve_decode"}
+POOL_RESOURCE = {Role.PREFILL: "pdserve_prefill", Role.DECODE: "pdserve_decode"}
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ class Cluster:
         if use_gpu and gpus < num_workers:
             raise ValueError(f"{num_workers} workers need {num_workers} GPUs; the Ray cluster has {gpus}")
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": threads}
-        roles = [("prefill", i) for i in range(spec.num_prefill)] + [("decode", i) for i in range(spec.num_decode)]
+        roles = ([(Role.PREFILL, i) for i in range(spec.num_prefill)]
+                 + [(Role.DECODE, i) for i in range(spec.num_decode)])
         pools = ray.cluster_resources()
         bundles = [dict(bundle, **({POOL_RESOURCE[role]: 1} if POOL_RESOURCE[role] in pools else {}))
                    for role, _ in roles]

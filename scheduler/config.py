@@ -1,22 +1,40 @@
-"""Process configuration for `pdserve serve`: the engine's config plus the front door's.
+"""Process configuration for `pdserve serve`: the front door's own settings, composed with
+the configs of the parts it starts (routing policy, worker options, role controller, semi-PD
+split controller), each of which keeps its own defaults.
 
-Flags are generated from the dataclass fields (same names, dashes for underscores) with
-each field's docstring as help, so `--max-num-seqs` is `EngineConfig.max_num_seqs`.
+Flags are generated from the dataclass fields (same names, dashes for underscores) with each
+field's docstring as help, so `--max-num-seqs` is `EngineConfig.max_num_seqs`. A field that
+holds a sub-config contributes that config's fields, under the prefix in its metadata
+(`--controller-window-s` is `ServeConfig.controller.window_s`).
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 import types
 import typing
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 
-from engine.config import field_help
+from engine.config import WorkerOptions, as_enum, field_help
+from engine.worker.split_controller import SplitControllerConfig
+from scheduler.controller import ControllerConfig
+from scheduler.policies import POLICIES, PolicyConfig
+
+
+class ServeMode(enum.StrEnum):
+    DISAGG = "disagg"
+    COLOCATED = "colocated"
+    SEMI_PD = "semi-pd"
+
+
+def _sub(default, prefix: str = ""):
+    return field(default=default, metadata={"prefix": prefix})
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    mode: str = "disagg"
+    mode: ServeMode = ServeMode.DISAGG
     """Serving mode: disagg (prefill and decode worker pools on Ray, KV shipped layer by layer), colocated (one engine in this process does both) or semi-pd (one process, prefill and decode as two concurrent streams over one KV pool, each on its share of the device)."""
     host: str = "127.0.0.1"
     """Address to bind the HTTP server to."""
@@ -34,24 +52,20 @@ class ServeConfig:
     """disagg: address of a running Ray cluster to join (e.g. 10.0.0.1:6379); default: start one on this machine."""
     policy: str = "jsq"
     """disagg: routing policy: jsq (prefill by pending prompt tokens, decode by free KV blocks), round-robin, prefix (decode where the prompt's prefix is cached; only the uncached blocks are sent), conditional (prefix, and short uncached prompts are prefilled on the decode worker), mixed (Splitwise's mixed pool: a worker is lent to the other pool while its own is full)."""
-    local_prefill_tokens: int = 2048
-    """disagg, --policy conditional: prompts whose uncached part is shorter than this are prefilled on the decode worker."""
-    prefill_full_tokens: int = 8192
-    """disagg, --policy conditional/mixed: a prefill worker is full when its pending prompt tokens plus the prompt's exceed this."""
+    policy_config: PolicyConfig = _sub(PolicyConfig())
+    """disagg: the routing policies' settings."""
+    worker: WorkerOptions = _sub(WorkerOptions())
+    """The workers' settings that are not their engines'."""
     role_controller: bool = False
     """disagg: move workers between the prefill and decode pools when the windowed p90 TTFT or TPOT misses its SLO (--slo-ttft-ms, --slo-tpot-ms) and the other phase has slack."""
-    controller_window_s: float = 20.0
-    """disagg, --role-controller: seconds of finished requests per decision (a worker moves after 2 such windows agree)."""
-    max_waiting_for_blocks: int = 64
-    """disagg: requests a decode worker queues while it has no KV blocks for them; beyond that, 503 with Retry-After."""
-    transfer_timeout_s: float = 30.0
-    """disagg: a request whose prompt KV makes no progress this long fails: no chunk landed, and its prefill worker did not show it working on the request (queued or computing) within 5 s of being asked."""
+    controller: ControllerConfig = _sub(ControllerConfig(), "controller")
+    """disagg, --role-controller: its settings."""
     semi_pd_prefill_share: float = 50.0
     """semi-pd: the prefill stream's share of the device in percent at start (CPU: of the torch threads, --num-threads or all cores; GPU: of the SMs); decode gets the rest."""
     semi_pd_controller: bool = True
     """semi-pd: move the split every --semi-pd-window decode steps from the windowed p90 TTFT and TPOT against --slo-ttft-ms and --slo-tpot-ms."""
-    semi_pd_window: int = 200
-    """semi-pd, controller: decode steps per decision."""
+    semi_pd: SplitControllerConfig = _sub(SplitControllerConfig(), "semi_pd")
+    """semi-pd, controller: its settings."""
     slo_ttft_ms: float = 2000.0
     """TTFT SLO for /metrics: a finished request meets the SLOs when its TTFT and its TPOT are both within them (set both to your targets)."""
     slo_tpot_ms: float = 200.0
@@ -60,64 +74,69 @@ class ServeConfig:
     """Fraction of requests that should meet the SLOs; exported for dashboards and alert rules."""
 
     def __post_init__(self) -> None:
-        from scheduler.policies import POLICIES
-        if self.mode not in MODES:
-            raise ValueError(f"--mode {self.mode!r} is not available (choices: {', '.join(MODES)})")
+        object.__setattr__(self, "mode", as_enum(ServeMode, self.mode, "--mode"))
         if self.prefill_workers < 1 or self.decode_workers < 1:
             raise ValueError("--prefill-workers and --decode-workers must be at least 1")
         if self.policy not in POLICIES:
             raise ValueError(f"--policy {self.policy!r} is unknown (choices: {', '.join(POLICIES)})")
-        if self.max_waiting_for_blocks < 0 or self.transfer_timeout_s <= 0:
-            raise ValueError("--max-waiting-for-blocks must be >= 0 and --transfer-timeout-s positive")
         if self.slo_ttft_ms <= 0 or self.slo_tpot_ms <= 0 or not 0 < self.slo_attainment_target <= 1:
             raise ValueError("--slo-ttft-ms and --slo-tpot-ms must be positive, --slo-attainment-target in (0, 1]")
-        if self.local_prefill_tokens < 0 or self.prefill_full_tokens < 1 or self.controller_window_s <= 0:
-            raise ValueError("--local-prefill-tokens must be >= 0, --prefill-full-tokens and "
-                             "--controller-window-s positive")
-
-        if not 0 < self.semi_pd_prefill_share < 100 or self.semi_pd_window < 1:
-            raise ValueError("--semi-pd-prefill-share must be in (0, 100) and --semi-pd-window at least 1")
-
-    def policy_config(self):
-        from scheduler.policies import PolicyConfig
-        return PolicyConfig(self.local_prefill_tokens, self.prefill_full_tokens)
+        if not 0 < self.semi_pd_prefill_share < 100:
+            raise ValueError("--semi-pd-prefill-share must be in (0, 100)")
 
     def split_controller_or_none(self):
         """Semi-PD's split controller, if asked for."""
-        if self.mode != "semi-pd" or not self.semi_pd_controller:
+        if self.mode != ServeMode.SEMI_PD or not self.semi_pd_controller:
             return None
-        from engine.split_controller import SplitController, SplitControllerConfig
-        return SplitController(self.slo_ttft_ms / 1000, self.slo_tpot_ms / 1000,
-                               SplitControllerConfig(window=self.semi_pd_window), self.semi_pd_prefill_share)
+        from engine.worker.split_controller import SplitController
+        return SplitController(self.slo_ttft_ms / 1000, self.slo_tpot_ms / 1000, self.semi_pd,
+                               self.semi_pd_prefill_share)
 
     def role_controller_or_none(self):
         """The role controller to run in the global scheduler, if asked for."""
         if not self.role_controller:
             return None
-        from scheduler.controller import ControllerConfig, RoleController
-        return RoleController(self.slo_ttft_ms / 1000, self.slo_tpot_ms / 1000,
-                              ControllerConfig(window_s=self.controller_window_s))
+        from scheduler.controller import RoleController
+        return RoleController(self.slo_ttft_ms / 1000, self.slo_tpot_ms / 1000, self.controller)
 
 
-MODES = ("disagg", "colocated", "semi-pd")
-
+def _flag_fields(cls: type, prefix: str = ""):
+    """(flag name, dest, field, owner class) of every flag cls contributes, sub-configs flattened."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if is_dataclass(hints[f.name]):
+            sub = f.metadata.get("prefix", "")
+            yield from _flag_fields(hints[f.name], "_".join(p for p in (prefix, sub) if p))
+        else:
+            name = "_".join(p for p in (prefix, f.name) if p)
+            yield name, f, cls, hints[f.name]
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    hints = typing.get_type_hints(cls)
-    docs = field_help(cls)
     group = parser.add_argument_group(cls.__name__)
-    for f in fields(cls):
-        hint = hints[f.name]
+    for name, f, owner, hint in _flag_fields(cls):
         args = typing.get_args(hint) if isinstance(hint, types.UnionType) else ()
         base = next((a for a in args if a is not type(None)), hint)
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + name.replace("_", "-")
         default = None if f.default is MISSING else f.default
+        doc = field_help(owner)[f.name]
         if base is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs[f.name])
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=doc)
+        elif isinstance(base, type) and issubclass(base, enum.Enum):
+            group.add_argument(flag, dest=name, type=str, choices=[m.value for m in base],
+                               default=default.value if default is not None else None,
+                               help=f"{doc} (default: {default.value if default is not None else None})")
         else:
-            group.add_argument(flag, type=base, default=default, help=f"{docs[f.name]} (default: {default})")
+            group.add_argument(flag, dest=name, type=base, default=default, help=f"{doc} (default: {default})")
 
 
-def from_args(cls: type, ns: argparse.Namespace):
-    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+def from_args(cls: type, ns: argparse.Namespace, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in fields(cls):
+        if is_dataclass(hints[f.name]):
+            sub = "_".join(p for p in (prefix, f.metadata.get("prefix", "")) if p)
+            values[f.name] = from_args(hints[f.name], ns, sub)
+        else:
+            values[f.name] = getattr(ns, "_".join(p for p in (prefix, f.name) if p))
+    return cls(**values)

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 
+import numpy as np
+
 from scheduler.policies import WorkerLoad
 
 
@@ -44,6 +46,11 @@ class ControllerConfig:
     min_per_pool: int = 1
     """Workers a pool keeps at least."""
 
+    def __post_init__(self) -> None:
+        if self.window_s <= 0 or not 0 < self.quantile <= 1 or self.min_samples < 1 or self.max_windows < 1:
+            raise ValueError("--controller-window-s must be positive, --controller-quantile in (0, 1], "
+                             "--controller-min-samples and --controller-max-windows at least 1")
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -51,15 +58,6 @@ class Decision:
     ttft_s: float | None = None
     tpot_s: float | None = None
     move: tuple[str, str] | None = None  # (worker id, the pool it joins)
-
-
-def quantile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated quantile (numpy's default)."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 class RoleController:
@@ -84,8 +82,8 @@ class RoleController:
                 self._streak = ("", 0)
             return Decision("few-samples")
         self._held = []
-        ttft = quantile(ttfts, c.quantile)
-        tpot = quantile(tpots, c.quantile) if tpots else 0.0
+        ttft = float(np.quantile(ttfts, c.quantile))
+        tpot = float(np.quantile(tpots, c.quantile)) if tpots else 0.0
         ttft_miss, tpot_miss = ttft > self.slo_ttft_s, tpot > self.slo_tpot_s
         if ttft_miss and tpot <= c.slack * self.slo_tpot_s:
             verdict = "need-prefill"

@@ -21,9 +21,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from engine.decode_role import Overloaded
-from engine.engine import StepOutput
-from engine.errors import RequestError
+from engine.errors import Overloaded, RequestError
+from engine.outputs import StepOutput
 from engine.request import validate_request
 from engine.sampling_params import SamplingParams
 from scheduler.engine_client import EngineClient, ModelInfo
@@ -36,7 +35,7 @@ class DisaggClient(EngineClient):
     def __init__(self, scheduler, info: ModelInfo, policy: str = "jsq", refresh_s: float = 0.02,
                  stale_s: float = 0.5, policy_config: PolicyConfig = PolicyConfig(),
                  slo_ttft_s: float | None = None):
-        """slo_ttft_s: a request that leaves kv_prediction unset is prefilled from its prefill
+        """policy_config: each of its defaults lives in PolicyConfig. slo_ttft_s: a request that leaves kv_prediction unset is prefilled from its prefill
         worker's KV predictor (if it has one) when full prefill there would miss it."""
         self.scheduler = scheduler  # the GlobalScheduler actor handle
         self.slo_ttft_s = slo_ttft_s
@@ -55,7 +54,6 @@ class DisaggClient(EngineClient):
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        arrival_s: float | None = None) -> AsyncIterator[StepOutput]:
-        self.check(prompt_token_ids, params)
         if params.n == 1:
             async for out in self._one(request_id, prompt_token_ids, params):
                 yield out

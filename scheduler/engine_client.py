@@ -1,8 +1,11 @@
 """EngineClient: how the front door talks to an engine, whatever carries the calls.
 
-`generate` yields a request's StepOutputs until all its samples finish; leaving the
-iterator early (client gone, stop string) aborts what is left. `InProcessClient` drives
-an EngineWorker in this process (colocated mode, tests), or a SemiPDWorker (semi-PD mode).
+`check` validates a request (before any response starts); `generate` then yields its
+StepOutputs until all its samples finish, and assumes `check` passed: a request is
+validated once, where it enters the process. Leaving the iterator early (client gone, stop
+string) aborts what is left. `InProcessClient` drives an engine loop in this process
+(colocated mode, tests), or semi-PD's pair of loops. This module imports no torch: the
+engine comes in built.
 """
 
 from __future__ import annotations
@@ -10,13 +13,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
-from engine.engine import StepOutput
+from engine.config import Role
+from engine.interface import WorkerEngine
+from engine.outputs import EngineStats, StepOutput
 from engine.sampling_params import SamplingParams
-from engine.semi_pd import SemiPDWorker
-from engine.worker import EngineWorker
 from scheduler.policies import WorkerLoad, use_kv_prediction
 from scheduler.router import WorkerView
 
@@ -51,28 +55,43 @@ class EngineClient(abc.ABC):
         """Raises RequestError for a request the engine would refuse (before any response starts)."""
 
 
+class Loop(Protocol):
+    """What InProcessClient drives: an engine loop (engine/worker/loop.py) or semi-PD's pair."""
+
+    engine: WorkerEngine
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+               sink: Callable[[StepOutput | Exception], None], arrival_s: float | None = None,
+               validated: bool = False) -> None: ...
+
+    def abort(self, request_id: str, index: int | None = None) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+
 class InProcessClient(EngineClient):
-    def __init__(self, worker: EngineWorker | SemiPDWorker, name: str, slo_ttft_s: float | None = None):
+    def __init__(self, loop: Loop, name: str, slo_ttft_s: float | None = None, role: Role = Role.COLOCATED,
+                 control: Callable[[], dict] | None = None):
         """slo_ttft_s: a request that leaves kv_prediction unset is prefilled from the KV
-        predictor (if the engine has one) when full prefill would miss it (use_kv_prediction)."""
-        self.worker, self.slo_ttft_s = worker, slo_ttft_s
-        engine = worker.engine
-        self.info = ModelInfo(name, engine.max_model_len, engine.model_config.vocab_size)
-        self.role = "semi-pd" if isinstance(worker, SemiPDWorker) else "colocated"
+        predictor (if the engine has one) when full prefill would miss it (use_kv_prediction).
+        control: semi-PD's split and controller state, for /metrics."""
+        self.loop, self.slo_ttft_s, self.role, self._control = loop, slo_ttft_s, role, control
+        self.engine_info = info = loop.engine.info
+        self.info = ModelInfo(name, info.max_model_len, info.vocab_size)
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.worker.engine.validate(prompt_token_ids, params)
+        self.loop.engine.validate(prompt_token_ids, params)
 
     async def generate(self, request_id, prompt_token_ids, params, arrival_s=None):
         if params.kv_prediction is None and params.n == 1 and self.slo_ttft_s is not None \
-                and self.worker.engine.kv_predictor is not None:  # no predictor: no stats read per request
+                and self.engine_info.has_kv_predictor:  # no predictor: no stats read per request
             params = replace(params, kv_prediction=use_kv_prediction(self._load(), len(prompt_token_ids),
                                                                      self.slo_ttft_s))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        self.worker.submit(request_id, prompt_token_ids, params,
-                           lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
-                           arrival_s if arrival_s is not None else time.monotonic())
+        self.loop.submit(request_id, prompt_token_ids, params,
+                         lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+                         arrival_s if arrival_s is not None else time.monotonic(), validated=True)
         remaining = params.n
         try:
             while remaining:
@@ -85,24 +104,18 @@ class InProcessClient(EngineClient):
                 yield item
         finally:
             if remaining:
-                self.worker.abort(request_id)
+                self.loop.abort(request_id)
 
     def abort(self, request_id: str, index: int | None = None) -> None:
-        self.worker.abort(request_id, index)
+        self.loop.abort(request_id, index)
 
     def _load(self) -> WorkerLoad:
-        stats = self.worker.stats()
-        free = stats.num_kv_blocks_total - stats.num_kv_blocks_used
-        return WorkerLoad(f"{self.role}-0", stats.num_pending_prefill_tokens, stats.num_running, stats.num_waiting,
-                          free, self.worker.engine.config.block_size, weight_bytes_dense=stats.weight_bytes_dense,
-                          weight_bytes_expert=stats.weight_bytes_expert, prefill_s_per_token=stats.prefill_s_per_token,
-                          kv_prediction_cost=stats.kv_prediction_cost,
-                          num_predicted_prefills=stats.num_predicted_prefills)
+        return WorkerLoad.from_stats(f"{self.role}-0", self.loop.stats(), self.engine_info.block_size)
 
     async def workers(self) -> list[WorkerView]:
         load = self._load()
-        return [WorkerView(load.worker_id, self.role, "", load, self.worker.engine.num_kv_blocks)]
+        return [WorkerView(load.worker_id, self.role, "", load, self.engine_info.num_kv_blocks)]
 
     async def control(self) -> dict:
         """Semi-PD: the split and its controller's last decision."""
-        return self.worker.control() if isinstance(self.worker, SemiPDWorker) else {}
+        return self._control() if self._control is not None else {}

@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
+from engine.config import Role
 from scheduler.controller import ControllerConfig, Decision, RoleController
 from scheduler.policies import PolicyConfig, WorkerLoad
 from scheduler.router import Router, Target, WorkerView
@@ -39,7 +40,7 @@ class WorkerInfo:
     """What a worker tells the scheduler when it (re)starts."""
 
     worker_id: str
-    role: str  # prefill | decode
+    role: Role  # the pool it started in: prefill | decode
     address: str  # host:port of its gRPC service
     incarnation: str
     pid: int

@@ -28,6 +28,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from engine.outputs import EngineStats
+
 
 @dataclass(frozen=True)
 class WorkerLoad:
@@ -45,6 +47,15 @@ class WorkerLoad:
     prefill_s_per_token: float = 0.0  # measured: seconds per token of its prefill steps
     kv_prediction_cost: float = 0.0   # predicted prefill's share of full prefill's FLOPs; 0: no KV predictor
     num_predicted_prefills: int = 0   # since start (metrics only)
+
+    @classmethod
+    def from_stats(cls, worker_id: str, stats: EngineStats, block_size: int) -> WorkerLoad:
+        """The snapshot routing reads, from an engine's stats."""
+        return cls(worker_id, stats.num_pending_prefill_tokens, stats.num_running, stats.num_waiting,
+                   stats.num_kv_blocks_total - stats.num_kv_blocks_used, block_size,
+                   weight_bytes_dense=stats.weight_bytes_dense, weight_bytes_expert=stats.weight_bytes_expert,
+                   prefill_s_per_token=stats.prefill_s_per_token, kv_prediction_cost=stats.kv_prediction_cost,
+                   num_predicted_prefills=stats.num_predicted_prefills)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -83,6 +94,11 @@ class PolicyConfig:
     """conditional, mixed: a prefill worker is full when its pending prompt tokens plus this prompt exceed this."""
     prefix_balance_requests: int = 32
     """prefix, conditional: a cached prefix wins only on a worker within this many queued requests of the least busy."""
+
+    def __post_init__(self) -> None:
+        if self.local_prefill_tokens < 0 or self.prefill_full_tokens < 1 or self.prefix_balance_requests < 0:
+            raise ValueError("--local-prefill-tokens and --prefix-balance-requests must be >= 0, "
+                             "--prefill-full-tokens positive")
 
 
 Policy = Callable[[Sequence[WorkerLoad], Sequence[WorkerLoad], Ask], "Route | None"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
+from engine.kv.prefix_hash import prompt_block_hashes
 from scheduler.policies import POLICIES, PREFIX_POLICIES, Ask, PolicyConfig, WorkerLoad, least_loaded_prefill
 
 
@@ -43,16 +44,6 @@ class Target:
     @property
     def local(self) -> bool:
         return not self.prefill_id
-
-
-def block_hashes(token_ids: list[int], block_size: int) -> list[int]:
-    """The chained hashes of the prompt's full blocks but the last token's (the engine's
-    prefix-cache names: KVCacheManager._hashes; int tuples hash alike in every process)."""
-    out, parent = [], 0
-    for i in range((len(token_ids) - 1) // block_size):
-        parent = hash((parent, tuple(token_ids[i * block_size:(i + 1) * block_size])))
-        out.append(parent)
-    return out
 
 
 class PrefixIndex:
@@ -123,7 +114,7 @@ class Router:
         hashes, cached = [], {}
         if self.policy_name in PREFIX_POLICIES and prompt_token_ids:
             block_size = next((w.block_size for w in decode), 16)
-            hashes = block_hashes(prompt_token_ids, block_size)
+            hashes = prompt_block_hashes(prompt_token_ids, block_size)
             cached = {w.worker_id: self._prefixes[w.worker_id].match(hashes) * w.block_size
                       for w in decode if w.worker_id in self._prefixes}
         route = self._policy(prefill, decode, Ask(num_prompt_tokens, cached))

@@ -1,5 +1,5 @@
 """The scheduler side's gRPC client of workers: the front door's token streams and the global
-scheduler's load polls. Protobuf stays here (and in engine/server.py); callers see engine
+scheduler's load polls. Messages are converted by engine/worker/wire.py; callers see engine
 types (StepOutput, SamplingParams) and policy snapshots (WorkerLoad).
 
 Channels are opened once per worker address and reused; a worker restarted by Ray comes
@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from engine.engine import StepOutput
+from engine.errors import EngineError
+from engine.outputs import StepOutput
 from engine.sampling_params import SamplingParams
-from engine.server import delta_to_output, params_to_proto, typed_error
-from engine.worker import EngineError
+from engine.worker import wire
 from pdserve_rpc import worker_pb2 as pb
 from pdserve_rpc import worker_pb2_grpc as pb_grpc
 from scheduler.policies import WorkerLoad
@@ -62,18 +62,18 @@ class StreamClient:
         """Yields StepOutputs until the request finishes; closing the iterator cancels the call,
         which aborts the request on the decode worker (and its prefill)."""
         request = pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
-                                     params=params_to_proto(params), prefill_worker=prefill_id,
+                                     params=wire.params_to_proto(params), prefill_worker=prefill_id,
                                      prefill_address=prefill_address)
         call = self._stubs.get(decode_address).Generate(request)
         try:
             async for delta in call:
                 if delta.finish_reason == "error":
                     raise EngineError(delta.error)
-                yield delta_to_output(delta)
+                yield wire.delta_to_output(delta)
         except grpc.aio.AioRpcError as e:
             if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
                 raise WorkerFailed(decode_id, f"decode worker {decode_id} failed: {e.details()}") from None
-            raise typed_error(e, f"decode worker {decode_id}") from None
+            raise wire.typed_error(e, f"decode worker {decode_id}") from None
         finally:
             call.cancel()
 
@@ -103,12 +103,7 @@ class LoadClient:
             except grpc.RpcError as e:
                 out[address] = e
                 continue
-            out[address] = (WorkerLoad(m.worker_id, m.pending_prefill_tokens, m.num_running, m.num_waiting,
-                                       m.num_free_blocks, m.block_size, weight_bytes_dense=m.weight_bytes_dense,
-                                       weight_bytes_expert=m.weight_bytes_expert,
-                                       prefill_s_per_token=m.prefill_s_per_token,
-                                       kv_prediction_cost=m.kv_prediction_cost,
-                                       num_predicted_prefills=m.num_predicted_prefills), m.incarnation)
+            out[address] = (WorkerLoad.from_stats(m.worker_id, wire.stats_from_proto(m), m.block_size), m.incarnation)
         return out
 
     def forget(self, address: str) -> None:

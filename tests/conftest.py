@@ -124,11 +124,11 @@ class LiveServer:
         from scheduler.cli import build_disagg_server, build_server
         from scheduler.config import ServeConfig
         serve_config = serve_config or ServeConfig(mode="colocated", api_key=api_key)
-        self.worker = self.cluster = None
+        self.loop = self.cluster = None
         if serve_config.mode == "disagg":
             self.app, self.cluster = build_disagg_server(serve_config, engine_config)
         else:
-            self.app, self.worker = build_server(engine_config, serve_config)
+            self.app, self.loop = build_server(engine_config, serve_config)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -141,13 +141,13 @@ class LiveServer:
 
     @property
     def engine(self):
-        return self.worker.engine
+        return self.loop.engine
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
-        if self.worker is not None:
-            self.worker.shutdown()
+        if self.loop is not None:
+            self.loop.shutdown()
         if self.cluster is not None:
             self.cluster.stop()
         assert not self.thread.is_alive()

@@ -10,12 +10,11 @@ from bench.config import build_parser, from_args
 from bench.corpus import TextSource, TokenCounter
 from bench.datasets import WORKLOADS, DatasetSpec, build_requests
 from bench.goodput_search import GoodputSearch
-from scheduler.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
 def counter(tiny_llama):
-    return TokenCounter(Tokenizer.load(tiny_llama))
+    return TokenCounter.load(str(tiny_llama))
 
 
 def test_random_prompts_are_real_text_of_the_exact_token_length(counter):

@@ -18,6 +18,8 @@ from engine.config import EngineConfig
 from parity_cases import NUM_TOKENS, prompts
 from scheduler.cluster import LOOPBACK_ENV
 from scheduler.config import ServeConfig
+from scheduler.controller import ControllerConfig
+from scheduler.policies import PolicyConfig
 
 pytestmark = pytest.mark.slow
 
@@ -331,8 +333,9 @@ def test_conditional_prefix_and_role_controller_live(ray_local, tiny_llama, expe
     prompt went; a prompt sharing a cached prefix ships only the blocks after it; the controller
     moves one decode worker to the prefill pool (never the last), /metrics shows it, and
     requests keep succeeding with equal outputs; every worker ends clean."""
-    server = deploy(tiny_llama, 1, 2, policy="conditional", local_prefill_tokens=64, role_controller=True,
-                    controller_window_s=2.0, slo_ttft_ms=0.001, slo_tpot_ms=100_000)
+    server = deploy(tiny_llama, 1, 2, policy="conditional", policy_config=PolicyConfig(local_prefill_tokens=64),
+                    role_controller=True, controller=ControllerConfig(window_s=2.0), slo_ttft_ms=0.001,
+                    slo_tpot_ms=100_000)
     try:
         router = server.app.state.pd.client.router
         outputs = all_in_parallel(lambda p: text(server, p), prompts())

@@ -1,8 +1,16 @@
 """The role controller as a pure function, on a synthetic latency model: 8 workers, TTFT
 falls with prefill workers and TPOT with decode workers."""
 
-from scheduler.controller import ControllerConfig, RoleController, quantile
+import random
+
+from bench.metrics import percentile
+from engine.worker.split_controller import SplitController, SplitControllerConfig, WindowStats
+from scheduler.controller import ControllerConfig, RoleController
 from scheduler.policies import WorkerLoad
+
+
+def quantile(values, q):
+    return percentile(values, q * 100)
 
 SLO_TTFT, SLO_TPOT = 1.0, 0.1
 
@@ -80,6 +88,16 @@ def test_respects_its_bounds_and_picks_the_least_loaded_live_donor():
 
 def test_quantile_matches_linear_interpolation():
     assert quantile([1, 2, 3, 4], 0.5) == 2.5 and quantile([3, 1, 2], 0.9) == 2.8 and quantile([7], 0.9) == 7
+
+
+def test_the_bench_and_both_controllers_report_the_same_windowed_p90():
+    rng = random.Random(0)
+    ttft, tpot = [rng.uniform(0.1, 3.0) for _ in range(37)], [rng.uniform(0.01, 0.3) for _ in range(37)]
+    role = RoleController(SLO_TTFT, SLO_TPOT, ControllerConfig(min_samples=1)).decide(
+        ttft, tpot, [WorkerLoad("p0")], [WorkerLoad("d0")])
+    split = SplitController(SLO_TTFT, SLO_TPOT, SplitControllerConfig(min_samples=1)).update(WindowStats(ttft, tpot))
+    assert role.ttft_s == split.ttft_s == percentile(ttft, 90)
+    assert role.tpot_s == split.tpot_s == percentile(tpot, 90)
 
 
 def test_low_rates_pool_windows_until_enough_samples():

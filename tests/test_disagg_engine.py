@@ -16,7 +16,7 @@ def run_1p1d(prefill, decode, prompt_list, params):
     ships its KV layer by layer, the decode engine admits it with the first token."""
     out = {str(i): [] for i in range(len(prompt_list))}
     for i, p in enumerate(prompt_list):
-        assert decode.reserve_prefilled(str(i), p, params)
+        assert decode.reserve_prefilled(str(i), p, params) is not None
         prefill.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=1))
     steps = 0
     while prefill.has_unfinished() or decode.has_unfinished():
@@ -80,7 +80,7 @@ def test_abort_while_waiting_for_kv_frees_blocks_and_drops_late_chunks(tiny_llam
     decode = make_engine(model=str(tiny_llama))
     prefill.set_kv_sink(LoopbackSink(decode))
     p = prompts()[-1]
-    assert decode.reserve_prefilled("r", p, GREEDY)
+    assert decode.reserve_prefilled("r", p, GREEDY) is not None
     assert decode.kv.num_used_blocks == -(-len(p) // 16)
     decode.abort("r")
     assert decode.kv.num_used_blocks == 0
@@ -95,8 +95,8 @@ def test_abort_while_waiting_for_kv_frees_blocks_and_drops_late_chunks(tiny_llam
 def test_no_room_to_reserve_changes_nothing(tiny_llama, make_engine):
     decode = make_engine(model=str(tiny_llama), num_kv_blocks=32, max_model_len=256)
     p = prompts()[-1]  # 13 blocks
-    assert decode.reserve_prefilled("a", p, GREEDY) and decode.reserve_prefilled("b", p, GREEDY)
-    assert not decode.reserve_prefilled("c", p, GREEDY)
+    assert decode.reserve_prefilled("a", p, GREEDY) is not None and decode.reserve_prefilled("b", p, GREEDY) is not None
+    assert decode.reserve_prefilled("c", p, GREEDY) is None
     assert "c" not in decode.requests and decode.kv.num_used_blocks == 26
     decode.abort("a")
     decode.abort("b")
@@ -120,7 +120,7 @@ def test_a_prefix_cached_on_the_decode_side_is_not_sent_again(tiny_llama, make_e
     got = run_1p1d(prefill, decode, [first], GREEDY)
     assert decode.kv.num_used_blocks == 0  # finished, its blocks stay cached (free, evictable)
     sink.chunks.clear()
-    assert decode.reserve_prefilled("1", second, GREEDY)
+    assert decode.reserve_prefilled("1", second, GREEDY) is not None
     assert decode.requests["1"][0].num_cached_tokens == 48
     prefill.add_request("1", second, SamplingParams(temperature=0, max_tokens=1))
     out = []

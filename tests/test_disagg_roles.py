@@ -8,12 +8,14 @@ from concurrent.futures import Future
 import pytest
 
 from conftest import assert_no_leak
-from engine.config import EngineConfig
-from engine.decode_role import DecodeRole, Overloaded
+from engine.config import EngineConfig, WorkerOptions
+from engine.errors import Overloaded
+from engine.worker.decode_role import DecodeRole
 from engine.engine import Engine, StepOutput
-from engine.prefill_role import PrefillRole
+from engine.worker.prefill_role import PrefillRole
 from engine.transfer.base import KVSink
-from engine.worker import EngineError, EngineWorker
+from engine.errors import EngineError
+from engine.worker.loop import EngineLoop
 from parity_cases import GREEDY, prompts
 
 
@@ -47,9 +49,9 @@ def pair(tiny_llama):
         base = dict(model=str(tiny_llama), max_model_len=256, max_num_batched_tokens=64)
         p_engine = Engine(EngineConfig(num_kv_blocks=128, **base))
         d_engine = Engine(EngineConfig(num_kv_blocks=decode_blocks, **base))
-        prefill, decode_worker = PrefillRole(EngineWorker(p_engine)), EngineWorker(d_engine)
-        decode = DecodeRole(decode_worker, max_pending=max_pending, transfer_timeout_s=timeout_s)
-        prefill.worker.start()
+        prefill, decode_worker = PrefillRole(EngineLoop(p_engine)), EngineLoop(d_engine)
+        decode = DecodeRole(decode_worker, WorkerOptions(max_waiting_for_blocks=max_pending, transfer_timeout_s=timeout_s))
+        prefill.loop.start()
         decode_worker.start()
         made.append((prefill, decode))
         return prefill, decode
@@ -57,10 +59,10 @@ def pair(tiny_llama):
     made = []
     yield make
     for prefill, decode in made:
-        prefill.worker.shutdown()
-        decode.worker.shutdown()
-        assert_no_leak(prefill.worker.engine)
-        assert_no_leak(decode.worker.engine)
+        prefill.loop.shutdown()
+        decode.loop.shutdown()
+        assert_no_leak(prefill.loop.engine)
+        assert_no_leak(decode.loop.engine)
         assert decode.num_deadlines == 0 and decode.num_pending == 0
 
 
@@ -85,7 +87,7 @@ def test_requests_wait_for_blocks_then_run_and_a_full_queue_refuses(pair, refere
     sinks = []
     for i in range(3):  # the third waits for blocks in the queue
         sinks.append(submit(prefill, decode, str(i), long_prompt))
-        decode.worker.call(lambda e: None).result(5)  # the loop has tried to reserve it
+        decode.loop.call(lambda e: None).result(5)  # the loop has tried to reserve it
     assert decode.num_pending == 1
     with pytest.raises(Overloaded) as refused:
         submit(prefill, decode, "3", long_prompt)
@@ -128,9 +130,9 @@ def test_abort_while_waiting_for_kv_frees_both_sides(pair):
     never = Future()  # the prefill has not answered yet
     sink = Collector()
     decode.generate("r", prompts()[-1], GREEDY, lambda rid, skip: never, sink)
-    decode.worker.call(lambda e: None).result(5)  # the reservation happened
-    assert decode.worker.engine.kv.num_used_blocks > 0
+    decode.loop.call(lambda e: None).result(5)  # the reservation happened
+    assert decode.loop.engine.kv.num_used_blocks > 0
     decode.abort("r")
-    decode.worker.call(lambda e: None).result(5)
-    assert decode.worker.engine.kv.num_used_blocks == 0
+    decode.loop.call(lambda e: None).result(5)
+    assert decode.loop.engine.kv.num_used_blocks == 0
     assert never.cancelled()  # the prefill side is told to drop it

@@ -9,14 +9,14 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.sampling_params import SamplingParams
 from engine.transfer.base import KVSink
-from engine.worker import EngineWorker
+from engine.worker.loop import EngineLoop
 from parity_cases import GREEDY, prompts
 
 
 def test_prefill_and_decode_workers_equal_hf(tiny_llama, references):
     cfg = EngineConfig(model=str(tiny_llama), num_kv_blocks=128, max_model_len=512, max_num_batched_tokens=64)
     prefill_engine, decode_engine = Engine(cfg), Engine(cfg)
-    decode = EngineWorker(decode_engine).start()
+    decode = EngineLoop(decode_engine).start()
     landed = {str(i): threading.Event() for i in range(len(prompts()))}
 
     class ToDecode(KVSink):
@@ -26,7 +26,7 @@ def test_prefill_and_decode_workers_equal_hf(tiny_llama, references):
                 done.add_done_callback(lambda _: landed[chunk.request_id].set())
 
     prefill_engine.set_kv_sink(ToDecode())
-    prefill = EngineWorker(prefill_engine).start()
+    prefill = EngineLoop(prefill_engine).start()
     firsts: queue.Queue = queue.Queue()
     outputs: dict[str, list[int]] = {rid: [] for rid in landed}
     finished = threading.Semaphore(0)
@@ -38,7 +38,7 @@ def test_prefill_and_decode_workers_equal_hf(tiny_llama, references):
 
     try:
         for i, p in enumerate(prompts()):
-            assert decode.call(lambda engine, i=i, p=p: engine.reserve_prefilled(str(i), p, GREEDY)).result(10)
+            assert decode.call(lambda engine, i=i, p=p: engine.reserve_prefilled(str(i), p, GREEDY)).result(10) is not None
             prefill.submit(str(i), p, SamplingParams(temperature=0, max_tokens=1), firsts.put)
         for _ in landed:
             first = firsts.get(timeout=30)
@@ -60,7 +60,7 @@ def test_prefill_and_decode_workers_equal_hf(tiny_llama, references):
 
 def test_a_request_waiting_for_kv_does_not_make_the_loop_spin(tiny_llama):
     engine = Engine(EngineConfig(model=str(tiny_llama), num_kv_blocks=64, max_model_len=256))
-    worker = EngineWorker(engine).start()
+    worker = EngineLoop(engine).start()
     steps = {"n": 0}
     real = engine.step
 
@@ -69,7 +69,7 @@ def test_a_request_waiting_for_kv_does_not_make_the_loop_spin(tiny_llama):
         return real()
     engine.step = counted
     try:
-        assert worker.call(lambda e: e.reserve_prefilled("r", [5, 6, 7], GREEDY)).result(10)
+        assert worker.call(lambda e: e.reserve_prefilled("r", [5, 6, 7], GREEDY)).result(10) is not None
         threading.Event().wait(0.3)
         assert steps["n"] <= 1  # asleep on its condition, not stepping an empty batch
         worker.call(lambda e: e.abort("r")).result(10)

@@ -104,9 +104,9 @@ def test_the_serve_command_parses_with_pdserve_own_flags(name):
     assert config.prefill_workers == values.get("prefill", {}).get("replicas", 1)
     scheduling = values.get("scheduling", {})
     assert config.policy == scheduling.get("policy", "jsq")
-    assert config.local_prefill_tokens == scheduling.get("localPrefillTokens", 2048)
+    assert config.policy_config.local_prefill_tokens == scheduling.get("localPrefillTokens", 2048)
     assert config.role_controller == scheduling.get("roleController", False)
-    assert config.controller_window_s == scheduling.get("controllerWindowS", 20)
+    assert config.controller.window_s == scheduling.get("controllerWindowS", 20)
     assert engine.prefill_schedule == values.get("engine", {}).get("prefillSchedule", "chunked")
 
 

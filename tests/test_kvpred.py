@@ -214,7 +214,7 @@ def test_predicted_prefill_on_a_prefill_engine_ships_to_decode_as_colocated(tiny
     prefill.set_kv_sink(LoopbackSink(decode))
     out = {}
     for i, p in enumerate(chosen):
-        assert decode.reserve_prefilled(str(i), p, params)
+        assert decode.reserve_prefilled(str(i), p, params) is not None
         prefill.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=1, kv_prediction=True))
     while prefill.has_unfinished() or decode.has_unfinished():
         for o in prefill.step():
@@ -227,7 +227,7 @@ def test_predicted_prefill_on_a_prefill_engine_ships_to_decode_as_colocated(tiny
         assert not engine.kv.pool.cached  # no block hash registered
         assert engine.kv.num_used_blocks == 0 and not engine.requests
     again = decode.reserve_prefilled("again", chosen[-1], SamplingParams(max_tokens=1))
-    assert again and decode.requests["again"][0].num_cached_tokens == 0  # nothing of it was cached
+    assert again is not None and decode.requests["again"][0].num_cached_tokens == 0  # nothing of it was cached
     decode.abort("again")
 
 

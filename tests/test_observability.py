@@ -129,14 +129,14 @@ def test_the_load_rpc_carries_weight_bytes_to_the_scheduler(tiny_llama, make_eng
     """A worker's Load reply holds the weight bytes its steps read; the global scheduler's
     poll turns them into the WorkerLoad the metrics render."""
     from conftest import run_to_end
-    from engine.server import WorkerService, start_server
-    from engine.worker import EngineWorker
+    from engine.worker.servicer import WorkerServicer, start_server
+    from engine.worker.loop import EngineLoop
     from parity_cases import GREEDY, prompts
     from scheduler.worker_rpc import LoadClient
     engine = make_engine(model=str(tiny_llama))
     run_to_end(engine, prompts()[:2], GREEDY)
-    worker = EngineWorker(engine)  # not started: Load reads the stats it took when built
-    server, port = start_server(WorkerService("w0", "i0", worker, "decode"), "127.0.0.1")
+    worker = EngineLoop(engine)  # not started: Load reads the stats it took when built
+    server, port = start_server(WorkerServicer("w0", "i0", worker, "decode"), "127.0.0.1")
     client = LoadClient()
     try:
         load, incarnation = client.poll([f"127.0.0.1:{port}"], 5.0)[f"127.0.0.1:{port}"]

@@ -57,7 +57,7 @@ def test_decode_has_small_and_large_batch_fits():
 
 @pytest.mark.slow
 def test_profile_a_tiny_model(tiny_llama, tmp_path):
-    from bench.profile import main
+    from bench.lab.latency_profile import main
     out = tmp_path / "tiny.json"
     assert main(["--model", str(tiny_llama), "--quick", "--num-threads", "1", "--out", str(out)]) == 0
     profile = Profile.load(out)

@@ -11,14 +11,14 @@ from conftest import assert_no_leak
 from parity_cases import GREEDY, prompts
 from test_disagg_roles import Collector
 
-from engine.config import EngineConfig
-from engine.decode_role import DecodeRole
+from engine.config import EngineConfig, WorkerOptions
+from engine.worker.decode_role import DecodeRole
 from engine.engine import Engine
-from engine.prefill_client import PrefillClient
-from engine.prefill_role import PrefillRole
+from engine.worker.peers import PrefillPeers
+from engine.worker.prefill_role import PrefillRole
 from engine.sampling_params import SamplingParams
-from engine.server import WorkerService, start_server
-from engine.worker import EngineWorker
+from engine.worker.servicer import WorkerServicer, start_server
+from engine.worker.loop import EngineLoop
 
 TIMEOUT_S = 0.3
 
@@ -27,16 +27,16 @@ class Pair:
     def __init__(self, tiny_llama):
         base = dict(model=str(tiny_llama), max_model_len=256, max_num_batched_tokens=64, num_kv_blocks=128)
         # one sequence at a time on the prefill side: a request queues behind the one running
-        self.p_worker = EngineWorker(Engine(EngineConfig(max_num_seqs=1, **base))).start()
-        self.service = WorkerService("prefill-0", "i0", self.p_worker, "prefill", prefill=PrefillRole(self.p_worker))
+        self.p_worker = EngineLoop(Engine(EngineConfig(max_num_seqs=1, **base))).start()
+        self.service = WorkerServicer("prefill-0", "i0", self.p_worker, "prefill", prefill=PrefillRole(self.p_worker))
         self.server, port = start_server(self.service, "127.0.0.1", max_workers=16)
         self.address = f"127.0.0.1:{port}"
         d_engine = Engine(EngineConfig(**base))
-        self.d_worker = EngineWorker(d_engine)
+        self.d_worker = EngineLoop(d_engine)
         self.probes: list[bool] = []
-        self.decode = DecodeRole(self.d_worker, transfer_timeout_s=TIMEOUT_S, probe=self._probe)
+        self.decode = DecodeRole(self.d_worker, WorkerOptions(transfer_timeout_s=TIMEOUT_S), probe=self._probe)
         cfg = d_engine.model_config
-        self.client = PrefillClient("decode-0", "127.0.0.1", self.decode,
+        self.client = PrefillPeers("decode-0", "127.0.0.1", self.decode,
                                     (d_engine.config.block_size, cfg.num_kv_heads, cfg.head_dim),
                                     d_engine.runner.kv_cache.tensor.dtype, reroute=lambda failed: None,
                                     probe_timeout_s=2.0)

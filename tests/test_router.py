@@ -112,7 +112,8 @@ def test_scheduler_snapshot_feeds_a_replica():
 
 def test_prefix_routing_remembers_what_each_decode_worker_was_sent():
     from scheduler.policies import PolicyConfig
-    from scheduler.router import PrefixIndex, block_hashes
+    from engine.kv.prefix_hash import prompt_block_hashes as block_hashes
+    from scheduler.router import PrefixIndex
 
     router = Router("prefix", PolicyConfig(prefix_balance_requests=100))
     router.update([view("p0", "prefill"), view("d0", "decode", free=200), view("d1", "decode", free=100)])

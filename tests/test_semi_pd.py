@@ -13,7 +13,8 @@ from engine import batcher as batcher_mod
 from engine.config import EngineConfig
 from engine.errors import RequestError
 from engine.sampling_params import SamplingParams
-from engine.semi_pd import SemiPDWorker
+from engine.worker.semi_pd import SemiPD
+from engine.worker.split_controller import SplitControllerConfig
 from engine.split import ComputeSplit
 from parity_cases import GREEDY, PROMPT_LENS, prompts
 
@@ -21,10 +22,10 @@ SMALL_GROUPS = ((16, 1), (64, 2), (128, 3))
 TIMEOUT_S = 120
 
 
-def make_worker(model, **kw) -> SemiPDWorker:
+def make_worker(model, **kw) -> SemiPD:
     kw.setdefault("num_kv_blocks", 128)
     kw.setdefault("max_model_len", 512)
-    return SemiPDWorker(EngineConfig(model=str(model), num_threads=2, **kw)).start()
+    return SemiPD(EngineConfig(model=str(model), num_threads=2, **kw)).start()
 
 
 def wait_for(predicate, what: str, timeout_s: float = 10.0) -> None:
@@ -34,7 +35,7 @@ def wait_for(predicate, what: str, timeout_s: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def assert_no_leak(worker: SemiPDWorker) -> None:
+def assert_no_leak(worker: SemiPD) -> None:
     """Every block back in the pool (the prefill stream's references given back on the decode
     thread), no request left on either side, both threads stopped."""
     engine = worker.engine
@@ -183,7 +184,7 @@ def test_serving_semi_pd_over_http(tiny_llama):
     from engine import LLM
     from scheduler.config import ServeConfig
     config = EngineConfig(model=str(tiny_llama), num_kv_blocks=128, max_model_len=256, served_model_name="tiny")
-    server = LiveServer(config, serve_config=ServeConfig(mode="semi-pd", semi_pd_window=3, semi_pd_prefill_share=30))
+    server = LiveServer(config, serve_config=ServeConfig(mode="semi-pd", semi_pd=SplitControllerConfig(window=3), semi_pd_prefill_share=30))
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
         greedy = dict(max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
@@ -209,4 +210,4 @@ def test_serving_semi_pd_over_http(tiny_llama):
         assert dense and float(dense[0].split()[-1]) > 0
     finally:
         server.stop()
-    assert_no_leak(server.worker)
+    assert_no_leak(server.loop)

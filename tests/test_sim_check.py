@@ -1,4 +1,4 @@
-"""bench/sim_check.py: a run the simulator itself produced, written as a bench result and
+"""bench/lab/sim_check.py: a run the simulator itself produced, written as a bench result and
 replayed, predicts itself exactly (send times, prompt and output lengths carried over), and a
 server twice as slow as the profile shows up as the error it is."""
 
@@ -7,7 +7,7 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from bench import sim_check
+from bench.lab import sim_check
 from scheduler.planner.latency import Fit, LatencyModel, Profile
 from scheduler.planner.simulator import SimConfig, SimRequest, Simulator
 

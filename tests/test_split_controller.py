@@ -3,7 +3,7 @@ both SLOs, holds when both miss, and never leaves its bounds or moves more than 
 
 import pytest
 
-from engine.split_controller import InverseModel, SplitController, SplitControllerConfig, WindowStats
+from engine.worker.split_controller import InverseModel, SplitController, SplitControllerConfig, WindowStats
 
 RATE, L100 = 0.5, 0.2  # beta = 100 * 0.5 * 0.2 = 10 % of the device only keeps up with arrivals
 

@@ -32,7 +32,7 @@ def test_1p1d_across_processes_equals_hf(tiny_llama, references, make_engine):
     try:
         receiver = receiver_for(decode, port, timeout_s=60)
         for i, p in enumerate(prompt_list):
-            assert decode.reserve_prefilled(str(i), p, GREEDY)
+            assert decode.reserve_prefilled(str(i), p, GREEDY) is not None
             receiver.expect(i, str(i))
         landed = set()
         while len(landed) < len(prompt_list):
@@ -64,7 +64,7 @@ def test_a_stalled_transfer_times_out_and_the_request_can_be_freed(tiny_llama, m
     peer.start()
     try:
         receiver = receiver_for(decode, port, timeout_s=1)
-        assert decode.reserve_prefilled("r", prompts()[-1], GREEDY)
+        assert decode.reserve_prefilled("r", prompts()[-1], GREEDY) is not None
         with pytest.raises(TransferTimeout, match="within 1 s"):
             receiver.recv()
         decode.abort("r")  # what the decode worker does with a request whose KV never came

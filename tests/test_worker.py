@@ -9,12 +9,13 @@ import pytest
 from conftest import assert_no_leak
 from engine.errors import RequestError
 from engine.sampling_params import SamplingParams
-from engine.worker import EngineError, EngineWorker
+from engine.errors import EngineError
+from engine.worker.loop import EngineLoop
 
 
 @pytest.fixture
 def worker(tiny_llama, make_engine):
-    w = EngineWorker(make_engine(model=str(tiny_llama))).start()
+    w = EngineLoop(make_engine(model=str(tiny_llama))).start()
     yield w
     w.shutdown()
     assert not w._thread.is_alive()
@@ -70,7 +71,7 @@ def test_idle_worker_sleeps(worker):
 
 
 def test_shutdown_fails_what_is_left(tiny_llama, make_engine):
-    w = EngineWorker(make_engine(model=str(tiny_llama))).start()
+    w = EngineLoop(make_engine(model=str(tiny_llama))).start()
     got: queue.Queue = queue.Queue()
     done = threading.Event()
 

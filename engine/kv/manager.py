@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.kv.block_pool import BlockPool
+from engine.kv.prefix_hash import extend_block_hashes
 from engine.request import Request
 
 
@@ -31,14 +32,8 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def _hashes(self, request: Request, num_full_blocks: int) -> list[int]:
-        hashes = request.block_hashes
-        bs = self.block_size
-        tokens = request.all_token_ids
-        while len(hashes) < num_full_blocks:
-            i = len(hashes)
-            parent = hashes[-1] if hashes else 0
-            hashes.append(hash((parent, tuple(tokens[i * bs:(i + 1) * bs]))))
-        return hashes[:num_full_blocks]
+        return extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size,
+                                   num_full_blocks)[:num_full_blocks]
 
     def get_computed_blocks(self, request: Request) -> list[int]:
         """Cached blocks holding a prefix of the request; the last token is always recomputed."""

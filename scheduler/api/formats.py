@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from engine.request import TokenLogprobs
+from engine.outputs import TokenLogprobs
 from scheduler.api.generation import ChoiceEvent
 from scheduler.tokenizer import Tokenizer
 

@@ -13,8 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from engine.engine import StepOutput
-from engine.request import TokenLogprobs
+from engine.outputs import StepOutput, TokenLogprobs
 from engine.sampling_params import SamplingParams
 from scheduler.engine_client import EngineClient
 from scheduler.metrics import ServerMetrics

@@ -20,10 +20,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from engine.errors import ModelNotFound, RequestError, Unauthorized
+from engine.errors import EngineError, RequestError
 from engine.sampling_params import SamplingParams
-from engine.worker import EngineError
 from scheduler.api import formats
+from scheduler.api.errors import ModelNotFound, Unauthorized
 from scheduler.api.generation import ChoiceEvent, generate_events, merge
 from scheduler.api.protocol import ChatCompletionRequest, CompletionRequest
 from scheduler.engine_client import EngineClient

@@ -30,6 +30,7 @@ from engine.batcher import Batcher, StepPlan
 from engine.kv.manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
+from engine.config import PrefillSchedule
 from scheduler.planner.latency import LatencyModel
 from scheduler.policies import PolicyConfig, WorkerLoad
 from scheduler.router import Router, WorkerView
@@ -52,7 +53,7 @@ class SimConfig:
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    prefill_schedule: str = "chunked"  # whole | chunked | layered, as the engine's --prefill-schedule
+    prefill_schedule: PrefillSchedule = PrefillSchedule.CHUNKED  # as the engine's --prefill-schedule
     token_budget: int | None = None    # chunked: tokens per step (default max_num_batched_tokens)
     num_layers: int = 32               # layered: the model's layers, which the cohort's groups divide
     transfer_s_per_token: float = 0.0  # exposed KV transfer after the prefill step, per prompt token

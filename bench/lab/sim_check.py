@@ -2,8 +2,8 @@
 time, prompt and output tokens) through scheduler/planner's simulator timed by a profile, and
 prints predicted against measured p90 TTFT, p90 TPOT and SLO attainment for every phase.
 
-    python -m bench.sim_check --live bench/results/sim-check-live-colocated.json --profile smollm2-135m-cpu-1thread \
-        --colocated 1 --goodput ttft:2000 tpot:200 --out bench/results/sim-check-colocated.json
+    python -m bench.lab.sim_check --live docs/results/sim-check-live-colocated.json --profile smollm2-135m-cpu-1thread \
+        --colocated 1 --goodput ttft:2000 tpot:200 --out docs/results/sim-check-colocated.json
 
 The deployment flags must match the server the run measured (workers, KV blocks, batch limits):
 the simulator runs the engine's own batcher and KV manager with them.
@@ -99,7 +99,7 @@ def table(rows: list[Row]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.sim_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.lab.sim_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--live", required=True, help="a `pdserve bench --result-json` file (its records are replayed)")
     p.add_argument("--profile", required=True, help="profile JSON path or shipped name")
     p.add_argument("--target", help="only this target's phases (default: all)")
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         slo = parse_slo(args)
     except ValueError as e:
-        print(f"python -m bench.sim_check: {e}")
+        print(f"python -m bench.lab.sim_check: {e}")
         return 2
     profile = load_profile(args.profile)
     blocks = (args.num_kv_blocks or profile.num_kv_blocks

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from engine.decode_role import DecodeRole, StartPrefill
-from engine.engine import StepOutput
+from engine.errors import EngineError
+from engine.outputs import StepOutput
 from engine.sampling_params import SamplingParams
-from engine.server import RemoteTimeline, logprob_from_proto, params_to_proto, typed_error
 from engine.transfer.gloo import DECODE_RANK, GlooReceiver, connect_pair
-from engine.worker import EngineError
+from engine.worker import wire
+from engine.worker.decode_role import DecodeRole, StartPrefill
 from pdserve_rpc import worker_pb2 as pb
 from pdserve_rpc import worker_pb2_grpc as pb_grpc
 
@@ -61,7 +61,7 @@ class PeerFailed(RuntimeError):
     pass
 
 
-class PrefillClient:
+class PrefillPeers:
     def __init__(self, decode_worker_id: str, host: str, role: DecodeRole, block_shape: tuple[int, int, int],
                  dtype: torch.dtype, reroute: Reroute, link_timeout_s: float = 30.0, max_calls: int = 256,
                  device: torch.device | str = "cpu", probe_timeout_s: float = 5.0):
@@ -123,7 +123,7 @@ class PrefillClient:
     def _run(self, future: Future, request_id: str, prefill_id: str, address: str,
              prompt_token_ids: list[int], params: SamplingParams, skip_blocks: int) -> None:
         request = pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
-                                    params=params_to_proto(params), decode_worker=self.worker_id,
+                                    params=wire.params_to_proto(params), decode_worker=self.worker_id,
                                     skip_blocks=skip_blocks)
         try:
             self._place(future, request, prefill_id, address)
@@ -139,7 +139,7 @@ class PrefillClient:
             except (PeerFailed, grpc.RpcError) as e:
                 if isinstance(e, grpc.RpcError) and e.code() is not grpc.StatusCode.UNAVAILABLE:
                     if e.code() is not grpc.StatusCode.CANCELLED:
-                        _settle(future, error=typed_error(e, "prefill failed"))
+                        _settle(future, error=wire.typed_error(e, "prefill failed"))
                     return
                 self._drop(address)
                 self._active[request_id] = None  # being placed again: not this peer's to vouch for
@@ -160,9 +160,7 @@ class PrefillClient:
             except Exception as e:
                 _settle(future, error=EngineError(f"prefill failed: {e}"))
                 return
-            logprobs = [logprob_from_proto(reply.first_logprob)] if reply.HasField("first_logprob") else []
-            timeline = RemoteTimeline({"queue": reply.queue_s, "prefill": reply.prefill_s})
-            _settle(future, StepOutput(request_id, 0, [reply.first_token_id], logprobs, timeline=timeline))
+            _settle(future, wire.first_token_from_reply(request_id, reply))
             return
 
     def _call(self, peer: _Peer, future: Future, request: pb.PrefillRequest) -> pb.PrefillReply:

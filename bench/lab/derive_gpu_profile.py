@@ -3,7 +3,7 @@ DistServe's latency model for a Llama-3.1-8B-shaped model on an H100 SXM, derive
 published specifications (no GPU was lent to us to measure one; `pdserve profile` on an H100
 replaces it). Every figure and its source is in the profile's notes.
 
-    python -m bench.derive_gpu_profile
+    python -m bench.lab.derive_gpu_profile
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main() -> None:
     }
     profile = Profile(model="llama-3.1-8b-shape", device="cuda", dtype="bfloat16", num_threads=0, block_size=16,
                       kv_bytes_per_token=kv_bytes, prefill_samples=(), decode_samples=(), latency=latency,
-                      hardware="NVIDIA H100 SXM5 80GB (derived, see notes)", command="python -m bench.derive_gpu_profile",
+                      hardware="NVIDIA H100 SXM5 80GB (derived, see notes)", command="python -m bench.lab.derive_gpu_profile",
                       notes=notes, transfer_gbps=2880.0, device_memory_bytes=80 * 10**9, weight_bytes=weight_bytes,
                       max_num_seqs=256, max_num_batched_tokens=8192)
     OUT.write_text(profile.to_json())

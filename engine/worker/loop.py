@@ -1,4 +1,4 @@
-"""A worker: one Engine driven by its own thread.
+"""The engine loop: one engine driven by its own thread.
 
 Lifecycle: `start()` launches the loop thread; callers `submit` and `abort` from any
 thread, and `call` runs a function on the engine between steps (how disaggregated roles
@@ -17,17 +17,14 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from engine.engine import Engine, EngineStats, StepOutput
-from engine.errors import RequestError
+from engine.errors import EngineError, RequestError
+from engine.interface import WorkerEngine
+from engine.outputs import EngineStats, StepOutput
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
 Sink = Callable[["StepOutput | Exception"], None]
-
-
-class EngineError(RuntimeError):
-    """The engine failed while running a request (HTTP 500 / an error event)."""
 
 
 @dataclass
@@ -39,35 +36,37 @@ class _Add:
     sink: Sink
 
 
-class EngineWorker:
-    def __init__(self, engine: Engine):
+class EngineLoop:
+    def __init__(self, engine: WorkerEngine):
         self.engine = engine
         self._cond = threading.Condition()
         self._adds: list[_Add] = []
         self._aborts: list[tuple[str, int | None]] = []
-        self._calls: list[tuple[Callable[[Engine], object], Future]] = []
-        self._hooks: list[Callable[[Engine], None]] = []
+        self._calls: list[tuple[Callable[[WorkerEngine], object], Future]] = []
+        self._hooks: list[Callable[[WorkerEngine], None]] = []
         self._sinks: dict[str, Sink] = {}
         self._stopped = False
         self._stats = engine.stats()
         self.num_iterations = 0  # loop passes that ran a step: advances while there is work
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
 
-    def start(self) -> "EngineWorker":
+    def start(self) -> "EngineLoop":
         self._thread.start()
         return self
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-               sink: Sink, arrival_s: float | None = None) -> None:
-        """Queues a request; raises RequestError at once for one the engine would refuse."""
-        self.engine.validate(prompt_token_ids, params)
+               sink: Sink, arrival_s: float | None = None, validated: bool = False) -> None:
+        """Queues a request; raises RequestError at once for one the engine would refuse
+        (validated: the caller has checked it already, where it entered this process)."""
+        if not validated:
+            self.engine.validate(prompt_token_ids, params)
         with self._cond:
             if self._stopped:
                 raise EngineError("the engine is shutting down")
             self._adds.append(_Add(request_id, prompt_token_ids, params, arrival_s, sink))
             self._cond.notify()
 
-    def call(self, fn: Callable[[Engine], object]) -> Future:
+    def call(self, fn: Callable[[WorkerEngine], object]) -> Future:
         """Runs fn(engine) on the loop thread before the next step; the future holds its result
         or exception."""
         future: Future = Future()
@@ -78,7 +77,7 @@ class EngineWorker:
             self._cond.notify()
         return future
 
-    def add_hook(self, fn: Callable[[Engine], None]) -> None:
+    def add_hook(self, fn: Callable[[WorkerEngine], None]) -> None:
         """Runs fn(engine) on the loop thread after every iteration (e.g. to retry reservations
         once blocks have been freed). Add hooks before start()."""
         self._hooks.append(fn)
@@ -123,13 +122,14 @@ class EngineWorker:
                     future.set_exception(e)
             for add in adds:
                 try:
-                    self.engine.add_request(add.request_id, add.prompt_token_ids, add.params, add.arrival_s)
+                    self.engine.add_request(add.request_id, add.prompt_token_ids, add.params, add.arrival_s,
+                                            validated=True)
                     self._sinks[add.request_id] = add.sink
                 except RequestError as e:
                     add.sink(e)
             for request_id, index in aborts:
                 self.engine.abort(request_id, index)
-                if request_id not in self.engine.requests:
+                if not self.engine.has_request(request_id):
                     self._sinks.pop(request_id, None)
             if stopped:
                 self._fail_all(EngineError("the engine shut down"))
@@ -145,7 +145,7 @@ class EngineWorker:
                 if sink is not None:
                     sink(out)
             for out in outputs:  # only once every sample's output of the step is out
-                if out.request_id not in self.engine.requests:
+                if not self.engine.has_request(out.request_id):
                     self._sinks.pop(out.request_id, None)
             for hook in self._hooks:
                 hook(self.engine)

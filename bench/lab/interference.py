@@ -1,8 +1,8 @@
 """A long prompt arriving while requests decode (issue #7): how long do the decoders stall?
 
-    python -m bench.interference trace --out T.jsonl [--decoders 16] [--decode-tokens 160]
+    python -m bench.lab.interference trace --out T.jsonl [--decoders 16] [--decode-tokens 160]
         [--long-tokens 2048] [--at-s 8] [--tokenizer PATH]
-    python -m bench.interference report RESULT.json [--json OUT]
+    python -m bench.lab.interference report RESULT.json [--json OUT]
 
 `trace` writes a bench trace (JSONL with `at_s`): the decoders' short prompts at 0 s, each
 generating --decode-tokens, then one prompt of --long-tokens (2 output tokens) at --at-s, when
@@ -48,7 +48,7 @@ def summarize(phase: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.interference", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.lab.interference", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("trace", help="write the trace")
     t.add_argument("--out", required=True)

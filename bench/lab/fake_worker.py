@@ -1,7 +1,7 @@
-"""A worker with a fake engine: the real gRPC service (engine/server.py) in front of a decode
+"""A worker with a fake engine: the real gRPC servicer (engine/worker/servicer.py) in front of a decode
 role that answers every request at once with `max_tokens` tokens. It registers with the
 global scheduler like a real worker, so the front door and scheduler can be timed with the
-engine's own time taken out (bench/scheduler_overhead.py)."""
+engine's own time taken out (bench/lab/scheduler_overhead.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import os
 import uuid
 from types import SimpleNamespace
 
-from engine.engine import EngineStats, StepOutput
-from engine.request import Timeline
+from engine.outputs import EngineStats, StepOutput, Timeline
 
 NUM_BLOCKS = 1 << 20
 
@@ -20,7 +19,7 @@ class FakeDecodeRole:
 
     num_pending = 0
 
-    def generate(self, request_id, prompt_token_ids, params, start_prefill, sink) -> None:
+    def generate(self, request_id, prompt_token_ids, params, start_prefill, sink, validated=False) -> None:
         n = params.max_tokens or 1
         for i in range(n):
             last = i == n - 1
@@ -31,8 +30,8 @@ class FakeDecodeRole:
         pass
 
 
-class FakeEngineWorker:
-    engine = SimpleNamespace(requests={}, config=SimpleNamespace(block_size=16))
+class FakeEngineLoop:
+    engine = SimpleNamespace(has_request=lambda request_id: False, info=SimpleNamespace(block_size=16))
 
     def stats(self) -> EngineStats:
         return EngineStats(0, 0, 0, NUM_BLOCKS, 0, 0)
@@ -41,7 +40,7 @@ class FakeEngineWorker:
         pass
 
 
-class FakeLinks:
+class FakePeers:
     def starter(self, *args):
         return None
 
@@ -52,13 +51,13 @@ class FakeWorkerActor:
     def __init__(self, worker_id: str, role: str, scheduler, max_model_len: int = 4096, vocab_size: int = 32000):
         import ray
 
-        from engine.server import WorkerService, start_server
+        from engine.worker.servicer import WorkerServicer, start_server
         from scheduler.global_scheduler import WorkerInfo
 
         host = ray.util.get_node_ip_address()
         decode = FakeDecodeRole() if role == "decode" else None
         incarnation = uuid.uuid4().hex[:12]
-        self.service = WorkerService(worker_id, incarnation, FakeEngineWorker(), role, decode, None, FakeLinks())
+        self.service = WorkerServicer(worker_id, incarnation, FakeEngineLoop(), role, decode, None, FakePeers())
         self.server, port = start_server(self.service, host, max_workers=64)
         self.info = WorkerInfo(worker_id, role, f"{host}:{port}", incarnation, os.getpid(), max_model_len,
                                vocab_size, 16, NUM_BLOCKS)

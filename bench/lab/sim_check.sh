@@ -7,7 +7,7 @@
 # the front end, Ray and the load generator). Prefix caching is off: the warm-up replays every
 # prompt, so each measured prompt would be cached, and the simulator (given lengths, not
 # tokens) models no cache across requests.
-#   bash bench/sim_check.sh [MODES=colocated,disagg] [RATES=0.2,0.4,0.6] [NUM_PROMPTS=32]
+#   bash bench/lab/sim_check.sh [MODES=colocated,disagg] [RATES=0.2,0.4,0.6] [NUM_PROMPTS=32]
 set -euo pipefail
 modes=${1:-colocated,disagg}; rates=${2:-0.2,0.4,0.6}; n=${3:-32}
 cd "$(dirname "$0")/.."
@@ -26,8 +26,8 @@ for mode in ${modes//,/ }; do
   for _ in $(seq 300); do curl -sf http://127.0.0.1:8061/health >/dev/null && break; sleep 1; done
   $bin/pdserve bench --target "$mode=http://127.0.0.1:8061" --dataset chatbot --output-len 64 \
     --num-prompts "$n" --warmup "$n" --sweep-rates "$rates" "${tokenizer[@]}" --goodput ttft:2000 tpot:200 \
-    --result-json "bench/results/sim-check-live-$mode.json"
+    --result-json "docs/results/sim-check-live-$mode.json"
   kill -INT $pid; wait $pid || true; pid=
-  $bin/python -m bench.sim_check --live "bench/results/sim-check-live-$mode.json" \
-    --profile smollm2-135m-cpu-1thread "${sim[@]}" --goodput ttft:2000 tpot:200 --out "bench/results/sim-check-$mode.json"
+  $bin/python -m bench.lab.sim_check --live "docs/results/sim-check-live-$mode.json" \
+    --profile smollm2-135m-cpu-1thread "${sim[@]}" --goodput ttft:2000 tpot:200 --out "docs/results/sim-check-$mode.json"
 done

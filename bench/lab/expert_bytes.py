@@ -1,6 +1,6 @@
 """Expert weight bytes read by layered against chunked prefill on one long prompt (issue #7).
 
-    python -m bench.expert_bytes [--prompt-tokens 4096] [--token-budget 512] [--json OUT]
+    python -m bench.lab.expert_bytes [--prompt-tokens 4096] [--token-budget 512] [--json OUT]
 
 Builds a random Qwen3-MoE-shaped model offline (8 layers, 64 experts, top 8, as Qwen3-30B-A3B
 routes, at small widths so it runs on a CPU), prefills one prompt under each schedule
@@ -31,7 +31,7 @@ def build(out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.expert_bytes", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.lab.expert_bytes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompt-tokens", type=int, default=4096)
     parser.add_argument("--token-budget", type=int, default=512)
     parser.add_argument("--json")

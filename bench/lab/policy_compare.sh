@@ -6,8 +6,8 @@
 # target at a time (the idle ones only poll their workers), so machine noise falls on all alike.
 # Twelve workers fit this box's 23 GiB only slimmed: no MKL-packed weight copies, 384 MiB of KV
 # each (8.7k tokens; prompts here stay under 1k) and a 2k context.
-# Results: bench/results/policy-compare.json, and each server's routing/controller metrics.
-#   bash bench/policy_compare.sh [RATE=0.5] [NUM_PROMPTS=40] [WHICH="jsq conditional mixed controller"]
+# Results: docs/results/policy-compare.json, and each server's routing/controller metrics.
+#   bash bench/lab/policy_compare.sh [RATE=0.5] [NUM_PROMPTS=40] [WHICH="jsq conditional mixed controller"]
 set -euo pipefail
 rate=${1:-0.5}; n=${2:-40}; which=${3:-jsq conditional mixed controller}
 cd "$(dirname "$0")/.."
@@ -31,7 +31,7 @@ for name in $which; do
 done
 $bin/pdserve bench "${targets[@]}" --dataset shift --input-len 400 --output-len 32 --range-ratio 0.5 \
   --num-prompts "$n" --request-rate "$rate" --warmup 4 --goodput ttft:2000 tpot:200 \
-  --result-json bench/results/policy-compare.json
+  --result-json docs/results/policy-compare.json
 port=8051
 for name in $which; do
   echo "== $name"

@@ -20,19 +20,27 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scheduler.controller import quantile  # the role controller's: both report "windowed p90" alike
+import numpy as np
 
 
 @dataclass(frozen=True)
 class SplitControllerConfig:
-    window: int = 200       # decode iterations per decision
-    step: float = 5.0       # share points per step
-    max_step: int = 4       # most steps one decision moves
-    min_share: float = 10.0  # bounds of the prefill share (the decode share is 100 minus it)
+    window: int = 200
+    """Decode steps per decision."""
+    step: float = 5.0
+    """Share points one step moves."""
+    max_step: int = 4
+    """Most steps one decision moves."""
+    min_share: float = 10.0
+    """Lowest prefill share in percent (the decode share is 100 minus it)."""
     max_share: float = 90.0
+    """Highest prefill share in percent."""
     quantile: float = 0.9
-    min_samples: int = 4    # finished requests a window needs before it decides
-    history: int = 8        # windows the models are fitted on
+    """Percentile of TTFT and TPOT compared with the SLOs."""
+    min_samples: int = 4
+    """Finished requests a window needs before it decides."""
+    history: int = 8
+    """Windows the latency models are fitted on."""
 
     def __post_init__(self) -> None:
         if not 0 < self.min_share <= self.max_share < 100:
@@ -104,8 +112,8 @@ class SplitController:
         if len(window.ttft_s) < cfg.min_samples:
             self.last = SplitDecision("few-samples", self.share)
             return self.last
-        ttft = quantile(window.ttft_s, cfg.quantile)
-        tpot = quantile(window.tpot_s, cfg.quantile) if window.tpot_s else None
+        ttft = float(np.quantile(window.ttft_s, cfg.quantile))
+        tpot = float(np.quantile(window.tpot_s, cfg.quantile)) if window.tpot_s else None
         beta = 100 * window.rate * window.prefill_s_full
         x, y = self.share, 100 - self.share
         self.ttft_model.add(x - beta, ttft)

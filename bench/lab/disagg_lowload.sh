@@ -2,8 +2,8 @@
 # Low-load comparison for issue #4: pdserve 1P1D, pdserve colocated and vLLM 1P1D (NixlConnector),
 # SmolLM2 on CPU, one request at a time, the same chatbot requests for each. Servers run one at a
 # time: vLLM's 1P1D pair busy-polls both cores, and every server here gets the whole box to itself.
-#   bash bench/disagg_lowload.sh [PEER_DIR=/work/peer] [NUM_PROMPTS=16] [WHICH="pdserve-1p1d pdserve-colocated vllm-1p1d"]
-# Results: bench/results/lowload-{pdserve-1p1d,pdserve-colocated,vllm-1p1d}.json
+#   bash bench/lab/disagg_lowload.sh [PEER_DIR=/work/peer] [NUM_PROMPTS=16] [WHICH="pdserve-1p1d pdserve-colocated vllm-1p1d"]
+# Results: docs/results/lowload-{pdserve-1p1d,pdserve-colocated,vllm-1p1d}.json
 set -euo pipefail
 peer=${1:-/work/peer}; n=${2:-16}; which=${3:-pdserve-1p1d pdserve-colocated vllm-1p1d}
 cd "$(dirname "$0")/.."
@@ -12,7 +12,7 @@ wait_up() { for _ in $(seq 300); do curl -sf "http://127.0.0.1:$1/health" >/dev/
 run() {  # NAME PORT: bench the server listening on PORT
   $bin/pdserve bench --target "$1=http://127.0.0.1:$2" --dataset chatbot --output-len 64 --num-prompts "$n" \
     --warmup "$n" --max-concurrency 1 --tokenizer "$peer/smollm2" --goodput ttft:2000 tpot:200 \
-    --result-json "bench/results/lowload-$1.json"
+    --result-json "docs/results/lowload-$1.json"
 }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; sleep 3; }
 

@@ -24,21 +24,22 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from engine.engine import Engine, StepOutput
-from engine.errors import RequestError
-from engine.request import RequestStatus
+from typing import TYPE_CHECKING
+
+from engine.config import WorkerOptions
+from engine.errors import EngineError, Overloaded, RequestError
+from engine.interface import WorkerEngine
+from engine.outputs import StepOutput
 from engine.sampling_params import SamplingParams
-from engine.transfer.base import LayerChunk
-from engine.worker import EngineError, EngineWorker, Sink
+from engine.worker.loop import EngineLoop, Sink
+
+if TYPE_CHECKING:
+    from engine.transfer.base import LayerChunk
 
 log = logging.getLogger(__name__)
 
 StartPrefill = Callable[[str, int], "Future[StepOutput]"]  # (request id, leading blocks cached here)
 Probe = Callable[[str], bool]  # (request id) -> is its prefill still under way? (may block briefly)
-
-
-class Overloaded(RequestError):
-    status_code = 503
 
 
 @dataclass
@@ -51,11 +52,10 @@ class _Pending:
 
 
 class DecodeRole:
-    def __init__(self, worker: EngineWorker, max_pending: int = 64, transfer_timeout_s: float = 30.0,
-                 probe: Probe | None = None):
-        self.worker = worker
-        self.max_pending = max_pending
-        self.transfer_timeout_s = transfer_timeout_s
+    def __init__(self, loop: EngineLoop, options: WorkerOptions = WorkerOptions(), probe: Probe | None = None):
+        self.loop = loop
+        self.max_pending = options.max_waiting_for_blocks
+        self.transfer_timeout_s = options.transfer_timeout_s
         self.probe = probe
         self._pending: deque[_Pending] = deque()
         self._lock = threading.Lock()
@@ -63,38 +63,41 @@ class DecodeRole:
         self._timer_lock = threading.Lock()
         self._landed: set[str] = set()  # requests with a chunk landed since their timer was armed
         self._prefills: dict[str, Future] = {}  # first tokens still awaited
-        worker.add_hook(self._on_iteration)
+        loop.add_hook(self._on_iteration)
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 start_prefill: StartPrefill, sink: Sink) -> None:
-        """Raises RequestError for a bad request and Overloaded when the wait queue is full."""
-        self.worker.engine.validate(prompt_token_ids, params, prefills=False)
+                 start_prefill: StartPrefill, sink: Sink, validated: bool = False) -> None:
+        """Raises RequestError for a bad request (unless validated: the caller checked it) and
+        Overloaded when the wait queue is full."""
+        if params.n != 1:
+            raise RequestError("disaggregated serving supports n=1 only", param="n")
+        if not validated:
+            self.loop.engine.validate(prompt_token_ids, params, prefills=False)
         with self._lock:
             if len(self._pending) >= self.max_pending:
                 raise Overloaded(f"the decode worker has {self.max_pending} requests waiting for KV blocks; "
                                  "retry later")
             self._pending.append(_Pending(request_id, prompt_token_ids, params, start_prefill, sink))
-        self.worker.call(self._reserve_pending)
+        self.loop.call(self._reserve_pending)
 
     def generate_local(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        sink: Sink) -> None:
         """Prefill and decode here. Raises RequestError for a bad request."""
-        self.worker.engine.validate(prompt_token_ids, params)
-        self.worker.submit(request_id, prompt_token_ids, params, sink)
+        self.loop.submit(request_id, prompt_token_ids, params, sink)
 
     def land(self, chunk: LayerChunk) -> None:
         """A KV chunk from the prefill side (any thread); written between steps."""
         with self._timer_lock:
             if chunk.request_id in self._timers:
                 self._landed.add(chunk.request_id)
-        self.worker.call(lambda engine: engine.receive_kv(chunk))
+        self.loop.call(lambda engine: engine.receive_kv(chunk))
 
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._pending = deque(p for p in self._pending if p.request_id != request_id)
         self._cancel_timer(request_id)
         self._cancel_prefill(request_id)
-        self.worker.abort(request_id)
+        self.loop.abort(request_id)
 
     @property
     def num_pending(self) -> int:
@@ -105,16 +108,15 @@ class DecodeRole:
         """Requests whose KV is still awaited against the transfer timeout."""
         return len(self._timers)
 
-    def _on_iteration(self, engine: Engine) -> None:
+    def _on_iteration(self, engine: WorkerEngine) -> None:
         with self._timer_lock:
             awaited = list(self._timers)
         for request_id in awaited:  # KV complete (or request gone): no deadline
-            children = engine.requests.get(request_id)
-            if not children or children[0].status is not RequestStatus.WAITING_FOR_KV:
+            if not engine.waiting_for_kv(request_id):
                 self._cancel_timer(request_id)
         self._reserve_pending(engine)
 
-    def _reserve_pending(self, engine: Engine) -> None:
+    def _reserve_pending(self, engine: WorkerEngine) -> None:
         """On the loop thread: reserve for waiting requests in order while blocks allow."""
         while True:
             with self._lock:
@@ -122,17 +124,16 @@ class DecodeRole:
                     return
                 p = self._pending[0]
                 try:
-                    reserved = engine.reserve_prefilled(p.request_id, p.prompt_token_ids, p.params)
+                    cached_blocks = engine.reserve_prefilled(p.request_id, p.prompt_token_ids, p.params)
                 except RequestError as e:
                     self._pending.popleft()
                     p.sink(e)
                     continue
-                if not reserved:
+                if cached_blocks is None:
                     return
                 self._pending.popleft()
-            self.worker.attach(p.request_id, p.sink)
+            self.loop.attach(p.request_id, p.sink)
             self._start_timer(p.request_id)
-            cached_blocks = engine.requests[p.request_id][0].num_cached_tokens // engine.config.block_size
             try:
                 future = p.start_prefill(p.request_id, cached_blocks)
             except Exception as e:
@@ -147,12 +148,12 @@ class DecodeRole:
             return
         error = future.exception()
         if error is not None:
-            self.worker.call(lambda engine: self._fail(engine, request_id, EngineError(f"prefill failed: {error}")))
+            self.loop.call(lambda engine: self._fail(engine, request_id, EngineError(f"prefill failed: {error}")))
             return
         out = future.result()
         logprob = out.new_logprobs[0] if out.new_logprobs else None
         prefill_s = out.timeline.phases().get("prefill", 0.0) if out.timeline else 0.0
-        self.worker.call(lambda engine: engine.give_first_token(request_id, out.new_token_ids[0], logprob, prefill_s))
+        self.loop.call(lambda engine: engine.give_first_token(request_id, out.new_token_ids[0], logprob, prefill_s))
 
     def _start_timer(self, request_id: str) -> None:
         with self._timer_lock:
@@ -180,7 +181,7 @@ class DecodeRole:
             if progressed:
                 self._arm(request_id)
                 return
-        self.worker.call(lambda engine: self._expire(engine, request_id))
+        self.loop.call(lambda engine: self._expire(engine, request_id))
 
     def _cancel_prefill(self, request_id: str) -> None:
         future = self._prefills.pop(request_id, None)
@@ -194,18 +195,17 @@ class DecodeRole:
         if timer is not None:
             timer.cancel()
 
-    def _expire(self, engine: Engine, request_id: str) -> None:
+    def _expire(self, engine: WorkerEngine, request_id: str) -> None:
         self._cancel_timer(request_id)
-        children = engine.requests.get(request_id)
-        if children and children[0].status is RequestStatus.WAITING_FOR_KV:
+        if engine.waiting_for_kv(request_id):
             self._fail(engine, request_id, EngineError(
                 f"the prompt's KV did not arrive: no progress for {self.transfer_timeout_s:g} s"))
 
-    def _fail(self, engine: Engine, request_id: str, error: Exception) -> None:
+    def _fail(self, engine: WorkerEngine, request_id: str, error: Exception) -> None:
         """On the loop thread: end the request, free its blocks, tell its client."""
         self._cancel_timer(request_id)
         self._cancel_prefill(request_id)
-        sink = self.worker.detach(request_id)
+        sink = self.loop.detach(request_id)
         engine.abort(request_id)
         if sink is not None:
             sink(error)

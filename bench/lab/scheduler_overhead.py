@@ -1,6 +1,6 @@
 """What the front door and the global scheduler add per request, with a fake engine.
 
-Starts a local Ray cluster, the real global scheduler and fake workers (bench/fake_worker.py:
+Starts a local Ray cluster, the real global scheduler and fake workers (bench/lab/fake_worker.py:
 the real gRPC service, an engine that answers at once), and the real HTTP front door. Then,
 in alternating rounds so drift hits both alike, it times:
   direct   a Generate call straight to the fake decode worker over gRPC (no front door),
@@ -11,7 +11,7 @@ routing call to the scheduler actor (front doors route on a local replica of its
 instead, see scheduler/router.py), and routing decisions per second: through the actor with
 many calls in flight, on a front door's Router replica, and the policy function alone.
 
-    python -m bench.scheduler_overhead --requests 2000 --result-json bench/results/scheduler-overhead.json
+    python -m bench.lab.scheduler_overhead --requests 2000 --result-json docs/results/scheduler-overhead.json
 """
 
 from __future__ import annotations
@@ -29,14 +29,9 @@ from scheduler.cluster import LOOPBACK_ENV
 SCHEDULER = "pdserve-bench-scheduler"
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
-
-
 def summary_ms(values_s: list[float]) -> dict[str, float]:
     ms = [v * 1e3 for v in values_s]
-    return {"p50": round(pct(ms, 50), 3), "p99": round(pct(ms, 99), 3), "mean": round(statistics.fmean(ms), 3)}
+    return {"p50": round(percentile(ms, 50), 3), "p99": round(percentile(ms, 99), 3), "mean": round(statistics.fmean(ms), 3)}
 
 
 def front_door(ray_address: str, ports) -> None:
@@ -80,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
     import ray
 
-    from bench.fake_worker import FakeWorkerActor
+    from bench.lab.fake_worker import FakeWorkerActor
     from engine.sampling_params import SamplingParams
     from engine.server import params_to_proto
     from pdserve_rpc import worker_pb2 as pb

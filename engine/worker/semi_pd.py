@@ -1,7 +1,7 @@
-"""Semi-PD worker: prefill and decode as two concurrent streams of work in one process, over
+"""Semi-PD: prefill and decode as two concurrent streams of work in one process, over
 one copy of the weights and one KV pool (TECHNIQUES.md, semi-PD).
 
-Two EngineWorkers, each on its own thread. The decode engine owns the model, the KV cache
+Two engine loops, each on its own thread. The decode engine owns the model, the KV cache
 and the block pool; the prefill engine runs a sibling runner (the same weights and KV
 tensor) over `LentBlocks`. A request goes:
 1. `DecodeRole` reserves its prompt blocks on the decode thread (the decode side owns block
@@ -25,19 +25,20 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 
-from engine.config import EngineConfig
-from engine.decode_role import DecodeRole
-from engine.engine import Engine, EngineStats, StepOutput
+from engine.config import EngineConfig, WorkerOptions
+from engine.engine import Engine
+from engine.errors import EngineError
+from engine.interface import WorkerEngine
 from engine.kv.lent import LentBlocks
-from engine.prefill_role import first_token
+from engine.outputs import EngineStats, StepOutput
 from engine.sampling_params import SamplingParams
 from engine.split import ComputeSplit
-from engine.split_controller import SplitController, SplitDecision, WindowStats
-from engine.worker import EngineError, EngineWorker, Sink
+from engine.worker.decode_role import DecodeRole
+from engine.worker.loop import EngineLoop, Sink
+from engine.worker.prefill_role import first_token
+from engine.worker.split_controller import SplitController, SplitDecision, WindowStats
 
 log = logging.getLogger(__name__)
-
-MAX_WAITING_FOR_BLOCKS = 4096  # requests queued for KV blocks before 503s (colocated queues without bound)
 
 
 @dataclass
@@ -51,9 +52,11 @@ class _Window:
     prefill_full_s: list[float] = field(default_factory=list)  # each prefill's time scaled to the whole device
 
 
-class SemiPDWorker:
+class SemiPD:
     def __init__(self, config: EngineConfig, prefill_share: float = 50.0,
-                 controller: SplitController | None = None):
+                 controller: SplitController | None = None, options: WorkerOptions = WorkerOptions()):
+        """options.max_waiting_for_blocks: requests queued while the pool has no blocks for
+        them; beyond that, Overloaded (503)."""
         if config.kv_predictor:
             raise ValueError("--kv-predictor runs on colocated, prefill and decode workers, not in semi-PD mode")
         self.engine = Engine(config)  # the decode side: owns the weights, the KV cache and the pool
@@ -62,9 +65,9 @@ class SemiPDWorker:
                                   config.num_threads)
         self.lent = LentBlocks(config.block_size, self._give_back)
         self.prefill_engine = Engine(config, runner.share(self.split, "decode"), self.lent)
-        self.decode = EngineWorker(self.engine)
-        self.prefill = EngineWorker(self.prefill_engine)
-        self.role = DecodeRole(self.decode, MAX_WAITING_FOR_BLOCKS, probe=self._prefilling)
+        self.decode = EngineLoop(self.engine)
+        self.prefill = EngineLoop(self.prefill_engine)
+        self.role = DecodeRole(self.decode, options, probe=self._prefilling)
         self.controller = controller
         self._lock = threading.Lock()
         self._window = _Window(time.monotonic())
@@ -74,16 +77,17 @@ class SemiPDWorker:
         if controller is not None:
             self.decode.add_hook(self._control)
 
-    def start(self) -> SemiPDWorker:
+    def start(self) -> SemiPD:
         self.decode.start()
         self.prefill.start()
         return self
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: Sink,
-               arrival_s: float | None = None) -> None:
-        """Raises RequestError for a request the engine would refuse, Overloaded when too many
-        wait for blocks."""
-        self.engine.validate(prompt_token_ids, params)
+               arrival_s: float | None = None, validated: bool = False) -> None:
+        """Raises RequestError for a request the engine would refuse (unless validated: the
+        caller checked it), Overloaded when too many wait for blocks."""
+        if not validated:
+            self.engine.validate(prompt_token_ids, params)
         arrival_s = time.monotonic() if arrival_s is None else arrival_s
         ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         with self._lock:
@@ -92,8 +96,9 @@ class SemiPDWorker:
         try:
             for i, child_id in enumerate(ids):
                 child = params if params.n == 1 else params.for_child(i)
-                self.role.generate(child_id, prompt_token_ids, child, self._start_prefill,
-                                   self._observed(request_id, i, arrival_s, sink))
+                start = lambda rid, cached, child=child: self._start_prefill(rid, cached, prompt_token_ids, child)  # noqa: E731
+                self.role.generate(child_id, prompt_token_ids, child, start, self._observed(request_id, i, arrival_s, sink),
+                                   validated=True)
         except Exception:
             self.abort(request_id)
             raise
@@ -129,14 +134,13 @@ class SemiPDWorker:
 
     # the decode thread's side
 
-    def _start_prefill(self, request_id: str, cached_blocks: int):
+    def _start_prefill(self, request_id: str, cached_blocks: int, prompt_token_ids: list[int],
+                       params: SamplingParams):
         """DecodeRole's hook, on the decode thread: lend the reserved blocks, start the prefill."""
-        request = self.engine.requests[request_id][0]
-        blocks = list(request.block_ids)
-        self.engine.kv.pool.take(blocks)  # the prefill stream's reference
+        blocks = self.engine.lend_blocks(request_id)  # the prefill stream's reference
         self.lent.lend(request_id, blocks, cached_blocks)
         try:
-            future = first_token(self.prefill, request_id, request.prompt_token_ids, request.params)
+            future = first_token(self.prefill, request_id, prompt_token_ids, params, validated=True)
         except Exception:
             self.lent.cancel(request_id)
             raise
@@ -162,7 +166,7 @@ class SemiPDWorker:
             pass  # shutting down: the pool goes with the process
 
     def _prefilling(self, request_id: str) -> bool:
-        return request_id in self.prefill_engine.requests
+        return self.prefill_engine.has_request(request_id)
 
     def _observed(self, request_id: str, index: int, arrival_s: float, sink: Sink) -> Sink:
         """The client's sink, with the request's TTFT and TPOT recorded for the controller."""

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import replace
 
-from engine.engine import StepOutput
+from engine.outputs import StepOutput
 from engine.sampling_params import SamplingParams
 from engine.transfer.base import KVSink, LayerChunk
-from engine.worker import EngineWorker
+from engine.worker.loop import EngineLoop
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,12 @@ class RoutingSink(KVSink):
         self.held.pop(request_id, None)
 
 
-def first_token(worker: EngineWorker, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                on_failure: Callable[[], None] = lambda: None) -> "Future[StepOutput]":
-    """Runs the prompt on worker for its first token only, sampled with the request's own
+def first_token(loop: EngineLoop, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                on_failure: Callable[[], None] = lambda: None, validated: bool = False) -> "Future[StepOutput]":
+    """Runs the prompt on the loop's engine for its first token only, sampled with the request's own
     parameters (EOS masked when min_tokens asks for it). The future holds that StepOutput or
     the error; cancelling it aborts the request. on_failure runs on an error or a cancel.
-    Raises at once what `worker.submit` raises."""
+    Raises at once what `loop.submit` raises."""
     future: Future = Future()
 
     def on_output(out: "StepOutput | Exception") -> None:
@@ -72,19 +72,19 @@ def first_token(worker: EngineWorker, request_id: str, prompt_token_ids: list[in
     def on_done(f: Future) -> None:
         if f.cancelled():  # the decode side gave up on it: stop computing (and sending)
             on_failure()
-            worker.abort(request_id)
+            loop.abort(request_id)
 
     first_only = replace(params, n=1, max_tokens=1, min_tokens=min(1, params.min_tokens))
-    worker.submit(request_id, prompt_token_ids, first_only, on_output)
+    loop.submit(request_id, prompt_token_ids, first_only, on_output, validated=validated)
     future.add_done_callback(on_done)
     return future
 
 
 class PrefillRole:
-    def __init__(self, worker: EngineWorker):
-        self.worker = worker
+    def __init__(self, loop: EngineLoop):
+        self.loop = loop
         self.sink = RoutingSink()
-        worker.engine.set_kv_sink(self.sink)
+        loop.engine.set_kv_sink(self.sink)
 
     def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                 sink: KVSink, skip_blocks: int = 0) -> "Future[StepOutput]":
@@ -93,7 +93,7 @@ class PrefillRole:
         if skip_blocks:
             self.sink.held[request_id] = skip_blocks
         try:
-            return first_token(self.worker, request_id, prompt_token_ids, params, lambda: self.sink.drop(request_id))
+            return first_token(self.loop, request_id, prompt_token_ids, params, lambda: self.sink.drop(request_id))
         except Exception:
             self.sink.drop(request_id)
             raise
@@ -104,4 +104,4 @@ class PrefillRole:
 
     def abort(self, request_id: str) -> None:
         self.sink.drop(request_id)
-        self.worker.abort(request_id)
+        self.loop.abort(request_id)

@@ -1,10 +1,10 @@
 """Decode and prefill throughput of pdserve's engine against HF transformers and vLLM, in one run.
 
-    python -m bench.engine_throughput [--threads 1] [--vllm-dir /path/from/vllm-setup.sh]
+    python -m bench.lab.engine_throughput [--threads 1] [--vllm-dir /path/from/vllm-setup.sh]
 
 Each system runs in its own subprocess (vLLM in its own virtualenv, made by
 shared/peers/vllm-setup.sh) on the same SmolLM2-135M-Instruct weights, with the same
-token-id prompts and the same timing method (bench/throughput_worker.py). Compute is given
+token-id prompts and the same timing method (bench/lab/throughput_worker.py). Compute is given
 the same number of cores: torch threads for pdserve and HF, VLLM_CPU_OMP_THREADS_BIND for
 vLLM. Prints a table with pdserve's ratio to each peer and writes --result-json.
 """

@@ -1,0 +1,72 @@
+"""Assembles a worker from its config: one engine, its loop thread, both roles (prefill:
+ships prompt KV; decode: owns requests and pulls KV from prefill peers, or prefills them
+itself), the prefill peers and the gRPC servicer, served on `host` at a free port.
+
+A worker serves both roles whatever pool it was started in (the pool only steers routing),
+so the scheduler may lend it to the other pool. `stop()` stops the server, closes the peers'
+links and fails what the loop still holds. Whatever hosts it (a Ray actor, a test) asks it
+for its address and engine description to register it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import torch
+
+from engine.config import EngineConfig, Role, WorkerOptions
+from engine.engine import Engine
+from engine.outputs import EngineInfo
+from engine.worker.decode_role import DecodeRole
+from engine.worker.loop import EngineLoop
+from engine.worker.peers import PrefillPeers, Reroute
+from engine.worker.prefill_role import PrefillRole
+from engine.worker.servicer import WorkerServicer, start_server
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, worker_id: str, role: Role, engine_config: EngineConfig, host: str, reroute: Reroute,
+                 options: WorkerOptions = WorkerOptions()):
+        if role not in (Role.PREFILL, Role.DECODE):
+            raise ValueError(f"a worker starts in the prefill or the decode pool, not {role!r}")
+        self.worker_id, self.role = worker_id, Role(role)
+        engine = Engine(engine_config)
+        self.info: EngineInfo = engine.info
+        self.model_path = engine.model_path
+        self.loop = EngineLoop(engine)
+        prefill = PrefillRole(self.loop)
+        decode = DecodeRole(self.loop, options, probe=lambda request_id: self.peers.progressing(request_id))
+        self.peers = PrefillPeers(worker_id, host, decode, self.info.kv_block_shape,
+                                  getattr(torch, self.info.kv_dtype), reroute, options.link_timeout_s,
+                                  device=self.info.device)
+        self.loop.start()
+        self.incarnation = uuid.uuid4().hex[:12]
+        self.servicer = WorkerServicer(worker_id, self.incarnation, self.loop, self.role, decode, prefill, self.peers,
+                                       options.link_timeout_s, self.info.device)
+        self.server, port = start_server(self.servicer, host)
+        self.address = f"{host}:{port}"
+
+    def num_used_blocks(self) -> int:
+        """KV blocks held right now (the leak check: 0 once every request has ended)."""
+        return self.loop.call(lambda engine: engine.stats().num_kv_blocks_used).result(30)
+
+    def num_requests(self) -> int:
+        return self.loop.call(lambda engine: engine.num_requests()).result(30)
+
+    def num_prefill_retries(self) -> int:
+        """Requests this decode worker moved to another prefill worker after one failed."""
+        return self.peers.num_retries
+
+    def stop(self) -> None:
+        self.server.stop(grace=1).wait(5)
+        self.peers.close()
+        self.loop.shutdown()
+
+
+def build_worker(worker_id: str, role: Role, engine_config: EngineConfig, host: str, reroute: Reroute,
+                 options: WorkerOptions = WorkerOptions()) -> Worker:
+    """A worker serving on host, its engine loop running."""
+    return Worker(worker_id, role, engine_config, host, reroute, options)
