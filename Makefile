@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 ARGS    ?=
 
-.PHONY: venv serve test test-fast proto clean
+.PHONY: venv serve lint test test-fast proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,13 +22,17 @@ venv: $(VENV)/.installed
 serve: venv
 	$(BIN)/pdserve serve $(ARGS)
 
-test: venv
+lint: venv
+	$(BIN)/ruff check .
+
+# the lint first, then every test (slow ones included)
+test: lint
 	$(BIN)/python -m pytest -q -ra $(ARGS)
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
-# regenerates pdserve_rpc/ from proto/ (tests/test_proto.py checks the committed modules are current)
+# regenerates pdserve_rpc/ from proto/ (tests/worker/test_proto.py checks the committed modules are current)
 proto: venv
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/pdserve_rpc/*.proto
 

@@ -18,7 +18,6 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-
 Kind = Literal["prose", "code"]
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English BPE vocabularies
 _MAX_CODE_CHARS = 400_000  # enough windows; keeps tokenizing the corpus to about a second

@@ -19,12 +19,12 @@ from engine.attention.base import slots_for
 from engine.batcher import ScheduledSeq, StepPlan
 from engine.config import EngineConfig
 from engine.kv.cache import KVCache
+from engine.models import packed_gemm
 from engine.models.config import ModelConfig
 from engine.models.llama import ForwardContext
-from engine.models import packed_gemm
 from engine.models.loader import load_model, open_weights
 from engine.models.moe import WeightReads
-from engine.sampler import SampleResult, Sampler
+from engine.sampler import Sampler, SampleResult
 from engine.split import ComputeSplit
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -35,7 +35,7 @@ class DisaggClient(EngineClient):
     def __init__(self, scheduler, info: ModelInfo, policy: str = "jsq", refresh_s: float = 0.02,
                  stale_s: float = 0.5, policy_config: PolicyConfig = PolicyConfig(),
                  slo_ttft_s: float | None = None):
-        """policy_config: each of its defaults lives in PolicyConfig. slo_ttft_s: a request that leaves kv_prediction unset is prefilled from its prefill
+        """slo_ttft_s: a request that leaves kv_prediction unset is prefilled from its prefill
         worker's KV predictor (if it has one) when full prefill there would miss it."""
         self.scheduler = scheduler  # the GlobalScheduler actor handle
         self.slo_ttft_s = slo_ttft_s

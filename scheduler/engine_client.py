@@ -44,7 +44,7 @@ class EngineClient(abc.ABC):
 
     @abc.abstractmethod
     async def workers(self) -> list[WorkerView]:
-        """Every engine worker behind this client with its current load (for /metrics)."""
+        """Every worker behind this client with its current load (for /metrics)."""
 
     async def control(self) -> dict:
         """Routing decisions for /metrics: the role controller's last verdict and moves, workers

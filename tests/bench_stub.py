@@ -15,7 +15,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from conftest import free_port
+from helpers import free_port
 
 SLOW_FIRST_S = 0.3
 GAP_S = 0.05

@@ -2,10 +2,10 @@
 # Low-load comparison for issue #4: pdserve 1P1D, pdserve colocated and vLLM 1P1D (NixlConnector),
 # SmolLM2 on CPU, one request at a time, the same chatbot requests for each. Servers run one at a
 # time: vLLM's 1P1D pair busy-polls both cores, and every server here gets the whole box to itself.
-#   bash bench/lab/disagg_lowload.sh [PEER_DIR=/work/peer] [NUM_PROMPTS=16] [WHICH="pdserve-1p1d pdserve-colocated vllm-1p1d"]
+#   bash bench/lab/disagg_lowload.sh [PEER_DIR] [NUM_PROMPTS=16] [WHICH="pdserve-1p1d pdserve-colocated vllm-1p1d"]
 # Results: docs/results/lowload-{pdserve-1p1d,pdserve-colocated,vllm-1p1d}.json
 set -euo pipefail
-peer=${1:-/work/peer}; n=${2:-16}; which=${3:-pdserve-1p1d pdserve-colocated vllm-1p1d}
+peer=${1:?usage: disagg_lowload.sh PEER_DIR [NUM_PROMPTS] [WHICH]}; n=${2:-16}; which=${3:-pdserve-1p1d pdserve-colocated vllm-1p1d}
 cd "$(dirname "$0")/.."
 bin=.venv/bin
 wait_up() { for _ in $(seq 300); do curl -sf "http://127.0.0.1:$1/health" >/dev/null && return 0; sleep 1; done; return 1; }
@@ -23,7 +23,7 @@ for target in $which; do
     # compute on one core, as in the goodput comparison
     pdserve-colocated) $bin/pdserve serve --mode colocated --num-threads 1 --port 8011 --log-level warning & pid=$!; port=8011 ;;
     # prefill on core 0, decode on core 1, NixlConnector, a proxy in front
-    vllm-1p1d) TMPDIR=$(mktemp -d) bash ../shared/peers/vllm-serve.sh "$peer" 1p1d 8031 & pid=$!; port=8031 ;;
+    vllm-1p1d) TMPDIR=$(mktemp -d) bash bench/lab/peers/vllm-serve.sh "$peer" 1p1d 8031 & pid=$!; port=8031 ;;
     *) echo "unknown target $target" >&2; exit 2 ;;
   esac
   wait_up $port && run "$target" $port; stop $pid

@@ -3,7 +3,7 @@
     python -m bench.lab.engine_throughput [--threads 1] [--vllm-dir /path/from/vllm-setup.sh]
 
 Each system runs in its own subprocess (vLLM in its own virtualenv, made by
-shared/peers/vllm-setup.sh) on the same SmolLM2-135M-Instruct weights, with the same
+bench/lab/peers/vllm-setup.sh) on the same SmolLM2-135M-Instruct weights, with the same
 token-id prompts and the same timing method (bench/lab/throughput_worker.py). Compute is given
 the same number of cores: torch threads for pdserve and HF, VLLM_CPU_OMP_THREADS_BIND for
 vLLM. Prints a table with pdserve's ratio to each peer and writes --result-json.
@@ -42,9 +42,10 @@ def hf_folder(vllm_dir: Path | None) -> str:
         return str(vllm_dir / "smollm2")
     out = Path(tempfile.gettempdir()) / "pdserve-smollm2-hf"
     if not (out / "config.json").exists():
-        from engine.models.registry import default_model_path
         import torch
         import transformers
+
+        from engine.models.registry import default_model_path
         path = default_model_path()
         tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -58,7 +59,7 @@ def hf_folder(vllm_dir: Path | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1, help="cores of compute per system")
-    ap.add_argument("--vllm-dir", type=Path, default=None, help="folder made by shared/peers/vllm-setup.sh")
+    ap.add_argument("--vllm-dir", type=Path, default=None, help="folder made by bench/lab/peers/vllm-setup.sh")
     ap.add_argument("--vllm-dtypes", default="bfloat16,float32",
                     help="vLLM runs once per dtype (bf16 is its CPU default; fp32 is pdserve's)")
     ap.add_argument("--hf-dtype", default="float32")
@@ -80,7 +81,7 @@ def main() -> None:
                 env={"VLLM_CPU_OMP_THREADS_BIND": cores, "HF_HUB_OFFLINE": "1",
                      "VLLM_CPU_KVCACHE_SPACE": "2", "TMPDIR": tempfile.mkdtemp()})
     else:
-        print("vLLM not set up (pass --vllm-dir DIR from shared/peers/vllm-setup.sh): skipped", file=sys.stderr)
+        print("vLLM not set up (pass --vllm-dir DIR from bench/lab/peers/vllm-setup.sh): skipped", file=sys.stderr)
     print(table(results, args.batch_sizes.split(",")))
     if args.result_json:
         args.result_json.write_text(json.dumps(results, indent=2))

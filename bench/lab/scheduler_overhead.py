@@ -24,6 +24,7 @@ import statistics
 import threading
 import time
 
+from bench.metrics import percentile
 from scheduler.cluster import LOOPBACK_ENV
 
 SCHEDULER = "pdserve-bench-scheduler"

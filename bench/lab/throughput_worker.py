@@ -21,8 +21,8 @@ def prompts(batch: int, length: int, seed: int, vocab: int = 49152) -> list[list
 
 
 def make_pdserve(args):
-    from engine.engine import Engine
     from engine.config import EngineConfig
+    from engine.engine import Engine
     from engine.sampling_params import SamplingParams
     engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, num_threads=args.threads,
                                  max_model_len=2048, max_num_seqs=64, max_num_batched_tokens=4096,

@@ -5,7 +5,7 @@
 Rows: SLOs (TTFT and TPOT percentiles against the SLO lines, attainment against its target,
 goodput), requests (latency per phase, errors, tokens), pools (queue depths, pending prompt
 tokens, KV usage per pool and per worker), KV transfer, worker health. Every query reads
-pdserve's /metrics (scheduler/metrics.py); tests/test_observability.py checks that the file
+pdserve's /metrics (scheduler/metrics.py); tests/deploy/test_observability.py checks that the file
 is current, that each query parses as PromQL and that a live server serves each metric.
 """
 
@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import json
 
-from grafana_foundation_sdk.builders import common, dashboard as db, prometheus, stat, statetimeline, timeseries
+from grafana_foundation_sdk.builders import common, prometheus, stat, statetimeline, timeseries
+from grafana_foundation_sdk.builders import dashboard as db
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
-from grafana_foundation_sdk.models.common import (LegendDisplayMode, LegendPlacement, TooltipDisplayMode,
-                                                  VisibilityMode)
-from grafana_foundation_sdk.models.dashboard import (DataSourceRef, DynamicConfigValue, FieldColorModeId, Threshold,
-                                                     ThresholdsMode)
+from grafana_foundation_sdk.models.common import LegendDisplayMode, LegendPlacement, TooltipDisplayMode, VisibilityMode
+from grafana_foundation_sdk.models.dashboard import (
+    DataSourceRef,
+    DynamicConfigValue,
+    FieldColorModeId,
+    Threshold,
+    ThresholdsMode,
+)
 
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
 SEL = 'job=~"$job"'

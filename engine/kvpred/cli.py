@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from engine.kvpred.predictor import EVERY_OTHER_LAYER, KVPredictor
-from engine.kvpred.train import Trainer, TrainConfig, read_texts, token_windows
+from engine.kvpred.train import TrainConfig, Trainer, read_texts, token_windows
 from engine.models.loader import load_model, open_weights
 from engine.models.registry import resolve_model_path
 

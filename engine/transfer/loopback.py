@@ -1,6 +1,7 @@
 """In-process transport: chunks go straight into a decode engine in the same process (tests;
-semi-PD needs no transport: its prefill stream computes into the decode side's blocks). A chunk for a request the decode engine no
-longer waits on (aborted) is dropped, as a network transport would drop it."""
+semi-PD needs no transport: its prefill stream computes into the decode side's blocks). A
+chunk for a request the decode engine no longer waits on (aborted) is dropped, as a network
+transport would drop it."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from typing import TYPE_CHECKING
 from engine.transfer.base import KVSink, LayerChunk
 
 if TYPE_CHECKING:
-    from engine.engine import Engine
+    from engine.interface import WorkerEngine
 
 
 class LoopbackSink(KVSink):
-    def __init__(self, decode: "Engine"):
+    def __init__(self, decode: WorkerEngine):
         self.decode = decode
         self.chunks: list[tuple[str, int, int, int]] = []  # (request_id, layer, first_block, num_blocks)
 

@@ -23,7 +23,6 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 from engine.config import WorkerOptions

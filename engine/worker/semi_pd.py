@@ -28,7 +28,6 @@ from dataclasses import dataclass, field, replace
 from engine.config import EngineConfig, WorkerOptions
 from engine.engine import Engine
 from engine.errors import EngineError
-from engine.interface import WorkerEngine
 from engine.kv.lent import LentBlocks
 from engine.outputs import EngineStats, StepOutput
 from engine.sampling_params import SamplingParams

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import queue
 from concurrent import futures
-
 from dataclasses import replace
 from typing import TYPE_CHECKING
 

@@ -30,7 +30,6 @@ from scheduler.engine_client import EngineClient
 from scheduler.metrics import ServerMetrics
 from scheduler.tokenizer import Tokenizer
 
-
 TIMINGS_HEADER = "x-pdserve-timings"
 RETRY_AFTER_S = "1"  # what a 503 (no worker has room now) asks clients to wait
 

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 from bench.metrics import RequestRecord
 from engine.batcher import Batcher, StepPlan
+from engine.config import PrefillSchedule
 from engine.kv.manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
-from engine.config import PrefillSchedule
 from scheduler.planner.latency import LatencyModel
 from scheduler.policies import PolicyConfig, WorkerLoad
 from scheduler.router import Router, WorkerView

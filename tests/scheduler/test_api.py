@@ -1,0 +1,178 @@
+"""The HTTP server on loopback with the tiny model: openai client, bad input, disconnects."""
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from helpers import LiveServer, assert_no_leak, metric_sum, stalled, wait_for
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server):
+    return openai.OpenAI(base_url=tiny_server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def test_models_health_and_metrics(tiny_server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(tiny_server.url + "/health").status_code == 200
+    text = httpx.get(tiny_server.url + "/metrics").text
+    for name in ("pdserve_request_ttft_seconds", "pdserve_request_itl_seconds", "pdserve_request_tpot_seconds",
+                 "pdserve_request_e2e_seconds", "pdserve_request_queue_seconds", "pdserve_worker_running_requests",
+                 "pdserve_worker_waiting_requests", "pdserve_worker_kv_blocks_used", "pdserve_worker_kv_blocks_total",
+                 "pdserve_prompt_tokens_total", "pdserve_generation_tokens_total", "pdserve_requests_finished_total"):
+        assert name in text, name
+    assert 'pdserve_worker_up{pool="colocated",worker="colocated-0"} 1.0' in text
+
+
+def test_completion(client):
+    out = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, temperature=0)
+    assert out.choices[0].finish_reason in ("stop", "length") and out.usage.completion_tokens <= 8
+    batch = client.completions.create(model="tiny", prompt=["Paris is", "def f"], max_tokens=4, n=2,
+                                      temperature=0.8, seed=1)
+    assert sorted(c.index for c in batch.choices) == [0, 1, 2, 3]
+    ids = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=4, temperature=0)
+    assert ids.usage.prompt_tokens == 3
+
+
+def test_greedy_matches_offline_engine(tiny_llama, client):
+    from engine import LLM, SamplingParams
+    out = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    llm = LLM(model=str(tiny_llama), num_kv_blocks=64, max_model_len=256)
+    offline = llm.generate("The quick brown fox", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    assert out.choices[0].text == offline.text and out.usage.completion_tokens == len(offline.token_ids)
+    assert_no_leak(llm.engine)
+
+
+def test_chat_and_streaming(client):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    out = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0)
+    assert out.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == out.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == out.choices[0].finish_reason
+    comp = list(client.completions.create(model="tiny", prompt="Paris", max_tokens=5, temperature=0, stream=True))
+    assert comp[-1].choices[0].finish_reason is not None
+
+
+def test_per_phase_timings_only_when_asked(tiny_server):
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
+    url = tiny_server.url + "/v1/completions"
+    assert "timings" not in httpx.post(url, json=body).json()["choices"][0]
+    timed = httpx.post(url, json=body, headers={"x-pdserve-timings": "1"}).json()["choices"][0]["timings"]
+    assert set(timed) == {"queue", "prefill", "decode"} and all(v >= 0 for v in timed.values())
+    with httpx.stream("POST", url, json={**body, "stream": True}, headers={"x-pdserve-timings": "1"}) as r:
+        chunks = [line for line in r.iter_lines() if line.startswith("data: {")]
+    assert "timings" in chunks[-1] and all("timings" not in c for c in chunks[:-1])  # on the last chunk only
+
+
+def test_logprobs_in_responses(client):
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                         temperature=0, logprobs=True, top_logprobs=2)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens and len(content[0].top_logprobs) == 2
+    comp = client.completions.create(model="tiny", prompt="hi", max_tokens=3, temperature=0, logprobs=2)
+    assert len(comp.choices[0].logprobs.token_logprobs) == 3
+
+
+BAD = [
+    ("/v1/completions", b"{not json"),
+    ("/v1/completions", {"max_tokens": 5}),                                   # missing prompt
+    ("/v1/chat/completions", {"max_tokens": 5}),                              # missing messages
+    ("/v1/completions", {"prompt": 123}),                                     # wrong type
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -1}),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 10**9}),               # absurd
+    ("/v1/completions", {"prompt": "word " * 400, "max_tokens": 5}),          # longer than max-model-len
+    ("/v1/completions", {"prompt": "hi", "model": "no-such-model"}),
+    ("/v1/completions", {"prompt": "hi", "temperature": -0.5}),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}),
+    ("/v1/completions", {"prompt": "hi", "top_p": 1.5}),
+    ("/v1/completions", {"prompt": "hi", "n": 0}),
+    ("/v1/completions", {"prompt": "hi", "n": 9}),
+    ("/v1/chat/completions", {"messages": []}),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}),
+    ("/v1/completions", {"prompt": ""}),
+    ("/v1/completions", {"prompt": [99999999]}),
+    ("/v1/completions", {"prompt": "hi", "stream": True, "logprobs": 99}),
+]
+
+
+@pytest.mark.parametrize("path,body", BAD, ids=[f"{i}" for i in range(len(BAD))])
+def test_bad_input_gets_a_4xx_and_the_server_keeps_serving(tiny_server, path, body):
+    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(tiny_server.url + path, timeout=30, **kwargs)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    ok = httpx.post(tiny_server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_client_disconnect_mid_stream_frees_blocks(tiny_server):
+    body = {"prompt": "Once upon a time", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", tiny_server.url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+        assert metric_sum(tiny_server.url, "pdserve_worker_kv_blocks_used") > 0
+    deadline = time.monotonic() + 5
+    while metric_sum(tiny_server.url, "pdserve_worker_kv_blocks_used") > 0:
+        assert time.monotonic() < deadline, "blocks of a disconnected stream were not freed"
+        time.sleep(0.02)
+    assert_no_leak(tiny_server.engine)
+
+
+def test_client_disconnect_of_a_non_streaming_request_aborts_it(tiny_server):
+    body = {"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True}
+    with stalled(tiny_server.loop):  # the request cannot finish before its client gives up
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(tiny_server.url + "/v1/completions", json=body, timeout=0.3)
+    wait_for(lambda: not tiny_server.engine.has_unfinished()
+             and metric_sum(tiny_server.url, "pdserve_worker_kv_blocks_used") == 0,
+             "a non-streaming request outlived its client", timeout_s=5)
+
+
+def test_api_key(tiny_llama):
+    from engine.config import EngineConfig
+    server = LiveServer(EngineConfig(model=str(tiny_llama), num_kv_blocks=64, max_model_len=128), api_key="s3cret")
+    try:
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        wrong = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        good = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.completions.create(model=good.models.list().data[0].id, prompt="hi", max_tokens=2).choices
+    finally:
+        server.stop()
+    assert_no_leak(server.engine)
+
+
+def test_stream_error_event_format():
+    from scheduler.api.formats import CompletionShape
+    from scheduler.api.server import _sse
+
+    async def failing():
+        raise RuntimeError("boom")
+        yield  # pragma: no cover
+
+    import asyncio
+
+    from scheduler.metrics import ServerMetrics
+    metrics = ServerMetrics()
+
+    async def collect():
+        shape = CompletionShape("id", "m", None, 1, 1)
+        return [c async for c in _sse(failing(), shape, False, metrics)]
+    chunks = asyncio.run(collect())
+    assert json.loads(chunks[0][6:])["error"]["message"] == "boom" and chunks[-1] == "data: [DONE]\n\n"
+    # counted as a 500 and, failed by the server, as an SLO miss
+    assert metrics.registry.get_sample_value("pdserve_requests_rejected_total", {"status": "500"}) == 1
+    assert metrics.registry.get_sample_value("pdserve_slo_requests_total", {"result": "missed"}) == 1

@@ -1,0 +1,418 @@
+"""pdserve serve --mode disagg end to end on a local Ray cluster (loopback, tiny model):
+greedy outputs equal HF (hence colocated) in 1P1D and 2P2D, per-phase timings, random
+aborts leave no block behind, and killed workers fail only their own requests, fast."""
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from engine.config import EngineConfig
+from scheduler.cluster import LOOPBACK_ENV
+from scheduler.config import ServeConfig
+from scheduler.controller import ControllerConfig
+from scheduler.policies import PolicyConfig
+
+from helpers import LiveServer, metric_names_used, wait_for
+from parity_cases import NUM_TOKENS, prompts
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    os.environ.update(LOOPBACK_ENV)  # before Ray's first import, which fixes its node address
+    import ray
+    # logical CPUs: the 1P1D, 2P2D and 1P2D deployments (a thread each) are up at once on 2 cores; the
+    # pool resources make each worker's bundle ask for its pool's, as on the Helm chart's nodes
+    ray.init(num_cpus=12, resources={"pdserve_prefill": 6, "pdserve_decode": 6}, include_dashboard=False,
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def deploy(model, num_prefill: int, num_decode: int, **serve) -> LiveServer:
+    engine_config = EngineConfig(model=str(model), num_kv_blocks=128, max_model_len=256, max_num_batched_tokens=64,
+                                 served_model_name="tiny", num_threads=1)
+    return LiveServer(engine_config, serve_config=ServeConfig(mode="disagg", prefill_workers=num_prefill,
+                                                              decode_workers=num_decode, **serve))
+
+
+def complete(server: LiveServer, prompt: list[int], n_tokens: int = NUM_TOKENS, **extra) -> httpx.Response:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": n_tokens, "min_tokens": n_tokens, "temperature": 0,
+            **extra}
+    return httpx.post(f"{server.url}/v1/completions", json=body, timeout=TIMEOUT_S,
+                      headers={"x-pdserve-timings": "1"})
+
+
+def text(server: LiveServer, prompt: list[int], n_tokens: int = NUM_TOKENS) -> str:
+    r = complete(server, prompt, n_tokens)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert r.json()["usage"]["completion_tokens"] == n_tokens
+    return choice["text"]
+
+
+def all_in_parallel(fn, items, workers: int = 8) -> list:
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def workers(server: LiveServer) -> dict[str, dict]:
+    import ray
+    return {w["worker_id"]: w for w in ray.get(server.cluster.scheduler.workers.remote())}
+
+
+def assert_clean(server: LiveServer, timeout_s: float = 10) -> None:
+    """Leak check: every worker holds no request and no KV block."""
+    import ray
+    handles = list(server.cluster.workers.values())
+
+    def clean() -> bool:
+        return all(b == 0 for b in ray.get([h.num_used_blocks.remote() for h in handles])) and \
+            all(n == 0 for n in ray.get([h.num_requests.remote() for h in handles]))
+    wait_for(clean, "every worker to free its blocks", timeout_s)
+
+
+def stop_and_check_processes(server: LiveServer) -> None:
+    pids = [info.pid for info in server.cluster.describe()]
+    server.stop()
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    wait_for(lambda: all(gone(p) for p in pids), "worker processes to exit", 15)
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_llama, references):
+    """The parity prompts' greedy continuations as text: HF's token ids (which the colocated
+    engine matches, tests/engine/test_parity.py), detokenized the way the server does."""
+    from scheduler.tokenizer import TextStream, Tokenizer
+    tokenizer = Tokenizer.load(tiny_llama)
+    out = []
+    for prompt, ids in zip(prompts(), references("llama")):
+        stream = TextStream(tokenizer, prompt, (), True)
+        stream.add(ids)
+        out.append(stream.delta(final=True))
+    return out
+
+
+@pytest.fixture(scope="module")
+def p1d1(ray_local, tiny_llama):
+    server = deploy(tiny_llama, 1, 1)
+    yield server
+    stop_and_check_processes(server)
+
+
+@pytest.fixture(scope="module")
+def p2d2(ray_local, tiny_llama):
+    # round-robin: the kill tests need requests on both workers of a pool whatever the load
+    # snapshots say at that instant (JSQ itself is tested on snapshots in test_router/test_policies)
+    server = deploy(tiny_llama, 2, 2, policy="round-robin")
+    yield server
+    stop_and_check_processes(server)
+
+
+def test_1p1d_equals_hf_and_reports_its_phases(p1d1, expected, tiny_server, tiny_llama):
+    assert all(i.address.startswith("127.0.0.1:") for i in p1d1.cluster.describe())  # loopback only
+    outputs = all_in_parallel(lambda p: text(p1d1, p), prompts())
+    assert outputs == expected
+    assert outputs == all_in_parallel(lambda p: text(tiny_server, p), prompts())  # and colocated
+    fresh = [7] + prompts()[-1][1:]  # no prefix of it is cached on the decode worker yet
+    timings = complete(p1d1, fresh).json()["choices"][0]["timings"]
+    assert {"queue", "prefill", "transfer", "decode_queue", "decode", "kv_span"} <= timings.keys()
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    block_bytes = 2 * 16 * cfg["num_key_value_heads"] * head_dim * 4  # K and V of 16 tokens, fp32
+    # every layer of the 200-token prompt's 13 blocks arrived (chunked prefill resends partial blocks)
+    assert timings["kv_bytes"] >= 13 * cfg["num_hidden_layers"] * block_bytes
+    assert_clean(p1d1)
+
+
+def test_2p2d_equals_hf_and_uses_every_worker(p2d2, expected):
+    outputs = all_in_parallel(lambda p: text(p2d2, p), prompts() * 2, workers=16)
+    assert outputs == expected * 2
+    routed = p2d2.app.state.pd.client.router.num_routed  # the front door routes on its replica
+    assert sorted(routed) == ["decode-0", "decode-1", "prefill-0", "prefill-1"] and min(routed.values()) > 0
+    assert all(w["alive"] for w in workers(p2d2).values())
+    assert_clean(p2d2)
+
+
+def test_bad_input_is_refused_at_the_front_door(p1d1):
+    r = complete(p1d1, [1] * 300)
+    assert r.status_code == 400 and "context length" in r.json()["error"]["message"]
+    r = complete(p1d1, [10_000])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert text(p1d1, prompts()[1])  # still serving
+
+
+def test_n_samples_and_stop_strings(p1d1):
+    body = {"model": "tiny", "prompt": prompts()[2], "max_tokens": 8, "temperature": 0.8, "n": 3, "seed": 1}
+    r = httpx.post(f"{p1d1.url}/v1/completions", json=body, timeout=TIMEOUT_S)
+    assert r.status_code == 200 and sorted(c["index"] for c in r.json()["choices"]) == [0, 1, 2]
+    greedy = text(p1d1, prompts()[2], 8)
+    stop = greedy[len(greedy) // 2:len(greedy) // 2 + 2]
+    r = complete(p1d1, prompts()[2], 8, stop=[stop], min_tokens=0)
+    assert r.json()["choices"][0]["finish_reason"] == "stop" and stop not in r.json()["choices"][0]["text"]
+    assert_clean(p1d1)
+
+
+def test_serves_every_metric_the_dashboard_and_alerts_read(p1d1):
+    from prometheus_client.parser import text_string_to_metric_families
+    assert complete(p1d1, [1] * 300).status_code == 400  # a rejection, so its counter has a sample
+    assert text(p1d1, prompts()[3])
+    families = list(text_string_to_metric_families(httpx.get(f"{p1d1.url}/metrics", timeout=TIMEOUT_S).text))
+    served = {s.name for f in families for s in f.samples}
+    assert metric_names_used() - served == set()
+    pools = {s.labels["pool"]: s.value for f in families for s in f.samples if s.name == "pdserve_worker_up"}
+    assert pools == {"prefill": 1, "decode": 1}
+    phases = {s.labels["phase"] for f in families for s in f.samples if s.name == "pdserve_request_phase_seconds_count"}
+    assert {"prefill", "transfer", "decode_queue", "decode"} <= phases
+    slo = {s.labels["result"]: s.value for f in families for s in f.samples if s.name == "pdserve_slo_requests_total"}
+    finished = sum(s.value for f in families for s in f.samples if s.name == "pdserve_requests_finished_total")
+    assert slo["met"] + slo["missed"] >= finished > 0  # every finished sample judged
+
+
+def _stream_and_cut(server: LiveServer, prompt: list[int], max_tokens: int, cut_after_events: int,
+                    cut_after_s: float) -> str:
+    """Streams a request and hangs up after some events or some time, whichever first."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    start = time.monotonic()
+    events = 0
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=TIMEOUT_S) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events += 1
+                if line == "data: [DONE]":
+                    return "done"
+            if events >= cut_after_events or time.monotonic() - start > cut_after_s:
+                return "cut"
+    return "ended"
+
+
+def test_200_random_aborts_leave_no_block_behind(p2d2, expected):
+    rng = random.Random(0)
+    jobs = [([rng.randrange(3, 500) for _ in range(rng.choice((1, 7, 40, 120, 200)))], rng.randrange(1, 48),
+             rng.choice((0, 1, 2, 5, 20, 1000)), rng.choice((0.0, 0.005, 0.02, 0.1, 10.0))) for _ in range(200)]
+    outcomes = all_in_parallel(lambda job: _stream_and_cut(p2d2, *job), jobs, workers=24)
+    assert outcomes.count("cut") > 50 and outcomes.count("done") > 10
+    assert_clean(p2d2, timeout_s=15)
+    assert text(p2d2, prompts()[-1]) == expected[-1]  # the server still serves, correctly
+    assert_clean(p2d2)
+
+
+def _stream_all(server: LiveServer, prompt: list[int], max_tokens: int, first: threading.Event,
+                ends: dict, key) -> list[str]:
+    """Streams to the end, recording each data line and when the stream ended."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "min_tokens": max_tokens,
+            "temperature": 0, "stream": True}
+    lines = []
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=TIMEOUT_S) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                lines.append(line)
+                first.set()
+    ends[key] = time.monotonic()
+    return lines
+
+
+def _rejoined(server: LiveServer, worker_id: str, old_incarnation: str) -> bool:
+    w = workers(server)[worker_id]
+    return w["alive"] and w["incarnation"] != old_incarnation
+
+
+def test_killed_decode_worker_fails_only_its_streams_and_rejoins(p2d2):
+    before = workers(p2d2)["decode-0"]
+    started = [threading.Event() for _ in range(8)]
+    ends: dict = {}
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(_stream_all, p2d2, prompts()[i % 4], 200, started[i], ends, i) for i in range(8)]
+        for e in started:
+            assert e.wait(60), "streams did not start"
+        killed_at = time.monotonic()
+        os.kill(before["pid"], signal.SIGKILL)
+        results = [f.result(TIMEOUT_S) for f in futures]
+    failed = [i for i, lines in enumerate(results) if any('"error"' in x for x in lines)]
+    ok = [i for i, lines in enumerate(results) if i not in failed]
+    assert failed and ok, "the requests should have been spread over both decode workers"
+    for i in failed:
+        assert ends[i] - killed_at < 10, "an affected stream took too long to end"
+        assert results[i][-1] == "data: [DONE]"
+    for i in ok:
+        assert '"finish_reason": "length"' in results[i][-2] and results[i][-1] == "data: [DONE]"
+    # not routed to while down; every request meanwhile succeeds on decode-1
+    assert all(r.status_code == 200 for r in all_in_parallel(lambda p: complete(p2d2, p, 4), prompts()[:4]))
+    wait_for(lambda: _rejoined(p2d2, "decode-0", before["incarnation"]), "decode-0 to rejoin", 90)
+    assert all(r.status_code == 200 for r in all_in_parallel(lambda p: complete(p2d2, p, 4), prompts()))
+    assert_clean(p2d2)
+
+
+def _routed_to(server: LiveServer, worker_id: str, before: int, timeout_s: float = 5.0) -> None:
+    """Waits until the front door has routed a request to worker_id since it had routed before
+    (or a while has passed: the policy may have sent them all elsewhere)."""
+    routed = server.app.state.pd.client.router.num_routed
+    deadline = time.monotonic() + timeout_s
+    while routed.get(worker_id, 0) <= before and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _front_door_sees(server: LiveServer, check) -> bool:
+    """Refreshes the front door's view of the workers (a /metrics scrape pulls it) and checks it."""
+    httpx.get(f"{server.url}/metrics", timeout=10)
+    return check(server.app.state.pd.client.router.views)
+
+
+def _hang_then_kill(server: LiveServer, worker_id: str, call, items) -> list:
+    """Stops the worker (it looks alive for a moment, so requests are routed to it), sends the
+    requests, waits until one was routed to it, kills it, and returns their results: each must
+    end within 10 s of the kill."""
+    pid = workers(server)[worker_id]["pid"]
+    routed_before = server.app.state.pd.client.router.num_routed.get(worker_id, 0)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(len(items)) as pool:
+            futures = [pool.submit(call, server, item) for item in items]
+            _routed_to(server, worker_id, routed_before)
+            killed_at = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            results = [f.result(TIMEOUT_S) for f in futures]
+        assert time.monotonic() - killed_at < 10
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return results
+
+
+def test_killed_prefill_worker_requests_are_retried_on_another(p2d2, expected):
+    import ray
+    routed = p2d2.app.state.pd.client.router.num_routed
+    for attempt in range(3):
+        wait_for(lambda: all(w["alive"] for w in workers(p2d2).values()), "every worker to be routable", 90)
+        wait_for(lambda: _front_door_sees(p2d2, lambda views: all(v.load.alive for v in views.values())),
+                 "the front door to see every worker alive", 30)
+        before = workers(p2d2)["prefill-0"]
+        sent_to_it = routed.get("prefill-0", 0)
+        outputs = _hang_then_kill(p2d2, "prefill-0", text, prompts())
+        assert outputs == expected  # same blocks, refilled by prefill-1 when they were on prefill-0
+        if routed.get("prefill-0", 0) > sent_to_it:
+            break
+        # on a loaded box the hung worker can miss its polls (and leave routing) before the
+        # requests are routed; then nothing was held by it, so try again once it is back
+        wait_for(lambda: _rejoined(p2d2, "prefill-0", before["incarnation"]), "prefill-0 to rejoin", 90)
+    else:
+        pytest.fail("no request went to the hung prefill worker in 3 attempts")
+    decode_handles = [h for wid, h in p2d2.cluster.workers.items() if wid.startswith("decode")]
+    assert sum(ray.get([h.num_prefill_retries.remote() for h in decode_handles])) > 0
+    wait_for(lambda: _rejoined(p2d2, "prefill-0", before["incarnation"]), "prefill-0 to rejoin", 90)
+    assert all_in_parallel(lambda p: text(p2d2, p), prompts()) == expected
+    assert_clean(p2d2)
+
+
+def test_killed_only_prefill_worker_fails_its_requests_clearly(p1d1, expected):
+    before = workers(p1d1)["prefill-0"]
+    responses = _hang_then_kill(p1d1, "prefill-0", complete, prompts()[:4])
+    for r in responses:
+        assert r.status_code >= 500 and "prefill" in r.json()["error"]["message"], r.text
+    wait_for(lambda: _rejoined(p1d1, "prefill-0", before["incarnation"]), "prefill-0 to rejoin", 90)
+    assert text(p1d1, prompts()[3]) == expected[3]
+    assert_clean(p1d1)
+
+
+def _metric(server: LiveServer, name: str) -> dict[tuple, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+    families = text_string_to_metric_families(httpx.get(f"{server.url}/metrics", timeout=TIMEOUT_S).text)
+    return {tuple(sorted(s.labels.items())): s.value for f in families for s in f.samples if s.name == name}
+
+
+def test_conditional_prefix_and_role_controller_live(ray_local, tiny_llama, expected, tiny_server):
+    """1P2D, --policy conditional (prompts under 64 uncached tokens prefilled on the decode
+    worker), --role-controller with a TTFT SLO nobody meets: outputs equal HF whichever way each
+    prompt went; a prompt sharing a cached prefix ships only the blocks after it; the controller
+    moves one decode worker to the prefill pool (never the last), /metrics shows it, and
+    requests keep succeeding with equal outputs; every worker ends clean."""
+    server = deploy(tiny_llama, 1, 2, policy="conditional", policy_config=PolicyConfig(local_prefill_tokens=64),
+                    role_controller=True, controller=ControllerConfig(window_s=2.0), slo_ttft_ms=0.001,
+                    slo_tpot_ms=100_000)
+    try:
+        router = server.app.state.pd.client.router
+        outputs = all_in_parallel(lambda p: text(server, p), prompts())
+        assert outputs == expected
+        assert 0 < router.num_local < len(prompts()) and router.num_routed.get("prefill-0", 0) > 0
+        # a shared 96-token prefix (6 blocks), then a 100-token tail: prefilled remotely, on the
+        # decode worker holding the prefix, which is not sent again
+        shared = prompts()[-1][:96]
+        first, second = shared + [5] * 100, shared + [9] * 100
+        assert text(server, first) == text(tiny_server, first)
+        timings = complete(server, second).json()["choices"][0]["timings"]
+        cold = complete(server, [3] + shared[1:] + [9] * 100).json()["choices"][0]["timings"]
+        assert 0 < timings["kv_bytes"] <= cold["kv_bytes"] * 8 / 13  # 7 of 13 blocks (partial resends aside)
+        assert text(server, second) == text(tiny_server, second)
+        # keep requests coming until the controller has moved a decode worker (2 windows of TTFT misses)
+        deadline = time.monotonic() + 60
+        while _metric(server, "pdserve_controller_role_moves").get((("pool", "prefill"),), 0) < 1:
+            status = ray_local.get(server.cluster.scheduler.control_status.remote())
+            assert time.monotonic() < deadline, f"the role controller did not move a worker: {status}"
+            assert all_in_parallel(lambda p: text(server, p), prompts() * 2, workers=16) == expected * 2
+        pools = {w: info["role"] for w, info in workers(server).items()}
+        assert sorted(pools.values()) == ["decode", "prefill", "prefill"]  # the last decode worker stays
+        moved = next(w for w, pool in pools.items() if pool == "prefill" and w.startswith("decode"))
+        up = _metric(server, "pdserve_worker_up")
+        assert up[(("pool", "prefill"), ("worker", moved))] == 1
+        assert _metric(server, "pdserve_controller_verdict") == {(("verdict", "need-prefill"),): 1}
+        assert all_in_parallel(lambda p: text(server, p), prompts()) == expected
+        assert_clean(server)
+    finally:
+        stop_and_check_processes(server)
+
+
+def test_kv_prediction_on_the_prefill_worker_equals_colocated(ray_local, tiny_llama, tmp_path):
+    """1P1D with --kv-predictor: `kv_prediction: true` is prefilled from predicted KV on the
+    prefill worker, shipped over gloo with its last token's, and decodes to exactly the tokens
+    of colocated predicted prefill; left unset under a 1 ms TTFT SLO the policy picks it too
+    (after the worker's prefill speed is measured). Counted on /metrics; nothing left behind."""
+    import torch
+
+    from engine.kvpred.predictor import KVPredictor
+    from engine.llm import LLM
+    from engine.models.loader import load_model, open_weights
+    from engine.sampling_params import SamplingParams
+    base = load_model(open_weights(tiny_llama), torch.float32, torch.device("cpu"), 256)
+    KVPredictor.every_other_layer(base, str(tiny_llama), 256).save(tmp_path / "eol")
+    engine_config = EngineConfig(model=str(tiny_llama), num_kv_blocks=128, max_model_len=256,
+                                 max_num_batched_tokens=64, served_model_name="tiny", num_threads=1,
+                                 kv_predictor=str(tmp_path / "eol"))
+    prompt = prompts()[7][:100]
+    greedy = dict(max_tokens=NUM_TOKENS, min_tokens=NUM_TOKENS, temperature=0)
+    llm = LLM(str(tiny_llama), kv_predictor=str(tmp_path / "eol"), num_kv_blocks=128, max_model_len=256)
+    full, predicted = (llm.generate(prompt, SamplingParams(**greedy, kv_prediction=p))[0].text for p in (False, True))
+    assert full != predicted
+    server = LiveServer(engine_config, serve_config=ServeConfig(mode="disagg", prefill_workers=1, decode_workers=1,
+                                                                slo_ttft_ms=1))
+    try:
+        for extra, want in (({"kv_prediction": False}, full), ({"kv_prediction": True}, predicted)):
+            r = complete(server, prompt, **extra)
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, r.text
+        wait_for(lambda: _front_door_sees(server, lambda views: views["prefill-0"].load.prefill_s_per_token > 0),
+                 "the front door to see the prefill worker's measured speed", 30)
+        r = complete(server, prompt)  # unset: 100 tokens miss a 1 ms TTFT SLO
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == predicted, r.text
+        def counted() -> dict:
+            return {dict(k)["pool"]: v for k, v in _metric(server, "pdserve_worker_predicted_prefills").items()}
+        wait_for(lambda: counted() == {"prefill": 2, "decode": 0}, f"2 predicted prefills counted ({counted()})", 5)
+        assert_clean(server)
+    finally:
+        stop_and_check_processes(server)
