@@ -2,7 +2,7 @@
 
 A GGUF file's tokenizer is converted by transformers once (slow, ~15 s) and cached as an
 HF tokenizer folder under ~/.cache/pdserve (PDSERVE_CACHE overrides), keyed by the
-file's size and mtime.
+file's path, size and mtime (engine/models/registry.py).
 
 TextStream turns one output sequence's tokens into text deltas: it decodes a sliding
 window of tokens so multi-byte characters and leading spaces come out right, finds stop
@@ -12,16 +12,10 @@ could still need before it is complete.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
 from pathlib import Path
 
 from engine.errors import RequestError
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve"))
+from engine.models.registry import derived_dir, publish
 
 
 class Tokenizer:
@@ -34,18 +28,11 @@ class Tokenizer:
         from transformers import AutoTokenizer
         if model_path.suffix != ".gguf":
             return cls(AutoTokenizer.from_pretrained(model_path))
-        stat = model_path.stat()
-        key = hashlib.sha1(f"{model_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-        cached = cache_dir() / "tokenizers" / f"{model_path.stem}-{key}"
+        cached = derived_dir(model_path, "tokenizers")
         if (cached / "tokenizer_config.json").exists():
             return cls(AutoTokenizer.from_pretrained(cached))
         tok = AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-        tok.save_pretrained(tmp)
-        try:
-            tmp.rename(cached)  # atomic: a concurrent loader may have won the race
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish(cached, tok.save_pretrained)
         return cls(tok)
 
     def encode(self, text: str) -> list[int]:

@@ -3,10 +3,15 @@
 Layout [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], so one block range
 of one layer is a contiguous slice per K/V: exported and imported as a packed buffer
 (transfer, KV prediction) and shared across streams or processes as a single allocation.
+On CPU the tensor lives in an anonymous memory map: the kernel hands out zeroed pages as
+they are first written, so a large cache costs nothing at start and only the blocks in use
+are resident.
 """
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections.abc import Sequence
 
 import torch
@@ -17,8 +22,13 @@ class KVCache:
                  head_dim: int, dtype: torch.dtype, device: torch.device):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.tensor = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
-                                  dtype=dtype, device=device)
+        shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+        if torch.device(device).type == "cpu":
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            self._map = mmap.mmap(-1, math.prod(shape) * itemsize)  # zero pages, resident once written
+            self.tensor = torch.frombuffer(self._map, dtype=dtype).view(shape)
+        else:
+            self.tensor = torch.zeros(shape, dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,

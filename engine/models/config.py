@@ -53,6 +53,13 @@ class ModelConfig:
         return dict(self.rope_scaling or ())
 
     @classmethod
+    def from_json(cls, raw: dict) -> "ModelConfig":
+        """The inverse of dataclasses.asdict (JSON has lists where the config has tuples)."""
+        tuples = {"eos_token_ids": tuple, "dense_layers": tuple,
+                  "rope_scaling": lambda v: None if v is None else tuple(tuple(kv) for kv in v)}
+        return cls(**{k: tuples[k](v) if k in tuples else v for k, v in raw.items()})
+
+    @classmethod
     def from_hf_folder(cls, folder: Path) -> "ModelConfig":
         raw = json.loads((folder / "config.json").read_text())
         archs = raw.get("architectures") or []

@@ -6,6 +6,7 @@ Both sources are turned into HF tensor names, then fused into the model's layout
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from engine.models.config import ModelConfig
+from engine.models.registry import derived_dir, publish
 from engine.models.llama import Dense, LlamaModel, Rotary
 
 _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -32,13 +34,29 @@ class WeightSource:
 
 
 def open_weights(path: str | Path) -> WeightSource:
+    """A GGUF file is parsed and dequantized once (seconds: its metadata alone is slow to
+    read); its float32 weights and config are then cached as safetensors and read from there."""
     path = Path(path)
     if path.suffix == ".gguf":
-        import gguf
-        reader = gguf.GGUFReader(path)  # parsing the metadata is slow: open once
-        cfg = _gguf_config(reader)
-        return WeightSource(cfg, _gguf_tensors(reader, cfg))
+        cached = derived_dir(path, "weights")
+        if not (cached / "model.safetensors").exists():
+            import gguf
+            reader = gguf.GGUFReader(path)
+            cfg = _gguf_config(reader)
+            tensors = dict(_gguf_tensors(reader, cfg))
+            publish(cached, lambda tmp: _write_weights(tmp, cfg, tensors))
+            if not (cached / "model.safetensors").exists():  # not writable: use them as they are
+                return WeightSource(cfg, iter(tensors.items()))
+        cfg = ModelConfig.from_json(json.loads((cached / "pdserve_config.json").read_text()))
+        return WeightSource(cfg, _safetensors(cached))
     return WeightSource(ModelConfig.from_hf_folder(path), _safetensors(path))
+
+
+def _write_weights(folder: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "pdserve_config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
 
 
 def load_model(source: WeightSource, dtype: torch.dtype, device: torch.device, max_len: int) -> LlamaModel:

