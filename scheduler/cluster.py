@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from engine.config import EngineConfig, Role, WorkerOptions
 from scheduler.controller import RoleController
 from scheduler.global_scheduler import GlobalScheduler, WorkerInfo
-from scheduler.policies import PolicyConfig
+from scheduler.policies import DEFAULT_POLICY, PolicyConfig
 from scheduler.worker_actor import WorkerActor
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class ClusterSpec:
     num_prefill: int = 1
     num_decode: int = 1
     ray_address: str | None = None
-    policy: str = "jsq"
+    policy: str = DEFAULT_POLICY
     worker: WorkerOptions = WorkerOptions()
     start_timeout_s: float = 600.0
     policy_config: PolicyConfig = PolicyConfig()

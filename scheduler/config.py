@@ -19,7 +19,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from engine.config import WorkerOptions, as_enum, field_help
 from engine.worker.split_controller import SplitControllerConfig
 from scheduler.controller import ControllerConfig
-from scheduler.policies import POLICIES, PolicyConfig
+from scheduler.policies import DEFAULT_POLICY, POLICIES, PolicyConfig
 
 
 class ServeMode(enum.StrEnum):
@@ -50,7 +50,7 @@ class ServeConfig:
     """disagg: number of decode worker actors."""
     ray_address: str | None = None
     """disagg: address of a running Ray cluster to join (e.g. 10.0.0.1:6379); default: start one on this machine."""
-    policy: str = "jsq"
+    policy: str = DEFAULT_POLICY
     """disagg: routing policy: jsq (prefill by pending prompt tokens, decode by free KV blocks), round-robin, prefix (decode where the prompt's prefix is cached; only the uncached blocks are sent), conditional (prefix, and short uncached prompts are prefilled on the decode worker), mixed (Splitwise's mixed pool: a worker is lent to the other pool while its own is full)."""
     policy_config: PolicyConfig = _sub(PolicyConfig())
     """disagg: the routing policies' settings."""

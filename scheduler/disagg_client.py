@@ -26,13 +26,13 @@ from engine.outputs import StepOutput
 from engine.request import validate_request
 from engine.sampling_params import SamplingParams
 from scheduler.engine_client import EngineClient, ModelInfo
-from scheduler.policies import PolicyConfig, use_kv_prediction
+from scheduler.policies import DEFAULT_POLICY, PolicyConfig, use_kv_prediction
 from scheduler.router import Router, WorkerView
 from scheduler.worker_rpc import StreamClient, WorkerFailed
 
 
 class DisaggClient(EngineClient):
-    def __init__(self, scheduler, info: ModelInfo, policy: str = "jsq", refresh_s: float = 0.02,
+    def __init__(self, scheduler, info: ModelInfo, policy: str = DEFAULT_POLICY, refresh_s: float = 0.02,
                  stale_s: float = 0.5, policy_config: PolicyConfig = PolicyConfig(),
                  slo_ttft_s: float | None = None):
         """slo_ttft_s: a request that leaves kv_prediction unset is prefilled from its prefill

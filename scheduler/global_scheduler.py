@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 from engine.config import Role
 from scheduler.controller import ControllerConfig, Decision, RoleController
-from scheduler.policies import PolicyConfig, WorkerLoad
+from scheduler.policies import DEFAULT_POLICY, PolicyConfig, WorkerLoad
 from scheduler.router import Router, Target, WorkerView
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class WorkerInfo:
 
 
 class GlobalScheduler:
-    def __init__(self, policy: str = "jsq", poll_interval_s: float = 0.05, load_timeout_s: float = 1.0,
+    def __init__(self, policy: str = DEFAULT_POLICY, poll_interval_s: float = 0.05, load_timeout_s: float = 1.0,
                  max_missed_polls: int = 3, load_client=None, policy_config: PolicyConfig = PolicyConfig(),
                  controller: RoleController | None = None):
         self.policy = policy

@@ -233,4 +233,5 @@ POLICIES: dict[str, Callable[[PolicyConfig], Policy]] = {
     "conditional": conditional,
     "mixed": MixedPool,
 }
+DEFAULT_POLICY = "jsq"
 PREFIX_POLICIES = ("prefix", "conditional")  # the router tracks cached prefixes for these

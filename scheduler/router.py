@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 from engine.kv.prefix_hash import prompt_block_hashes
-from scheduler.policies import POLICIES, PREFIX_POLICIES, Ask, PolicyConfig, WorkerLoad, least_loaded_prefill
+from scheduler.policies import DEFAULT_POLICY, POLICIES, PREFIX_POLICIES, Ask, PolicyConfig, WorkerLoad, least_loaded_prefill
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class PrefixIndex:
 
 
 class Router:
-    def __init__(self, policy: str = "jsq", config: PolicyConfig = PolicyConfig()):
+    def __init__(self, policy: str = DEFAULT_POLICY, config: PolicyConfig = PolicyConfig()):
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r} (choices: {', '.join(POLICIES)})")
         self.policy_name = policy

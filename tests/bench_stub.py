@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
-from contextlib import contextmanager
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from helpers import free_port
+from helpers import serving  # noqa: F401  (the bench tests serve the stub with it)
 
 SLOW_FIRST_S = 0.3
 GAP_S = 0.05
@@ -60,22 +56,3 @@ def stub_app() -> FastAPI:
         return sse([(first_delay, text("x")), (GAP_S, text("y")), (GAP_S, text("z")),
                     (0, {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 3}})])
     return app
-
-
-@contextmanager
-def serving(app: FastAPI):
-    """The app under uvicorn on 127.0.0.1 in a thread; yields its URL, stops it after."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "stub did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        assert not thread.is_alive()

@@ -3,6 +3,7 @@ loopback ports and servers, polling with a deadline, and stalling an engine loop
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -13,7 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import uvicorn
 import yaml
+
+from engine.outputs import EngineInfo, EngineStats, StepOutput
+from engine.request import validate_request
+from scheduler.engine_client import EngineClient, ModelInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -164,3 +170,155 @@ class Collector:
         self.tokens.extend(out.new_token_ids)
         if out.finished:
             self.done.set()
+
+
+@contextmanager
+def serving(app):
+    """The app under uvicorn on 127.0.0.1 in a thread; yields its URL, stops it after."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "stub did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+class FakeEngineClient(EngineClient):
+    """The front door's engine with no model behind it: every sample of a request streams
+    max_tokens tokens (the prompt's ids, cycled) while `release` is set; clear it and nothing
+    finishes until it is set again. It records what it was asked to check and abort, and
+    which requests are streaming."""
+
+    def __init__(self, max_model_len: int = 256, vocab_size: int = 512):
+        self.info = ModelInfo("fake", max_model_len, vocab_size)
+        self.release = threading.Event()
+        self.release.set()
+        self.checked: list[list[int]] = []
+        self.aborted: list[tuple[str, int | None]] = []
+        self.active: set[str] = set()
+
+    def check(self, prompt_token_ids, params) -> None:
+        self.checked.append(list(prompt_token_ids))
+        validate_request(prompt_token_ids, params, self.info.max_model_len, self.info.vocab_size)
+
+    async def generate(self, request_id, prompt_token_ids, params, arrival_s=None):
+        self.active.add(request_id)
+        try:
+            num = params.max_tokens or 1
+            for i in range(num):
+                for index in range(params.n):
+                    while not self.release.is_set():
+                        await asyncio.sleep(0.005)  # held on purpose
+                    last = i == num - 1
+                    yield StepOutput(request_id, index, [prompt_token_ids[i % len(prompt_token_ids)]],
+                                     finish_reason="length" if last else None,
+                                     num_prompt_tokens=len(prompt_token_ids))
+        finally:
+            self.active.discard(request_id)
+
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        self.aborted.append((request_id, index))
+
+    async def workers(self):
+        return []
+
+
+class FakeEngine:
+    """A second implementation of engine.interface.WorkerEngine, with no model: each sample
+    emits the token ids 1, 2, 3, ... one per step until max_tokens; a decode-side request is
+    admitted once its last KV chunk and its first token are in. What the worker layer may
+    rely on is what this fake does too."""
+
+    def __init__(self, max_model_len: int = 256, vocab_size: int = 512, block_size: int = 16):
+        self.info = EngineInfo(max_model_len, vocab_size, block_size, 1024, (block_size, 1, 8), "float32", "cpu")
+        self.running: dict[tuple[str, int], list] = {}  # (id, index) -> [tokens emitted, max_tokens]
+        self.waiting: dict[str, dict] = {}  # decode side: reserved, KV or first token still awaited
+        self.ready: list[StepOutput] = []
+        self.sink = None
+
+    def validate(self, prompt_token_ids, params, prefills=True) -> None:
+        validate_request(prompt_token_ids, params, self.info.max_model_len, self.info.vocab_size)
+
+    def add_request(self, request_id, prompt_token_ids, params, arrival_s=None, validated=False) -> None:
+        if not validated:
+            self.validate(prompt_token_ids, params)
+        for index in range(params.n):
+            self.running[(request_id, index)] = [0, params.max_tokens or 1]
+
+    def abort(self, request_id, index=None) -> bool:
+        keys = [k for k in self.running if k[0] == request_id and index in (None, k[1])]
+        for key in keys:
+            del self.running[key]
+        return bool(keys) or self.waiting.pop(request_id, None) is not None
+
+    def step(self) -> list[StepOutput]:
+        if self.ready:
+            out, self.ready = self.ready, []
+            return out
+        outputs = []
+        for (request_id, index), state in list(self.running.items()):
+            state[0] += 1
+            done = state[0] >= state[1]
+            outputs.append(StepOutput(request_id, index, [state[0]], finish_reason="length" if done else None))
+            if done:
+                del self.running[(request_id, index)]
+        return outputs
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.ready)
+
+    def has_request(self, request_id) -> bool:
+        return request_id in self.waiting or any(k[0] == request_id for k in self.running)
+
+    def num_requests(self) -> int:
+        return len(self.waiting) + len({k[0] for k in self.running})
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.running), len(self.waiting), 0, self.info.num_kv_blocks, 0, 0)
+
+    def set_kv_sink(self, sink) -> None:
+        self.sink = sink
+
+    def reserve_prefilled(self, request_id, prompt_token_ids, params, arrival_s=None) -> int | None:
+        self.waiting[request_id] = {"landed": False, "first": None, "max_tokens": params.max_tokens or 1}
+        return 0
+
+    def waiting_for_kv(self, request_id) -> bool:
+        return request_id in self.waiting
+
+    def receive_kv(self, chunk) -> bool:
+        state = self.waiting.get(chunk.request_id)
+        if state is None:
+            return False
+        state["landed"] = state["landed"] or chunk.last
+        self._admit_when_ready(chunk.request_id)
+        return True
+
+    def give_first_token(self, request_id, token_id, logprob=None, prefill_s=0.0) -> bool:
+        state = self.waiting.get(request_id)
+        if state is None:
+            return False
+        state["first"] = token_id
+        self._admit_when_ready(request_id)
+        return True
+
+    def _admit_when_ready(self, request_id) -> None:
+        state = self.waiting[request_id]
+        if state["landed"] and state["first"] is not None:
+            self.ready.append(self.admit_prefilled(request_id, state["first"]))
+
+    def admit_prefilled(self, request_id, first_token_id, first_logprob=None) -> StepOutput | None:
+        state = self.waiting.pop(request_id, None)
+        if state is None:
+            return None
+        if state["max_tokens"] > 1:
+            self.running[(request_id, 0)] = [1, state["max_tokens"]]
+        return StepOutput(request_id, 0, [first_token_id], finish_reason=None if state["max_tokens"] > 1 else "length")

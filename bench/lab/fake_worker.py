@@ -20,6 +20,9 @@ class FakeDecodeRole:
     num_pending = 0
 
     def generate(self, request_id, prompt_token_ids, params, start_prefill, sink, validated=False) -> None:
+        self.generate_local(request_id, prompt_token_ids, params, sink)
+
+    def generate_local(self, request_id, prompt_token_ids, params, sink) -> None:
         n = params.max_tokens or 1
         for i in range(n):
             last = i == n - 1

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-workers", type=int, default=4)
     parser.add_argument("--decode-workers", type=int, default=4)
     parser.add_argument("--route-calls", type=int, default=20000, help="routing calls in flight at once")
+    parser.add_argument("--warmup", type=int, default=200, help="untimed request pairs first (channels, caches)")
     parser.add_argument("--result-json")
     args = parser.parse_args(argv)
 
@@ -78,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.lab.fake_worker import FakeWorkerActor
     from engine.sampling_params import SamplingParams
-    from engine.server import params_to_proto
+    from engine.worker.wire import params_to_proto
     from pdserve_rpc import worker_pb2 as pb
     from pdserve_rpc import worker_pb2_grpc as pb_grpc
     from scheduler.global_scheduler import GlobalScheduler
-    from scheduler.policies import WorkerLoad, join_shortest_queue
+    from scheduler.policies import Ask, WorkerLoad, join_shortest_queue
     from scheduler.router import Router
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace=SCHEDULER)
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             assert r.status_code == 200, r.text
             return time.perf_counter() - start
 
-        for i in range(200):  # warm-up: channels, caches
+        for i in range(args.warmup):
             direct(i), served(i)
         times: dict[str, list[float]] = {"direct": [], "served": []}
         for i in range(args.requests):
@@ -142,10 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         router_rate = n / (time.perf_counter() - start)
         prefill = [WorkerLoad(f"p{i}", pending_prefill_tokens=i * 7) for i in range(args.prefill_workers)]
         decode = [WorkerLoad(f"d{i}", num_free_blocks=1000 + i) for i in range(args.decode_workers)]
-        n = 200_000
+        n = 10 * args.route_calls
         start = time.perf_counter()
         for _ in range(n):
-            join_shortest_queue(prefill, decode, args.prompt_len)
+            join_shortest_queue(prefill, decode, Ask(args.prompt_len))
         policy_rate = n / (time.perf_counter() - start)
 
         direct_ms, served_ms = summary_ms(times["direct"]), summary_ms(times["served"])

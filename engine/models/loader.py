@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from engine.models.config import ModelConfig
-from engine.models.registry import derived_dir, publish
 from engine.models.llama import Dense, LlamaModel, Rotary
+from engine.models.registry import derived_dir, publish
 
 _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}

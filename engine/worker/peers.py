@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from engine.config import WorkerOptions
 from engine.errors import EngineError
 from engine.outputs import StepOutput
 from engine.sampling_params import SamplingParams
@@ -63,7 +64,7 @@ class PeerFailed(RuntimeError):
 
 class PrefillPeers:
     def __init__(self, decode_worker_id: str, host: str, role: DecodeRole, block_shape: tuple[int, int, int],
-                 dtype: torch.dtype, reroute: Reroute, link_timeout_s: float = 30.0, max_calls: int = 256,
+                 dtype: torch.dtype, reroute: Reroute, link_timeout_s: float = WorkerOptions.link_timeout_s, max_calls: int = 256,
                  device: torch.device | str = "cpu", probe_timeout_s: float = 5.0):
         self.worker_id, self.host, self.role, self.device = decode_worker_id, host, role, device
         self.block_shape, self.dtype, self.reroute = block_shape, dtype, reroute

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from engine.config import WorkerOptions
 from engine.errors import RequestError
 from engine.transfer.gloo import PREFILL_RANK, GlooSender, connect_pair
 from engine.worker import wire
@@ -44,7 +45,7 @@ _ENDED = object()
 class WorkerServicer(pb_grpc.WorkerServicer):
     def __init__(self, worker_id: str, incarnation: str, loop: EngineLoop, role: str,
                  decode: DecodeRole | None = None, prefill: PrefillRole | None = None,
-                 peers: PrefillPeers | None = None, link_timeout_s: float = 30.0, kv_device: str = "cpu"):
+                 peers: PrefillPeers | None = None, link_timeout_s: float = WorkerOptions.link_timeout_s, kv_device: str = "cpu"):
         self.worker_id, self.incarnation, self.loop, self.role = worker_id, incarnation, loop, role
         self.decode, self.prefill, self.peers = decode, prefill, peers  # peers: the decode side's prefill peers
         self.link_timeout_s, self.kv_device = link_timeout_s, kv_device  # KV links: gloo on CPU, NCCL on CUDA

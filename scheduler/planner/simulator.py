@@ -27,12 +27,12 @@ from dataclasses import dataclass
 
 from bench.metrics import RequestRecord
 from engine.batcher import Batcher, StepPlan
-from engine.config import PrefillSchedule
+from engine.config import EngineConfig, PrefillSchedule
 from engine.kv.manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from scheduler.planner.latency import LatencyModel
-from scheduler.policies import PolicyConfig, WorkerLoad
+from scheduler.policies import DEFAULT_POLICY, PolicyConfig, WorkerLoad
 from scheduler.router import Router, WorkerView
 
 
@@ -48,11 +48,11 @@ class SimConfig:
     num_prefill: int = 1
     num_decode: int = 1  # with colocated: the number of colocated workers
     colocated: bool = False
-    policy: str = "jsq"
+    policy: str = DEFAULT_POLICY
     num_blocks: int = 4096  # KV blocks per worker
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    block_size: int = EngineConfig.block_size
+    max_num_seqs: int = EngineConfig.max_num_seqs
+    max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens
     prefill_schedule: PrefillSchedule = PrefillSchedule.CHUNKED  # as the engine's --prefill-schedule
     token_budget: int | None = None    # chunked: tokens per step (default max_num_batched_tokens)
     num_layers: int = 32               # layered: the model's layers, which the cohort's groups divide

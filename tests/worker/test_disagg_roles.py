@@ -1,4 +1,4 @@
-"""Prefill and decode roles on two engine workers (threads, loopback KV): outputs equal HF;
+"""Prefill and decode roles on two engine loops (threads, loopback KV): outputs equal HF;
 the decode side's bounded wait for blocks, refusals, failed prefills, transfer timeouts and
 aborts each end the request they touch, free its blocks and leave the rest running."""
 

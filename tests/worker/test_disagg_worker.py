@@ -1,4 +1,4 @@
-"""Two engine workers (threads) as a prefill and a decode worker: KV chunks and admissions
+"""Two engine loops (threads) as a prefill and a decode worker: KV chunks and admissions
 enter the decode engine through `call`, between its steps; outputs equal HF."""
 
 import queue

@@ -1,4 +1,4 @@
-"""The engine worker thread: outputs reach their sinks, a failing step fails only the
+"""The engine loop thread: outputs reach their sinks, a failing step fails only the
 requests in flight (blocks freed) and the worker keeps serving; idle means asleep."""
 
 import queue

@@ -1,0 +1,53 @@
+"""The HTTP front door over a fake engine client (no model): each prompt is checked once
+before any response starts, a client that goes away aborts its request whether it streams or
+not, and stop strings end a sample in the engine."""
+
+import httpx
+import pytest
+
+from scheduler.api.server import ServerState, build_app
+from scheduler.tokenizer import Tokenizer
+
+from helpers import FakeEngineClient, serving, wait_for
+
+
+@pytest.fixture
+def front_door(tiny_llama):
+    fake = FakeEngineClient()
+    app = build_app(ServerState(fake, Tokenizer.load(tiny_llama), "fake"))
+    with serving(app) as url:
+        yield url, fake
+    assert not fake.active
+
+
+def test_every_prompt_is_checked_once_before_it_runs(front_door):
+    url, fake = front_door
+    r = httpx.post(url + "/v1/completions", json={"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 3, "n": 2}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 4
+    assert fake.checked == [[5, 6, 7], [8, 9]]
+    bad = httpx.post(url + "/v1/completions", json={"prompt": [[5], [10**6]], "max_tokens": 3}, timeout=30)
+    assert bad.status_code == 400 and len(fake.checked) == 4 and not fake.active  # refused before any ran
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_aborts_its_request(front_door, stream):
+    url, fake = front_door
+    fake.release.clear()  # nothing finishes, however fast
+    body = {"prompt": [5, 6, 7], "max_tokens": 50, "stream": stream}
+    with pytest.raises(httpx.ReadTimeout):
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=0.3) as r:
+            for _ in r.iter_lines():
+                pass
+    wait_for(lambda: not fake.active, "the request to be closed after its client left", 10)
+    fake.release.set()
+
+
+def test_a_stop_string_ends_the_sample_in_the_engine(front_door, tiny_llama):
+    url, fake = front_door
+    tok = Tokenizer.load(tiny_llama)
+    ids = tok.encode("one two three four")
+    stop = tok.decode(ids[2:3]).strip()
+    r = httpx.post(url + "/v1/completions", json={"prompt": ids, "max_tokens": 40, "stop": [stop]}, timeout=30)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "stop"
+    assert stop not in r.json()["choices"][0]["text"]
+    assert fake.aborted and fake.aborted[0][1] == 0  # that sample was ended in the engine
