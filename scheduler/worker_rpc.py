@@ -61,9 +61,7 @@ class StreamClient:
                        params: SamplingParams) -> AsyncIterator[StepOutput]:
         """Yields StepOutputs until the request finishes; closing the iterator cancels the call,
         which aborts the request on the decode worker (and its prefill)."""
-        request = pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
-                                     params=wire.params_to_proto(params), prefill_worker=prefill_id,
-                                     prefill_address=prefill_address)
+        request = wire.generate_request(request_id, prompt_token_ids, params, prefill_id, prefill_address)
         call = self._stubs.get(decode_address).Generate(request)
         try:
             async for delta in call:

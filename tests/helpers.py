@@ -53,6 +53,25 @@ def stalled(loop) -> Iterator[None]:
         future.result(30)
 
 
+@contextmanager
+def gated(loop) -> Iterator[Callable[[int], None]]:
+    """Lets an engine loop run only as many iterations as the test releases: yields
+    release(n); each iteration then waits for a permit before the next. On exit the gate
+    opens for good. However fast the engine, a request advances only as far as allowed."""
+    permits = threading.Semaphore(0)
+    opened = threading.Event()
+
+    def wait_for_permit(_engine) -> None:
+        while not opened.is_set() and not permits.acquire(timeout=0.05):
+            pass
+    loop.add_hook(wait_for_permit)
+    try:
+        yield lambda n=1: [permits.release() for _ in range(n)]
+    finally:
+        opened.set()
+        loop.remove_hook(wait_for_permit)
+
+
 def assert_no_leak(engine) -> None:
     assert not engine.has_unfinished(), engine.requests
     assert engine.kv.num_used_blocks == 0, f"{engine.kv.num_used_blocks} KV blocks still held"

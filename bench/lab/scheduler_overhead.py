@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.lab.fake_worker import FakeWorkerActor
     from engine.sampling_params import SamplingParams
-    from engine.worker.wire import params_to_proto
-    from pdserve_rpc import worker_pb2 as pb
+    from engine.worker.wire import generate_request
     from pdserve_rpc import worker_pb2_grpc as pb_grpc
     from scheduler.global_scheduler import GlobalScheduler
     from scheduler.policies import Ask, WorkerLoad, join_shortest_queue
@@ -108,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def direct(i: int) -> float:
             start = time.perf_counter()
-            deltas = list(stub.Generate(pb.GenerateRequest(request_id=f"d{i}", prompt_token_ids=prompt,
-                                                           params=params_to_proto(params))))
+            deltas = list(stub.Generate(generate_request(f"d{i}", prompt, params)))
             assert deltas[-1].finish_reason == "length"
             return time.perf_counter() - start
 

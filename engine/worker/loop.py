@@ -79,8 +79,13 @@ class EngineLoop:
 
     def add_hook(self, fn: Callable[[WorkerEngine], None]) -> None:
         """Runs fn(engine) on the loop thread after every iteration (e.g. to retry reservations
-        once blocks have been freed). Add hooks before start()."""
-        self._hooks.append(fn)
+        once blocks have been freed), from the next iteration on."""
+        with self._cond:
+            self._hooks = [*self._hooks, fn]  # a new list: the loop iterates the one it read
+
+    def remove_hook(self, fn: Callable[[WorkerEngine], None]) -> None:
+        with self._cond:
+            self._hooks = [h for h in self._hooks if h is not fn]
 
     def attach(self, request_id: str, sink: Sink) -> None:
         """Sends a request's outputs to sink (for a request entered through `call`); only on
@@ -147,7 +152,7 @@ class EngineLoop:
             for out in outputs:  # only once every sample's output of the step is out
                 if not self.engine.has_request(out.request_id):
                     self._sinks.pop(out.request_id, None)
-            for hook in self._hooks:
+            for hook in self._hooks:  # this iteration's list, whatever is added meanwhile
                 hook(self.engine)
             self._stats = self.engine.stats()
             self.num_iterations += 1

@@ -123,9 +123,7 @@ class PrefillPeers:
 
     def _run(self, future: Future, request_id: str, prefill_id: str, address: str,
              prompt_token_ids: list[int], params: SamplingParams, skip_blocks: int) -> None:
-        request = pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
-                                    params=wire.params_to_proto(params), decode_worker=self.worker_id,
-                                    skip_blocks=skip_blocks)
+        request = wire.prefill_request(request_id, prompt_token_ids, params, self.worker_id, skip_blocks)
         try:
             self._place(future, request, prefill_id, address)
         finally:

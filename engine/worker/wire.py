@@ -37,6 +37,21 @@ def params_from_proto(m: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(**values)
 
 
+def generate_request(request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     prefill_worker: str = "", prefill_address: str = "") -> pb.GenerateRequest:
+    """A request for a decode worker; no prefill worker named: it prefills the prompt itself."""
+    return pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, params=params_to_proto(params),
+                              prefill_worker=prefill_worker, prefill_address=prefill_address)
+
+
+def prefill_request(request_id: str, prompt_token_ids: list[int], params: SamplingParams, decode_worker: str,
+                    skip_blocks: int = 0) -> pb.PrefillRequest:
+    """A prompt for a prefill worker to compute into decode_worker's blocks, but the first
+    skip_blocks (cached there)."""
+    return pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, params=params_to_proto(params),
+                             decode_worker=decode_worker, skip_blocks=skip_blocks)
+
+
 def logprob_to_proto(lp: TokenLogprobs) -> pb.TokenLogprob:
     return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
                            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])

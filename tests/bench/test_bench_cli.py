@@ -7,7 +7,7 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from bench.datasets import DatasetSpec, build_requests
 from scheduler.cli import main as pdserve_main
 
 from bench_stub import GAP_S, SLOW_FIRST_S, serving, stub_app
-from helpers import free_port
+from helpers import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -120,19 +120,24 @@ def test_find_goodput_searches_each_target(stub, tmp_path):
 def test_ctrl_c_prints_the_partial_report(stub, tmp_path):
     url, app = stub
     out = tmp_path / "r.json"
+    # a terminal-like output, so the progress bar shows how many requests the client has finished
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench", "--base-url", url, "--dataset", "file",
          str(write_jsonl(tmp_path / "w.jsonl", ["ok", "ok", "hang", "hang"])), "--num-prompts", "4",
          "--request-timeout-s", "60", "--result-json", str(out)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "COLUMNS": "200", "TTY_COMPATIBLE": "1"})
+    printed: list[str] = []
+    reader = threading.Thread(target=lambda: printed.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + 60
-        while len(app.state.prompts) < 4 or app.state.num_completed < 2:  # all sent, both "ok" streamed
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
-        time.sleep(0.5)  # for the client to read the [DONE] the stub has written
+        wait_for(lambda: "2/4" in "".join(printed) or proc.poll() is not None,
+                 "the client to finish both answered requests", 60)
+        assert proc.poll() is None, "".join(printed)
         proc.send_signal(signal.SIGINT)
-        printed, _ = proc.communicate(timeout=20)
+        proc.wait(20)
+        reader.join(10)
+        printed = "".join(printed)
     finally:
         proc.kill()
     assert proc.returncode == 130, printed

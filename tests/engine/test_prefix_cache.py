@@ -41,3 +41,14 @@ def test_parallel_samples_share_the_prompt_blocks(tiny_llama, make_engine):
     assert engine.kv.num_used_blocks == 4 + 4  # shared prefix + one tail block each
     while engine.has_unfinished():
         engine.step()
+
+
+def test_the_router_names_blocks_as_the_engine_caches_them(tiny_llama, make_engine):
+    """The router predicts which blocks a worker holds from the prompt alone: its names for a
+    prompt's full blocks are the KV manager's, for every block but the one with the last token."""
+    from engine.kv.prefix_hash import prompt_block_hashes
+    engine = make_engine(model=str(tiny_llama))
+    prompt = list(range(5, 5 + 16 * 3 + 1))  # three full blocks and one token
+    run_to_end(engine, [prompt], SamplingParams(temperature=0, max_tokens=1))
+    assert len(prompt_block_hashes(prompt, 16)) == 3
+    assert all(h in engine.kv.pool.cached for h in prompt_block_hashes(prompt, 16))

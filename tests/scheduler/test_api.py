@@ -1,13 +1,12 @@
 """The HTTP server on loopback with the tiny model: openai client, bad input, disconnects."""
 
 import json
-import time
 
 import httpx
 import openai
 import pytest
 
-from helpers import LiveServer, assert_no_leak, metric_sum, stalled, wait_for
+from helpers import LiveServer, assert_no_leak, gated, metric_sum, stalled, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -118,15 +117,15 @@ def test_bad_input_gets_a_4xx_and_the_server_keeps_serving(tiny_server, path, bo
 
 def test_client_disconnect_mid_stream_frees_blocks(tiny_server):
     body = {"prompt": "Once upon a time", "max_tokens": 200, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", tiny_server.url + "/v1/completions", json=body, timeout=30) as r:
-        lines = r.iter_lines()
-        got = [next(lines) for _ in range(6)]
-        assert any(line.startswith("data: ") for line in got)
-        assert metric_sum(tiny_server.url, "pdserve_worker_kv_blocks_used") > 0
-    deadline = time.monotonic() + 5
-    while metric_sum(tiny_server.url, "pdserve_worker_kv_blocks_used") > 0:
-        assert time.monotonic() < deadline, "blocks of a disconnected stream were not freed"
-        time.sleep(0.02)
+    with gated(tiny_server.loop) as release:  # the request advances only as the test allows
+        with httpx.stream("POST", tiny_server.url + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            release(8)
+            got = [next(lines) for _ in range(6)]
+            assert any(line.startswith("data: ") for line in got)
+            assert metric_sum(tiny_server.url, "pdserve_worker_kv_blocks_used") > 0
+    wait_for(lambda: metric_sum(tiny_server.url, "pdserve_worker_kv_blocks_used") == 0,
+             "the blocks of a disconnected stream to be freed", timeout_s=5)
     assert_no_leak(tiny_server.engine)
 
 

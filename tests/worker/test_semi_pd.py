@@ -11,13 +11,13 @@ import torch
 
 from engine import batcher as batcher_mod
 from engine.config import EngineConfig
-from engine.errors import RequestError
+from engine.errors import Overloaded, RequestError
 from engine.sampling_params import SamplingParams
 from engine.split import ComputeSplit
 from engine.worker.semi_pd import SemiPD
 from engine.worker.split_controller import SplitControllerConfig
 
-from helpers import wait_for
+from helpers import stalled, wait_for
 from parity_cases import GREEDY, PROMPT_LENS, prompts
 
 SMALL_GROUPS = ((16, 1), (64, 2), (128, 3))
@@ -207,3 +207,26 @@ def test_serving_semi_pd_over_http(tiny_llama):
     finally:
         server.stop()
     assert_no_leak(server.loop)
+
+
+def test_the_wait_for_blocks_follows_its_flag(tiny_llama):
+    """--max-waiting-for-blocks bounds semi-PD's queue for KV blocks as it does a decode worker's."""
+    from engine.config import WorkerOptions
+    from scheduler.cli import build_server
+    from scheduler.config import ServeConfig
+    config = EngineConfig(model=str(tiny_llama), num_kv_blocks=64, max_model_len=256, num_threads=2)
+    _, semi = build_server(config, ServeConfig(mode="semi-pd", worker=WorkerOptions(max_waiting_for_blocks=3)))
+    ended: queue.Queue = queue.Queue()
+    try:
+        with stalled(semi.decode):  # nothing is reserved meanwhile: every request waits
+            for i in range(3):
+                semi.submit(str(i), prompts()[0], SamplingParams(max_tokens=2), ended.put)
+            with pytest.raises(Overloaded):
+                semi.submit("one too many", prompts()[0], SamplingParams(max_tokens=2), ended.put)
+        finished = 0
+        while finished < 3:
+            out = ended.get(timeout=TIMEOUT_S)
+            assert not isinstance(out, Exception), out
+            finished += out.finished
+    finally:
+        assert_no_leak(semi)
