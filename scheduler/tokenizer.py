@@ -2,7 +2,9 @@
 
 A GGUF file's tokenizer is converted by transformers once (slow, ~15 s) and cached as an
 HF tokenizer folder under ~/.cache/pdserve (PDSERVE_CACHE overrides), keyed by the
-file's path, size and mtime (engine/models/registry.py).
+file's path, size and mtime (engine/models/registry.py). A folder whose tokenizer is
+transformers' generic fast one loads without torch (AutoTokenizer's model registry imports
+it), so the front door of a disaggregated server never loads torch.
 
 TextStream turns one output sequence's tokens into text deltas: it decodes a sliding
 window of tokens so multi-byte characters and leading spaces come out right, finds stop
@@ -12,6 +14,7 @@ could still need before it is complete.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from engine.errors import RequestError
@@ -25,12 +28,12 @@ class Tokenizer:
 
     @classmethod
     def load(cls, model_path: Path) -> "Tokenizer":
-        from transformers import AutoTokenizer
         if model_path.suffix != ".gguf":
-            return cls(AutoTokenizer.from_pretrained(model_path))
+            return cls(_from_folder(model_path))
         cached = derived_dir(model_path, "tokenizers")
         if (cached / "tokenizer_config.json").exists():
-            return cls(AutoTokenizer.from_pretrained(cached))
+            return cls(_from_folder(cached))
+        from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
         publish(cached, tok.save_pretrained)
         return cls(tok)
@@ -52,6 +55,21 @@ class Tokenizer:
 
     def token_text(self, token_id: int) -> str:
         return self.hf.decode([token_id])
+
+
+# tokenizer classes that are transformers' generic fast tokenizer: loaded as it, without the
+# model registry behind AutoTokenizer (which imports torch); any other class goes through it
+_GENERIC = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+
+
+def _from_folder(folder: Path):
+    config = folder / "tokenizer_config.json"
+    tokenizer_class = json.loads(config.read_text()).get("tokenizer_class") if config.exists() else None
+    if tokenizer_class in _GENERIC and (folder / "tokenizer.json").exists():
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+        return TokenizersBackend.from_pretrained(folder)
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(folder)
 
 
 class TextStream:

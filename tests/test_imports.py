@@ -92,3 +92,14 @@ def test_starts_without_torch(module):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "torch" not in out.stdout, f"importing {module} loads torch"
+
+
+def test_the_front_door_loads_a_generic_tokenizer_without_torch(tiny_llama):
+    """What a disaggregated front door loads at start (the model's tokenizer) brings no torch
+    in either, for transformers' generic fast tokenizer (the default model's, cached)."""
+    code = ("import sys; from pathlib import Path; from scheduler.tokenizer import Tokenizer; "
+            f"t = Tokenizer.load(Path({str(tiny_llama)!r})); assert t.encode('hello world'); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
