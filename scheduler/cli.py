@@ -16,27 +16,23 @@ log = logging.getLogger("pdserve")
 
 def build_server(engine_config: EngineConfig, config: ServeConfig = ServeConfig(mode=ServeMode.COLOCATED)):
     """Engine, its loop thread(s), client and FastAPI app for colocated or semi-PD serving (one
-    process). The tokenizer loads while the engine is built. Returns (app, loop)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    process). Returns (app, loop)."""
     from engine.models.registry import model_name, resolve_model_path
     from scheduler.api.server import ServerState, build_app
     from scheduler.engine_client import InProcessClient
     from scheduler.metrics import ServerMetrics
     from scheduler.tokenizer import Tokenizer
 
-    with ThreadPoolExecutor(1) as pool:
-        tokenizer = pool.submit(Tokenizer.load, resolve_model_path(engine_config.model))
-        if config.mode == ServeMode.SEMI_PD:
-            from engine.worker.semi_pd import SemiPD
-            loop = SemiPD(engine_config, config.semi_pd_prefill_share, config.split_controller_or_none(),
-                          config.worker).start()
-            role, control = Role.SEMI_PD, loop.control
-        else:
-            from engine.engine import Engine
-            from engine.worker.loop import EngineLoop
-            loop, role, control = EngineLoop(Engine(engine_config)).start(), Role.COLOCATED, None
-        tokenizer = tokenizer.result()
+    tokenizer = Tokenizer.load(resolve_model_path(engine_config.model))  # fails fast on a bad --model
+    if config.mode == ServeMode.SEMI_PD:
+        from engine.worker.semi_pd import SemiPD
+        loop = SemiPD(engine_config, config.semi_pd_prefill_share, config.split_controller_or_none(),
+                      config.worker).start()
+        role, control = Role.SEMI_PD, loop.control
+    else:
+        from engine.engine import Engine
+        from engine.worker.loop import EngineLoop
+        loop, role, control = EngineLoop(Engine(engine_config)).start(), Role.COLOCATED, None
     name = engine_config.served_model_name or model_name(engine_config.model)
     client = InProcessClient(loop, name, config.slo_ttft_ms / 1000, role, control)
     state = ServerState(client, tokenizer, name, config.api_key, ServerMetrics(config))

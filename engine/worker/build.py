@@ -10,9 +10,10 @@ for its address and engine description to register it.
 
 from __future__ import annotations
 
-import logging
 import uuid
+from dataclasses import dataclass
 
+import grpc
 import torch
 
 from engine.config import EngineConfig, Role, WorkerOptions
@@ -24,30 +25,19 @@ from engine.worker.peers import PrefillPeers, Reroute
 from engine.worker.prefill_role import PrefillRole
 from engine.worker.servicer import WorkerServicer, start_server
 
-log = logging.getLogger(__name__)
 
-
+@dataclass
 class Worker:
-    def __init__(self, worker_id: str, role: Role, engine_config: EngineConfig, host: str, reroute: Reroute,
-                 options: WorkerOptions = WorkerOptions()):
-        if role not in (Role.PREFILL, Role.DECODE):
-            raise ValueError(f"a worker starts in the prefill or the decode pool, not {role!r}")
-        self.worker_id, self.role = worker_id, Role(role)
-        engine = Engine(engine_config)
-        self.info: EngineInfo = engine.info
-        self.model_path = engine.model_path
-        self.loop = EngineLoop(engine)
-        prefill = PrefillRole(self.loop)
-        decode = DecodeRole(self.loop, options, probe=lambda request_id: self.peers.progressing(request_id))
-        self.peers = PrefillPeers(worker_id, host, decode, self.info.kv_block_shape,
-                                  getattr(torch, self.info.kv_dtype), reroute, options.link_timeout_s,
-                                  device=self.info.device)
-        self.loop.start()
-        self.incarnation = uuid.uuid4().hex[:12]
-        self.servicer = WorkerServicer(worker_id, self.incarnation, self.loop, self.role, decode, prefill, self.peers,
-                                       options.link_timeout_s, self.info.device)
-        self.server, port = start_server(self.servicer, host)
-        self.address = f"{host}:{port}"
+    """A running worker: its engine loop, prefill peers and gRPC server."""
+
+    worker_id: str
+    role: Role
+    info: EngineInfo
+    loop: EngineLoop
+    peers: PrefillPeers
+    server: grpc.Server
+    address: str  # host:port of its gRPC service
+    incarnation: str  # new at every start: how the scheduler tells a restarted worker
 
     def num_used_blocks(self) -> int:
         """KV blocks held right now (the leak check: 0 once every request has ended)."""
@@ -68,5 +58,19 @@ class Worker:
 
 def build_worker(worker_id: str, role: Role, engine_config: EngineConfig, host: str, reroute: Reroute,
                  options: WorkerOptions = WorkerOptions()) -> Worker:
-    """A worker serving on host, its engine loop running."""
-    return Worker(worker_id, role, engine_config, host, reroute, options)
+    """A worker serving on host at a free port, its engine loop running."""
+    if role not in (Role.PREFILL, Role.DECODE):
+        raise ValueError(f"a worker starts in the prefill or the decode pool, not {role!r}")
+    engine = Engine(engine_config)
+    info = engine.info
+    loop = EngineLoop(engine)
+    prefill = PrefillRole(loop)
+    decode = DecodeRole(loop, options, probe=lambda request_id: peers.progressing(request_id))
+    peers = PrefillPeers(worker_id, host, decode, info.kv_block_shape, getattr(torch, info.kv_dtype), reroute,
+                         options.link_timeout_s, device=info.device)
+    loop.start()
+    incarnation = uuid.uuid4().hex[:12]
+    servicer = WorkerServicer(worker_id, incarnation, loop, Role(role), decode, prefill, peers, options.link_timeout_s,
+                              info.device)
+    server, port = start_server(servicer, host)
+    return Worker(worker_id, Role(role), info, loop, peers, server, f"{host}:{port}", incarnation)

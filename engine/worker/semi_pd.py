@@ -20,6 +20,7 @@ Requests with n > 1 run as n requests (ids `id#i`, each its own child seed).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -95,7 +96,7 @@ class SemiPD:
         try:
             for i, child_id in enumerate(ids):
                 child = params if params.n == 1 else params.for_child(i)
-                start = lambda rid, cached, child=child: self._start_prefill(rid, cached, prompt_token_ids, child)  # noqa: E731
+                start = functools.partial(self._start_prefill, prompt_token_ids=prompt_token_ids, params=child)
                 self.role.generate(child_id, prompt_token_ids, child, start, self._observed(request_id, i, arrival_s, sink),
                                    validated=True)
         except Exception:
