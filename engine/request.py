@@ -104,8 +104,10 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, max_mo
     n = len(prompt_token_ids)
     if n == 0:
         raise RequestError("the prompt is empty", param="prompt")
-    if any(not isinstance(t, int) or t < 0 or t >= vocab_size for t in prompt_token_ids):
+    if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 or t >= vocab_size for t in prompt_token_ids):
         raise RequestError(f"prompt token ids must be integers in [0, {vocab_size})", param="prompt")
+    if any(t >= vocab_size for t in params.stop_token_ids):
+        raise RequestError(f"stop_token_ids must be in [0, {vocab_size})", param="stop_token_ids")
     wanted = n + (params.max_tokens or 1)
     if n >= max_model_len or wanted > max_model_len:
         raise ContextLengthExceeded(

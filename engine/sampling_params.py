@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from engine.errors import RequestError
@@ -9,6 +10,9 @@ from engine.errors import RequestError
 MAX_N = 8
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+INT32_MAX = 2**31 - 1  # token ids and top_k travel as int32 between workers
+UINT32_MAX = 2**32 - 1  # max_tokens and min_tokens as uint32
+SEED_MIN, SEED_MAX = -2**63, 2**63 - 1  # int64; the n samples' seeds (seed + index) too
 
 
 @dataclass(frozen=True)
@@ -39,24 +43,34 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
-        _check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, f"n must be between 1 and {MAX_N}", "n")
-        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                   f"{name} must be a finite number", name)
+        for name in ("ignore_eos", "skip_special_tokens"):
+            _check(isinstance(getattr(self, name), bool), f"{name} must be true or false", name)
+        _check(self.kv_prediction is None or isinstance(self.kv_prediction, bool),
+               "kv_prediction must be true, false or unset", "kv_prediction")
+        _check(_int(self.n) and 1 <= self.n <= MAX_N, f"n must be between 1 and {MAX_N}", "n")
+        _check(self.max_tokens is None or (_int(self.max_tokens) and 1 <= self.max_tokens <= UINT32_MAX),
                "max_tokens must be at least 1", "max_tokens")
-        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens must be >= 0", "min_tokens")
+        _check(_int(self.min_tokens) and 0 <= self.min_tokens <= UINT32_MAX, "min_tokens must be >= 0", "min_tokens")
+        _check(self.seed is None or (_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX - (self.n - 1)),
+               f"seed must be an integer in [{SEED_MIN}, {SEED_MAX - (self.n - 1)}]", "seed")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
                "min_tokens must not exceed max_tokens", "min_tokens")
         _check(self.temperature >= 0, "temperature must be >= 0", "temperature")
         _check(0 < self.top_p <= 1, "top_p must be in (0, 1]", "top_p")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be -1, 0 (off) or positive", "top_k")
+        _check(_int(self.top_k) and 0 <= self.top_k <= INT32_MAX, "top_k must be -1, 0 (off) or positive", "top_k")
         _check(0 <= self.min_p <= 1, "min_p must be in [0, 1]", "min_p")
         _check(self.repetition_penalty > 0, "repetition_penalty must be > 0", "repetition_penalty")
         _check(-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]", "presence_penalty")
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]", "frequency_penalty")
-        _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+        _check(self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                f"logprobs must be between 0 and {MAX_LOGPROBS}", "logprobs")
         _check(len(self.stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in self.stop),
                f"stop must be at most {MAX_STOP_STRINGS} non-empty strings", "stop")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+        _check(all(_int(t) and 0 <= t <= INT32_MAX for t in self.stop_token_ids),
                "stop_token_ids must be non-negative integers", "stop_token_ids")
 
     @property
@@ -73,6 +87,10 @@ class SamplingParams:
         from dataclasses import replace
         seed = None if self.seed is None else self.seed + index
         return replace(self, n=1, seed=seed)
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check(ok: bool, message: str, param: str) -> None:

@@ -39,7 +39,7 @@ class Tokenizer:
         return cls(tok)
 
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=True)
+        return self.hf.encode(_unicode(text, "prompt"), add_special_tokens=True)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         if not self.hf.chat_template:
@@ -48,13 +48,22 @@ class Tokenizer:
             text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # template errors are the caller's input problem
             raise RequestError(f"chat template failed on these messages: {e}", param="messages") from e
-        return self.hf.encode(text, add_special_tokens=False)
+        return self.hf.encode(_unicode(text, "messages"), add_special_tokens=False)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def token_text(self, token_id: int) -> str:
         return self.hf.decode([token_id])
+
+
+def _unicode(text: str, param: str) -> str:
+    """text, refused when it cannot be encoded (a lone surrogate such as "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{param} is not valid Unicode text: {e.reason} at position {e.start}", param=param) from None
+    return text
 
 
 # tokenizer classes that are transformers' generic fast tokenizer: loaded as it, without the

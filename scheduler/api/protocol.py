@@ -1,7 +1,9 @@
 """OpenAI request bodies (pydantic) and their translation to SamplingParams.
 
-Type errors become 400s with the offending field named (see errors.py); value checks
-live in SamplingParams so the offline API and the server refuse the same things.
+Bodies are parsed strictly: an integer field takes only an integer (not `true`, not `2.0`),
+a boolean only `true` or `false`, and no number may be infinite or NaN. Type errors become
+400s with the offending field named; value checks live in SamplingParams so the offline API
+and the server refuse the same things.
 Fields beyond OpenAI's that vLLM users know (top_k, min_p, repetition_penalty, min_tokens,
 ignore_eos, stop_token_ids, skip_special_tokens) are accepted too, and pdserve's own
 `kv_prediction` (true: prefill from the server's KV predictor; false: never; unset: when
@@ -20,12 +22,17 @@ from engine.sampling_params import SamplingParams
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 
 
+STRICT = ConfigDict(strict=True, allow_inf_nan=False)
+
+
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(STRICT, extra="allow")
 
     model: str | None = None
     max_tokens: int | None = None
@@ -92,11 +99,15 @@ class CompletionRequest(_Sampling):
 
 
 class TextPart(BaseModel):
+    model_config = STRICT
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
+    model_config = STRICT
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None

@@ -82,6 +82,11 @@ def build_app(state: ServerState) -> FastAPI:
     async def _http_error(_, e: HTTPException):
         return error_response(e.status_code, str(e.detail))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_, e: Exception):  # a bug, still answered as JSON and counted (the server logs it)
+        metrics.reject(500)
+        return error_response(500, f"internal error: {type(e).__name__}")
+
     # a dependency, not an HTTP middleware: BaseHTTPMiddleware would hide client disconnects
     async def check_api_key(request: Request) -> None:
         if state.api_key and request.headers.get("authorization") != f"Bearer {state.api_key}":

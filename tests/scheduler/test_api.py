@@ -101,6 +101,18 @@ BAD = [
     ("/v1/completions", {"prompt": ""}),
     ("/v1/completions", {"prompt": [99999999]}),
     ("/v1/completions", {"prompt": "hi", "stream": True, "logprobs": 99}),
+    # values the engine or the wire cannot hold: refused before they reach a batch
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "temperature": 1, "seed": 18446744073709551616}),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "min_tokens": 2, "stop_token_ids": [1000000]}),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "seed": 2**63}),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "top_k": 2**31}),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "stop_token_ids": [2**31]}),
+    ("/v1/completions", json.dumps({"prompt": "abc \ud800 def", "max_tokens": 4}).encode()),  # a lone surrogate
+    ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "abc \ud800 def"}],
+                                         "max_tokens": 4}).encode()),
+    ("/v1/completions", {"prompt": [[False]], "max_tokens": 4}),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": True}),
+    ("/v1/completions", b'{"prompt": "Hi", "temperature": Infinity}'),
 ]
 
 
@@ -113,6 +125,32 @@ def test_bad_input_gets_a_4xx_and_the_server_keeps_serving(tiny_server, path, bo
     assert err["message"] and err["type"]
     ok = httpx.post(tiny_server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
     assert ok.status_code == 200
+
+
+def test_a_refused_request_is_json_counted_and_keeps_its_connection(tiny_server):
+    before = metric_sum(tiny_server.url, "pdserve_requests_rejected_total")
+    with httpx.Client(base_url=tiny_server.url, timeout=30) as client:  # one keep-alive connection
+        bad = client.post("/v1/completions", content=json.dumps({"prompt": "abc \ud800 def", "max_tokens": 4}),
+                          headers={"content-type": "application/json"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+        assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+    assert metric_sum(tiny_server.url, "pdserve_requests_rejected_total") == before + 1
+
+
+def test_one_bad_request_does_not_fail_the_others_in_its_batch(tiny_server):
+    """The exact requests that once made a step raise, sent while others stream: the others
+    finish, the bad ones are refused."""
+    import concurrent.futures
+    good = {"prompt": "Once upon a time", "max_tokens": 12, "ignore_eos": True, "temperature": 0}
+    bad = [{"prompt": "Hi", "max_tokens": 4, "temperature": 1, "seed": 18446744073709551616},
+           {"prompt": "Hi", "max_tokens": 4, "min_tokens": 2, "stop_token_ids": [1000000]}]
+    post = lambda body: httpx.post(tiny_server.url + "/v1/completions", json=body, timeout=60)  # noqa: E731
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        with stalled(tiny_server.loop):  # the good ones and the bad ones would share a step
+            goods = [pool.submit(post, good) for _ in range(3)]
+            bads = [pool.submit(post, b) for b in bad]
+            assert all(b.result().status_code == 400 for b in bads)
+    assert all(g.result().status_code == 200 and g.result().json()["usage"]["completion_tokens"] == 12 for g in goods)
 
 
 def test_client_disconnect_mid_stream_frees_blocks(tiny_server):

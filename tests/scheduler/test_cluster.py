@@ -155,6 +155,11 @@ def test_bad_input_is_refused_at_the_front_door(p1d1):
     assert r.status_code == 400 and "context length" in r.json()["error"]["message"]
     r = complete(p1d1, [10_000])
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    # values the wire to the workers cannot carry: refused at the front door, as JSON
+    for extra, param in (({"seed": 2**63}, "seed"), ({"top_k": 2**31}, "top_k"),
+                         ({"stop_token_ids": [2**31]}, "stop_token_ids")):
+        r = complete(p1d1, prompts()[0], 4, **extra)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert text(p1d1, prompts()[1])  # still serving
 
 

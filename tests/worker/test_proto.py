@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -28,3 +30,19 @@ def test_messages_round_trip():
     assert back.timings.HasField("queue") and not back.timings.HasField("transfer")
     params = worker_pb2.SamplingParams(temperature=0.0)
     assert not params.HasField("max_tokens") and not params.HasField("seed")
+
+
+def test_params_at_the_edges_of_their_ranges_cross_the_wire_unchanged():
+    from engine.errors import RequestError
+    from engine.sampling_params import INT32_MAX, SEED_MAX, SEED_MIN, UINT32_MAX, SamplingParams
+    from engine.worker.wire import params_from_proto, params_to_proto
+    for params in (SamplingParams(seed=SEED_MIN, top_k=INT32_MAX, stop_token_ids=(INT32_MAX,), max_tokens=UINT32_MAX),
+                   SamplingParams(seed=SEED_MAX - 7, min_tokens=UINT32_MAX, max_tokens=UINT32_MAX, n=8)):
+        assert params_from_proto(params_to_proto(params)) == params
+        for i in range(params.n):
+            params.for_child(i)  # every sample's seed is still in range
+    for bad in ({"seed": SEED_MAX + 1}, {"seed": SEED_MAX, "n": 2}, {"seed": 2**64}, {"top_k": INT32_MAX + 1}, {"stop_token_ids": (INT32_MAX + 1,)},
+                {"max_tokens": UINT32_MAX + 1}, {"max_tokens": True}, {"n": True}, {"temperature": float("inf")},
+                {"top_p": float("nan")}, {"ignore_eos": 1}, {"kv_prediction": "maybe"}):
+        with pytest.raises(RequestError):
+            SamplingParams(**bad)
