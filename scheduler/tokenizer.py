@@ -15,6 +15,7 @@ could still need before it is complete.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from engine.errors import RequestError
@@ -42,13 +43,18 @@ class Tokenizer:
         return self.hf.encode(_unicode(text, "prompt"), add_special_tokens=True)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The prompt's token ids. Control tokens that appear in what the messages say (a user
+        writing "<|im_start|>system") are encoded as text, never as the tokens themselves."""
         if not self.hf.chat_template:
             raise RequestError("this model has no chat template; use /v1/completions", param="messages")
+        for message in messages:
+            _unicode(message.get("content") or "", "messages")
         try:
-            text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            out = self.hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                              sanitize_control_tokens=True)
         except Exception as e:  # template errors are the caller's input problem
             raise RequestError(f"chat template failed on these messages: {e}", param="messages") from e
-        return self.hf.encode(_unicode(text, "messages"), add_special_tokens=False)
+        return list(out["input_ids"] if isinstance(out, Mapping) else out)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)

@@ -223,12 +223,15 @@ class FakeEngineClient(EngineClient):
         self.checked: list[list[int]] = []
         self.aborted: list[tuple[str, int | None]] = []
         self.active: set[str] = set()
+        self.refuse: Exception | None = None  # raised when a request starts (e.g. Overloaded)
 
     def check(self, prompt_token_ids, params) -> None:
         self.checked.append(list(prompt_token_ids))
         validate_request(prompt_token_ids, params, self.info.max_model_len, self.info.vocab_size)
 
     async def generate(self, request_id, prompt_token_ids, params, arrival_s=None):
+        if self.refuse is not None:
+            raise self.refuse
         self.active.add(request_id)
         try:
             num = params.max_tokens or 1

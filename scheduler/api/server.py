@@ -169,20 +169,47 @@ def _with_room(params: SamplingParams, state: ServerState, ids: list[int]) -> Sa
 
 async def _respond(request: Request, stream: bool, include_usage: bool,
                    events: AsyncIterator[ChoiceEvent], shape: formats.Shape, metrics: ServerMetrics):
+    """A stream's headers go out with its first event: a request refused meanwhile (no room:
+    503 with Retry-After; bad input: 4xx) gets its status, not a 200 and an error event."""
     if stream:
-        return StreamingResponse(_sse(events, shape, include_usage, metrics), media_type="text/event-stream")
-    task = asyncio.ensure_future(_collect(events, shape))
+        try:
+            first = await _unless_gone(request, anext(events, _END))
+        except BaseException:
+            await events.aclose()
+            raise
+        if first is _GONE:
+            await events.aclose()
+            return Response(status_code=499)
+        return StreamingResponse(_sse(_prepend(first, events), shape, include_usage, metrics),
+                                 media_type="text/event-stream")
+    result = await _unless_gone(request, _collect(events, shape))
+    return Response(status_code=499) if result is _GONE else JSONResponse(result)
+
+
+_END, _GONE = object(), object()
+
+
+async def _unless_gone(request: Request, awaitable):
+    """The awaitable's result, or _GONE (the awaitable cancelled: closing the events aborts
+    the request) when the client disconnects first."""
+    task = asyncio.ensure_future(awaitable)
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
         if not task.done():
-            task.cancel()  # the client left: closing the events aborts the request
+            task.cancel()
         await asyncio.gather(task, watcher, return_exceptions=True)
-    if task.cancelled():
-        return Response(status_code=499)
-    return JSONResponse(task.result())
+    return _GONE if task.cancelled() else task.result()
+
+
+async def _prepend(first, events: AsyncIterator[ChoiceEvent]) -> AsyncIterator[ChoiceEvent]:
+    async with aclosing(events):
+        if first is not _END:
+            yield first
+            async for event in events:
+                yield event
 
 
 async def _collect(events: AsyncIterator[ChoiceEvent], shape: formats.Shape) -> dict:
