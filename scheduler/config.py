@@ -101,7 +101,7 @@ class ServeConfig:
 
 
 def _flag_fields(cls: type, prefix: str = ""):
-    """(flag name, dest, field, owner class) of every flag cls contributes, sub-configs flattened."""
+    """(dest name, field, owning class, type hint) of every flag cls contributes, sub-configs flattened."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         if is_dataclass(hints[f.name]):

@@ -11,8 +11,6 @@ import json
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from helpers import serving  # noqa: F401  (the bench tests serve the stub with it)
-
 SLOW_FIRST_S = 0.3
 GAP_S = 0.05
 

@@ -17,8 +17,8 @@ from bench.corpus import TokenCounter
 from bench.datasets import DatasetSpec, build_requests
 from scheduler.cli import main as pdserve_main
 
-from bench_stub import GAP_S, SLOW_FIRST_S, serving, stub_app
-from helpers import free_port, wait_for
+from bench_stub import GAP_S, SLOW_FIRST_S, stub_app
+from helpers import free_port, serving, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 

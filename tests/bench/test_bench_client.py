@@ -7,8 +7,8 @@ import pytest
 from bench.datasets import BenchRequest
 from bench.runner import Phase, PhaseState, run_phase
 
-from bench_stub import serving, stub_app
-from helpers import free_port
+from bench_stub import stub_app
+from helpers import free_port, serving
 
 
 def run(url, prompts, max_tokens, arrivals=None, endpoint="completions", model=None, **kw):
