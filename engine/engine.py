@@ -274,7 +274,12 @@ class Engine:
         if result is None:
             return outputs
         now = time.monotonic()
-        for request, token, logprob in zip(sampling, result.token_ids, result.logprobs):
+        for row, (request, token, logprob) in enumerate(zip(sampling, result.token_ids, result.logprobs)):
+            if row in result.errors:
+                self._finish(request, RequestStatus.FINISHED_ABORTED)
+                outputs.append(StepOutput(request.parent_id, request.index, [], finish_reason="error",
+                                          error=result.errors[row]))
+                continue
             status = request.append_token(token)
             timeline = request.timeline
             if timeline.first_token_s is None:

@@ -64,7 +64,8 @@ class TokenLogprobs:
 
 @dataclass
 class StepOutput:
-    """New tokens of one (request, index) from one step."""
+    """New tokens of one (request, index) from one step, or (error set, no tokens) why that
+    request failed alone in the step and was ended."""
 
     request_id: str
     index: int
@@ -74,6 +75,7 @@ class StepOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     timeline: Timeline | None = None
+    error: str | None = None
 
     @property
     def finished(self) -> bool:

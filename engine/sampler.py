@@ -9,17 +9,21 @@ whatever else shares the batch).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 
 from engine.request import Request, TokenLogprobs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class SampleResult:
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+    errors: dict[int, str] = field(default_factory=dict)  # row -> why that row's set-up failed (its token is void)
 
 
 class Sampler:
@@ -43,34 +47,38 @@ class Sampler:
         return gen
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
-        """logits: [len(requests), vocab] float32."""
+        """logits: [len(requests), vocab] float32. A row whose own set-up raises (penalties,
+        stop-token mask, generator) is reported in `errors` and sampled greedily from its raw
+        logits; the other rows are unaffected."""
         params = [r.params for r in requests]
         raw_logprobs = None
         if any(p.logprobs is not None for p in params):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         if any(p.has_penalties for p in params):
             logits = logits.clone()
-            for row, r in enumerate(requests):
-                if r.params.has_penalties:
-                    _apply_penalties(logits[row], r)
+        errors: dict[int, str] = {}
+        generators: dict[int, torch.Generator] = {}
         for row, r in enumerate(requests):
-            if r.num_output_tokens < r.params.min_tokens:
-                blocked = list(r.params.stop_token_ids) + ([] if r.params.ignore_eos else list(r.eos_token_ids))
-                if blocked:
-                    logits[row, blocked] = float("-inf")
+            try:
+                self._prepare_row(logits[row], r)
+                if not r.params.greedy:
+                    generators[row] = self._generator(r)
+            except Exception as e:  # this request's values; the batch goes on without it
+                log.exception("sampling set-up failed for request %s", r.request_id)
+                errors[row] = f"sampling set-up failed: {type(e).__name__}: {e}"
         tokens = logits.argmax(dim=-1)
-        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        random_rows = list(generators)
         if random_rows:
             sub = logits[random_rows]
             probs = _filtered_probs(sub, [params[i] for i in random_rows])
             for j, row in enumerate(random_rows):
-                noise = torch.empty_like(probs[j]).exponential_(generator=self._generator(requests[row]))
+                noise = torch.empty_like(probs[j]).exponential_(generator=generators[row])
                 tokens[row] = (probs[j] / noise).argmax()
         token_ids = tokens.tolist()
         out: list[TokenLogprobs | None] = [None] * len(requests)
         if raw_logprobs is not None:
             for row, p in enumerate(params):
-                if p.logprobs is None:
+                if p.logprobs is None or row in errors:
                     continue
                 tok = token_ids[row]
                 top: list[tuple[int, float]] = []
@@ -78,7 +86,18 @@ class Sampler:
                     vals, ids = raw_logprobs[row].topk(p.logprobs)
                     top = list(zip(ids.tolist(), vals.tolist()))
                 out[row] = TokenLogprobs(tok, float(raw_logprobs[row, tok]), top)
-        return SampleResult(token_ids, out)
+        return SampleResult(token_ids, out, errors)
+
+    @staticmethod
+    def _prepare_row(row: torch.Tensor, request: Request) -> None:
+        """Penalties, then min_tokens' mask of the stop tokens, in place on the row's logits."""
+        p = request.params
+        if p.has_penalties:
+            _apply_penalties(row, request)
+        if request.num_output_tokens < p.min_tokens:
+            blocked = list(p.stop_token_ids) + ([] if p.ignore_eos else list(request.eos_token_ids))
+            if blocked:
+                row[blocked] = float("-inf")
 
 
 def _apply_penalties(row: torch.Tensor, request: Request) -> None:

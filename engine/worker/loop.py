@@ -5,8 +5,9 @@ thread, and `call` runs a function on the engine between steps (how disaggregate
 reserve blocks, land KV chunks and admit prefilled requests without locking the engine).
 The loop applies queued calls, adds and aborts, runs one engine step and hands each
 output to the request's sink; with no work it sleeps on a condition (never spins).
-A failing step fails every request in flight with the error and frees their blocks; the
-loop keeps serving new ones. `shutdown()` fails what is left and joins the thread.
+A request whose own part of a step fails (its sampling set-up) is ended alone with the
+error; a step that fails as a whole fails every request in flight and frees their blocks;
+either way the loop keeps serving. `shutdown()` fails what is left and joins the thread.
 """
 
 from __future__ import annotations
@@ -147,7 +148,13 @@ class EngineLoop:
                 continue
             for out in outputs:
                 sink = self._sinks.get(out.request_id)
-                if sink is not None:
+                if sink is None:
+                    continue
+                if out.error is not None:  # this request alone failed in the step: all its samples end
+                    self.engine.abort(out.request_id)
+                    self._sinks.pop(out.request_id, None)
+                    sink(EngineError(out.error))
+                else:
                     sink(out)
             for out in outputs:  # only once every sample's output of the step is out
                 if not self.engine.has_request(out.request_id):

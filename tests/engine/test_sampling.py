@@ -8,7 +8,7 @@ from engine.errors import RequestError
 from engine.request import Request
 from engine.sampler import _apply_penalties
 
-from helpers import assert_no_leak
+from helpers import assert_no_leak, unchecked
 
 PROMPT = "Once upon a time there was"
 
@@ -111,3 +111,29 @@ def test_repetition_penalty_changes_greedy_output(llm):
 def test_bad_sampling_params_raise(kw):
     with pytest.raises(RequestError):
         SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=1.0, seed=2**64),                 # overflows manual_seed
+                                 dict(min_tokens=2, stop_token_ids=[1_000_000])])  # beyond the vocabulary
+def test_a_request_failing_its_sampling_set_up_fails_alone(llm, bad):
+    """Values the front door refuses, forced past validation: the step goes on for the
+    others, whose output is what it is without the bad request in the batch."""
+    engine = llm.engine
+    good = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+            SamplingParams(temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)]
+    prompts = [llm.tokenizer.encode(p) for p in ("Paris is", "def f")]
+    alone = [o.token_ids for o in llm.generate(prompts, good)]
+    engine.add_request("bad", llm.tokenizer.encode(PROMPT), unchecked(SamplingParams(max_tokens=12), **bad), validated=True)
+    for i, (ids, p) in enumerate(zip(prompts, good)):
+        engine.add_request(f"good{i}", ids, p)
+    tokens: dict[str, list[int]] = {"good0": [], "good1": []}
+    errors = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.error is not None:
+                errors.append((out.request_id, out.error))
+            else:
+                tokens[out.request_id] += out.new_token_ids
+    assert [rid for rid, _ in errors] == ["bad"] and "sampling set-up failed" in errors[0][1]
+    assert [tokens["good0"], tokens["good1"]] == alone
+    assert_no_leak(engine)

@@ -10,7 +10,7 @@ from engine.errors import EngineError, RequestError
 from engine.sampling_params import SamplingParams
 from engine.worker.loop import EngineLoop
 
-from helpers import assert_no_leak
+from helpers import assert_no_leak, stalled, unchecked, wait_for
 
 
 @pytest.fixture
@@ -92,3 +92,22 @@ def test_shutdown_fails_what_is_left(tiny_llama, make_engine):
     w.shutdown()
     assert done.wait(5)
     assert_no_leak(w.engine)
+
+
+def test_a_request_failing_in_a_step_fails_alone(worker):
+    """A request past validation with a seed manual_seed cannot take, in one batch with two
+    others: it gets the error, they finish with their full output, nothing is held."""
+    got: dict[str, queue.Queue] = {rid: queue.Queue() for rid in ("a", "bad", "b")}
+    good = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    with stalled(worker):
+        worker.submit("a", [5, 6, 7], good, got["a"].put)
+        worker.submit("bad", [5, 6, 8], unchecked(SamplingParams(temperature=1.0, max_tokens=8), seed=2**64), got["bad"].put,
+                      validated=True)
+        worker.submit("b", [5, 6, 9], good, got["b"].put)
+    error = got["bad"].get(timeout=30)
+    assert isinstance(error, EngineError) and "sampling set-up failed" in str(error)
+    for rid in ("a", "b"):
+        items = [got[rid].get(timeout=30) for _ in range(8)]
+        assert all(not isinstance(i, Exception) for i in items) and items[-1].finish_reason == "length"
+    wait_for(lambda: not worker.engine.has_unfinished(), what="engine drained")
+    assert_no_leak(worker.engine)
