@@ -1,8 +1,10 @@
 """Decode role: owns each disaggregated request from block reservation to its last token.
 
 `generate()` reserves the prompt's blocks on the engine (between steps). With no room the
-request waits in a bounded FIFO, retried after every loop iteration (blocks free up as
-requests finish); a full FIFO refuses at once with Overloaded (HTTP 503, Retry-After).
+request waits in a FIFO, retried after every loop iteration (blocks free up as requests
+finish). The bound counts requests that found no room, not arrivals the loop has yet to
+try: beyond it a request is refused with Overloaded (HTTP 503, Retry-After), at once when
+the waiters alone fill it, else when its own try finds no room.
 Once reserved, `start_prefill(request_id)` asks a prefill worker to fill the blocks and
 returns a future of the first token; KV chunks arrive through `land()`. The engine admits
 the request when both are in, and its tokens (the first included) flow to the sink.
@@ -48,6 +50,7 @@ class _Pending:
     params: SamplingParams
     start_prefill: StartPrefill
     sink: Sink
+    blocked: bool = False  # tried on the loop thread and found no room
 
 
 class DecodeRole:
@@ -56,7 +59,8 @@ class DecodeRole:
         self.max_pending = options.max_waiting_for_blocks
         self.transfer_timeout_s = options.transfer_timeout_s
         self.probe = probe
-        self._pending: deque[_Pending] = deque()
+        self._pending: deque[_Pending] = deque()  # FIFO: those blocked lead, arrivals follow
+        self._num_blocked = 0  # guarded by _lock
         self._lock = threading.Lock()
         self._timers: dict[str, threading.Timer] = {}  # guarded by _timer_lock
         self._timer_lock = threading.Lock()
@@ -73,9 +77,8 @@ class DecodeRole:
         if not validated:
             self.loop.engine.validate(prompt_token_ids, params, prefills=False)
         with self._lock:
-            if len(self._pending) >= self.max_pending:
-                raise Overloaded(f"the decode worker has {self.max_pending} requests waiting for KV blocks; "
-                                 "retry later")
+            if self._num_blocked and self._num_blocked >= self.max_pending:
+                raise self._overloaded()
             self._pending.append(_Pending(request_id, prompt_token_ids, params, start_prefill, sink))
         self.loop.call(self._reserve_pending)
 
@@ -91,16 +94,21 @@ class DecodeRole:
                 self._landed.add(chunk.request_id)
         self.loop.call(lambda engine: engine.receive_kv(chunk))
 
+    def _overloaded(self) -> Overloaded:
+        return Overloaded(f"the decode worker has {self.max_pending} requests waiting for KV blocks; retry later")
+
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._pending = deque(p for p in self._pending if p.request_id != request_id)
+            self._num_blocked = sum(p.blocked for p in self._pending)
         self._cancel_timer(request_id)
         self._cancel_prefill(request_id)
         self.loop.abort(request_id)
 
     @property
     def num_pending(self) -> int:
-        return len(self._pending)
+        """Requests waiting for blocks (those the loop has yet to try not counted)."""
+        return self._num_blocked
 
     @property
     def num_deadlines(self) -> int:
@@ -116,7 +124,8 @@ class DecodeRole:
         self._reserve_pending(engine)
 
     def _reserve_pending(self, engine: WorkerEngine) -> None:
-        """On the loop thread: reserve for waiting requests in order while blocks allow."""
+        """On the loop thread: reserve for waiting requests in order while blocks allow; then
+        the untried arrivals join the waiters, or are refused beyond the bound."""
         while True:
             with self._lock:
                 if not self._pending:
@@ -125,12 +134,13 @@ class DecodeRole:
                 try:
                     cached_blocks = engine.reserve_prefilled(p.request_id, p.prompt_token_ids, p.params)
                 except RequestError as e:
-                    self._pending.popleft()
+                    self._pop_head()
                     p.sink(e)
                     continue
                 if cached_blocks is None:
+                    self._block_arrivals()
                     return
-                self._pending.popleft()
+                self._pop_head()
             self.loop.attach(p.request_id, p.sink)
             self._start_timer(p.request_id)
             try:
@@ -140,6 +150,25 @@ class DecodeRole:
                 continue
             self._prefills[p.request_id] = future
             future.add_done_callback(lambda f, rid=p.request_id: self._on_first_token(rid, f))
+
+    def _pop_head(self) -> None:
+        """With _lock held."""
+        if self._pending.popleft().blocked:
+            self._num_blocked -= 1
+
+    def _block_arrivals(self) -> None:
+        """With _lock held, the head found no room: every arrival behind it waits too, or is
+        refused when the waiters fill the bound."""
+        kept: deque[_Pending] = deque()
+        for p in self._pending:
+            if not p.blocked:
+                if self._num_blocked >= self.max_pending:
+                    p.sink(self._overloaded())
+                    continue
+                p.blocked = True
+                self._num_blocked += 1
+            kept.append(p)
+        self._pending = kept
 
     def _on_first_token(self, request_id: str, future: "Future[StepOutput]") -> None:
         self._prefills.pop(request_id, None)

@@ -9,12 +9,13 @@ import pytest
 from engine.config import EngineConfig, WorkerOptions
 from engine.engine import Engine, StepOutput
 from engine.errors import EngineError, Overloaded
+from engine.sampling_params import SamplingParams
 from engine.transfer.base import KVSink
 from engine.worker.decode_role import DecodeRole
 from engine.worker.loop import EngineLoop
 from engine.worker.prefill_role import PrefillRole
 
-from helpers import Collector, assert_no_leak
+from helpers import Collector, assert_no_leak, stalled
 from parity_cases import GREEDY, prompts
 
 
@@ -78,6 +79,28 @@ def test_requests_wait_for_blocks_then_run_and_a_full_queue_refuses(pair, refere
     for s in sinks:
         assert s.done.wait(60) and s.error is None
         assert s.tokens == references("llama")[-1]
+
+
+def test_a_burst_of_arrivals_is_not_a_full_queue(pair):
+    """200 requests arrive before the loop tries any (held between steps), every block free:
+    the bound counts requests that found no room, so none is refused."""
+    prefill, decode = pair(decode_blocks=512, max_pending=4)
+    with stalled(decode.loop):
+        sinks = [submit(prefill, decode, str(i), [5, 6, 7], SamplingParams(temperature=0, max_tokens=2))
+                 for i in range(200)]
+    for s in sinks:
+        assert s.done.wait(60) and s.error is None and len(s.tokens) == 2
+
+
+def test_arrivals_beyond_the_bound_are_refused_once_blocks_run_out(pair):
+    prefill, decode = pair(decode_blocks=32, max_pending=1)
+    long_prompt = prompts()[-1]  # 15 blocks each: two fit
+    with stalled(decode.loop):
+        sinks = [submit(prefill, decode, str(i), long_prompt) for i in range(5)]
+    for s in sinks:
+        assert s.done.wait(60)
+    refused = [s for s in sinks if isinstance(s.error, Overloaded)]
+    assert len(refused) == 2 and all(s.error is None for s in sinks if s not in refused)
 
 
 def test_a_failed_prefill_fails_only_its_request(pair, references):
