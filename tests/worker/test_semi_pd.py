@@ -210,23 +210,23 @@ def test_serving_semi_pd_over_http(tiny_llama):
 
 
 def test_the_wait_for_blocks_follows_its_flag(tiny_llama):
-    """--max-waiting-for-blocks bounds semi-PD's queue for KV blocks as it does a decode worker's."""
+    """--max-waiting-for-blocks bounds semi-PD's queue for KV blocks as it does a decode
+    worker's: of six 200-token prompts with room for two, three wait and one is refused."""
     from engine.config import WorkerOptions
     from scheduler.cli import build_server
     from scheduler.config import ServeConfig
-    config = EngineConfig(model=str(tiny_llama), num_kv_blocks=64, max_model_len=256, num_threads=2)
+    config = EngineConfig(model=str(tiny_llama), num_kv_blocks=26, max_model_len=256, num_threads=2)
     _, semi = build_server(config, ServeConfig(mode="semi-pd", worker=WorkerOptions(max_waiting_for_blocks=3)))
     ended: queue.Queue = queue.Queue()
     try:
-        with stalled(semi.decode):  # nothing is reserved meanwhile: every request waits
-            for i in range(3):
-                semi.submit(str(i), prompts()[0], SamplingParams(max_tokens=2), ended.put)
-            with pytest.raises(Overloaded):
-                semi.submit("one too many", prompts()[0], SamplingParams(max_tokens=2), ended.put)
-        finished = 0
-        while finished < 3:
+        with stalled(semi.decode):  # all six arrive before the first try
+            for i in range(6):
+                semi.submit(str(i), list(range(3 + i, 203 + i)), SamplingParams(max_tokens=2), ended.put)
+        outcomes = []
+        while len(outcomes) < 6:
             out = ended.get(timeout=TIMEOUT_S)
-            assert not isinstance(out, Exception), out
-            finished += out.finished
+            if isinstance(out, Exception) or out.finished:
+                outcomes.append(type(out).__name__)
+        assert sorted(outcomes) == ["Overloaded"] + ["StepOutput"] * 5
     finally:
         assert_no_leak(semi)
