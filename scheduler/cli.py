@@ -34,8 +34,9 @@ def build_server(engine_config: EngineConfig, config: ServeConfig = ServeConfig(
         from engine.worker.loop import EngineLoop
         loop, role, control = EngineLoop(Engine(engine_config)).start(), Role.COLOCATED, None
     name = engine_config.served_model_name or model_name(engine_config.model)
-    client = InProcessClient(loop, name, config.slo_ttft_ms / 1000, role, control)
-    state = ServerState(client, tokenizer, name, config.api_key, ServerMetrics(config))
+    client = InProcessClient(loop, name, config.slo_ttft_ms / 1000, role, control, config.limits.max_queued_requests)
+    state = ServerState(client, tokenizer, name, config.api_key, ServerMetrics(config), config.limits,
+                        config.api_key_protects_metrics)
     return build_app(state), loop
 
 
@@ -59,14 +60,16 @@ def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
         name = engine_config.served_model_name or model_name(engine_config.model)
         client = DisaggClient(cluster.scheduler, ModelInfo(name, max_model_len, vocab_size), config.policy,
                               policy_config=config.policy_config, slo_ttft_s=config.slo_ttft_ms / 1000)
-        return build_app(ServerState(client, tokenizer, name, config.api_key, ServerMetrics(config))), cluster
+        state = ServerState(client, tokenizer, name, config.api_key, ServerMetrics(config), config.limits,
+                            config.api_key_protects_metrics)
+        return build_app(state), cluster
     except BaseException:
         cluster.stop()
         raise
 
 
 def serve(config: ServeConfig, engine_config: EngineConfig) -> None:
-    import uvicorn
+    from scheduler.api.http_server import make_server
     if config.mode in (ServeMode.COLOCATED, ServeMode.SEMI_PD):
         app, loop = build_server(engine_config, config)
         log.info("serving %s on http://%s:%d (%s, %d KV blocks)", app.state.pd.model_name, config.host, config.port,
@@ -78,7 +81,7 @@ def serve(config: ServeConfig, engine_config: EngineConfig) -> None:
                  config.host, config.port, config.prefill_workers, config.decode_workers)
         stop = cluster.stop
     try:
-        uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=5)
+        make_server(app, config.host, config.port, config.limits, config.log_level).run()
     finally:
         stop()
 

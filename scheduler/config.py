@@ -18,6 +18,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 
 from engine.config import WorkerOptions, as_enum, field_help
 from engine.worker.split_controller import SplitControllerConfig
+from scheduler.api.limits import FrontDoorLimits
 from scheduler.controller import ControllerConfig
 from scheduler.policies import DEFAULT_POLICY, POLICIES, PolicyConfig
 
@@ -42,6 +43,10 @@ class ServeConfig:
     """Port of the HTTP server."""
     api_key: str | None = None
     """If set, /v1 requests must send Authorization: Bearer <key>."""
+    api_key_protects_metrics: bool = False
+    """With --api-key: /metrics and /openapi.json need the key too (by default they stay open, for scrapers and tools inside the cluster; /health always does)."""
+    limits: FrontDoorLimits = _sub(FrontDoorLimits())
+    """The front door's bounds on size, work and time."""
     log_level: str = "info"
     """Log level of the server (debug, info, warning, error)."""
     prefill_workers: int = 1

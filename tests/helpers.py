@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import uvicorn
 import yaml
 
 from engine.outputs import EngineInfo, EngineStats, StepOutput
@@ -115,8 +114,7 @@ class LiveServer:
     default; with a ServeConfig of mode disagg, a cluster on the running Ray instance."""
 
     def __init__(self, engine_config, api_key: str | None = None, serve_config=None):
-        import uvicorn
-
+        from scheduler.api.http_server import make_server
         from scheduler.cli import build_disagg_server, build_server
         from scheduler.config import ServeConfig
         serve_config = serve_config or ServeConfig(mode="colocated", api_key=api_key)
@@ -127,7 +125,7 @@ class LiveServer:
             self.app, self.loop = build_server(engine_config, serve_config)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = make_server(self.app, "127.0.0.1", self.port, serve_config.limits)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -192,10 +190,12 @@ class Collector:
 
 
 @contextmanager
-def serving(app):
-    """The app under uvicorn on 127.0.0.1 in a thread; yields its URL, stops it after."""
+def serving(app, limits=None):
+    """The app under pdserve's HTTP server on 127.0.0.1 in a thread; yields its URL, stops it after."""
+    from scheduler.api.http_server import make_server
+    from scheduler.api.limits import FrontDoorLimits
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = make_server(app, "127.0.0.1", port, limits or FrontDoorLimits())
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

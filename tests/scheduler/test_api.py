@@ -194,7 +194,7 @@ def test_api_key(tiny_llama):
 
 def test_stream_error_event_format():
     from scheduler.api.formats import CompletionShape
-    from scheduler.api.server import _sse
+    from scheduler.api.responses import sse as _sse
 
     async def failing():
         raise RuntimeError("boom")

@@ -11,7 +11,7 @@ import torch
 
 from engine import batcher as batcher_mod
 from engine.config import EngineConfig
-from engine.errors import Overloaded, RequestError
+from engine.errors import RequestError
 from engine.sampling_params import SamplingParams
 from engine.split import ComputeSplit
 from engine.worker.semi_pd import SemiPD
