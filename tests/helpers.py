@@ -224,6 +224,8 @@ class FakeEngineClient(EngineClient):
         self.aborted: list[tuple[str, int | None]] = []
         self.active: set[str] = set()
         self.refuse: Exception | None = None  # raised when a request starts (e.g. Overloaded)
+        self.stall_at: int | None = None  # every sample waits at this token for `unstall`
+        self.unstall = threading.Event()
 
     def check(self, prompt_token_ids, params) -> None:
         self.checked.append(list(prompt_token_ids))
@@ -237,7 +239,7 @@ class FakeEngineClient(EngineClient):
             num = params.max_tokens or 1
             for i in range(num):
                 for index in range(params.n):
-                    while not self.release.is_set():
+                    while not self.release.is_set() or (i == self.stall_at and not self.unstall.is_set()):
                         await asyncio.sleep(0.005)  # held on purpose
                     last = i == num - 1
                     yield StepOutput(request_id, index, [prompt_token_ids[i % len(prompt_token_ids)]],

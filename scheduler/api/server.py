@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 
 from engine.errors import EngineError, RequestError
@@ -35,6 +35,7 @@ from scheduler.metrics import ServerMetrics
 from scheduler.tokenizer import Tokenizer
 
 TIMINGS_HEADER = "x-pdserve-timings"
+STREAMS = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}  # with "stream": true
 TEXT_THREADS = 4  # tokenisation and chat templates run here, off the event loop
 _text_pool = ThreadPoolExecutor(TEXT_THREADS, thread_name_prefix="pdserve-text")
 
@@ -106,11 +107,11 @@ def build_app(state: ServerState) -> FastAPI:
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
     ops = APIRouter(dependencies=[Depends(check_api_key)] if state.api_key_protects_metrics else [])
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses={200: {"description": "The server is up"}})
     async def health():
         return Response(status_code=200)
 
-    @ops.get("/metrics")
+    @ops.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         return Response(metrics.render(await state.client.workers(), await state.client.control()),
                         media_type="text/plain; version=0.0.4")
@@ -125,7 +126,7 @@ def build_app(state: ServerState) -> FastAPI:
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
                                             "owned_by": "pdserve", "max_model_len": info.max_model_len}]}
 
-    @v1.post("/completions")
+    @v1.post("/completions", responses=STREAMS)
     async def completions(body: CompletionRequest, request: Request):
         _check_model(state, body.model)
         params = body.sampling_params()
@@ -141,7 +142,7 @@ def build_app(state: ServerState) -> FastAPI:
                                         _wants_timings(request))
         return await _run(state, request, body.stream, body.include_usage, events, shape)
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", responses=STREAMS)
     async def chat(body: ChatCompletionRequest, request: Request):
         _check_model(state, body.model)
         params = body.sampling_params()
