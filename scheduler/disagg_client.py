@@ -6,8 +6,10 @@ awaited first when older than `stale_s` (after an idle spell), then
 streams its tokens from the decode worker over gRPC; the decode worker does the rest (reserve, prefill, KV,
 decode). n > 1 runs as n independent requests (`<id>#<i>`, each with its own seed) whose
 outputs are merged. No route (no live worker of a role, or no decode worker with room for
-the prompt) is a 503 with Retry-After; a decode worker that dies mid-stream fails its own
-requests at once and is reported to the scheduler, which stops routing to it.
+the prompt) is a 503 with Retry-After naming which; a decode worker that dies mid-stream fails
+its own requests at once and is reported to the scheduler, which stops routing to it. While
+requests stream, the view is pulled every `WATCH_S`: the requests of a decode worker the
+scheduler has marked down (hung: it missed its load polls) fail then, not when it answers.
 
 Worker gauges on /metrics come from the same view, pulled fresh for each scrape. The
 TTFT and TPOT of every finished request go to the scheduler with the next refresh (its role
@@ -25,10 +27,13 @@ from engine.errors import Overloaded, RequestError
 from engine.outputs import StepOutput
 from engine.request import validate_request
 from engine.sampling_params import SamplingParams
+from scheduler.aio import until
 from scheduler.engine_client import EngineClient, ModelInfo
 from scheduler.policies import DEFAULT_POLICY, PolicyConfig, use_kv_prediction
 from scheduler.router import Router, WorkerView
 from scheduler.worker_rpc import StreamClient, WorkerFailed
+
+WATCH_S = 0.5  # while requests stream: how often the front door looks for workers marked down
 
 
 class DisaggClient(EngineClient):
@@ -48,6 +53,8 @@ class DisaggClient(EngineClient):
         self._refresh: asyncio.Task | None = None
         self._reported: dict[str, int] = {}  # routes already counted at the scheduler
         self._samples: dict[str, list[asyncio.Task]] = {}  # n > 1: one streaming task per sample
+        self._streaming: dict[str, set[asyncio.Event]] = {}  # decode worker -> set when it is marked down
+        self._watchdog: asyncio.Task | None = None
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         validate_request(prompt_token_ids, params, self.info.max_model_len, self.info.vocab_size)
@@ -90,7 +97,7 @@ class DisaggClient(EngineClient):
         loads = {w: v.load for w, v in self.router.views.items()}  # before this route is charged to them
         target = self.router.route(len(prompt_token_ids), prompt_token_ids)
         if target is None:
-            raise Overloaded("no decode worker can take this prompt now (all busy or down); retry later")
+            raise Overloaded(f"{self.router.why_no_route()}; retry later")
         prefiller = loads[target.prefill_id or target.decode_id]
         if params.kv_prediction and prefiller.kv_prediction_cost <= 0:
             raise RequestError("kv_prediction: the workers have no KV predictor (start them with --kv-predictor DIR)",
@@ -98,9 +105,18 @@ class DisaggClient(EngineClient):
         if params.kv_prediction is None and self.slo_ttft_s is not None:
             params = replace(params, kv_prediction=use_kv_prediction(prefiller, len(prompt_token_ids), self.slo_ttft_s))
         sent_s, first_s, tokens = time.monotonic(), None, 0
+        down = asyncio.Event()
+        self._streaming.setdefault(target.decode_id, set()).add(down)
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.create_task(self._watch())
+        stream = self.streams.generate(target.decode_id, target.decode_address, target.prefill_id,
+                                       target.prefill_address, request_id, prompt_token_ids, params)
+
+        def marked_down() -> WorkerFailed:
+            return WorkerFailed(target.decode_id, f"decode worker {target.decode_id} stopped answering and was "
+                                                  "marked down; the request was ended")
         try:
-            async for out in self.streams.generate(target.decode_id, target.decode_address, target.prefill_id,
-                                                   target.prefill_address, request_id, prompt_token_ids, params):
+            async for out in until(stream, down, marked_down):
                 first_s = first_s or time.monotonic()
                 tokens += len(out.new_token_ids)
                 if out.finished:
@@ -113,6 +129,25 @@ class DisaggClient(EngineClient):
             self.scheduler.report_failure.remote(e.worker_id, target.decode_address)
             await self.streams.forget(target.decode_address)
             raise
+        finally:
+            watchers = self._streaming.get(target.decode_id, set())
+            watchers.discard(down)
+            if not watchers:
+                self._streaming.pop(target.decode_id, None)
+
+    async def _watch(self) -> None:
+        """While requests stream: pulls the view and ends the requests of workers marked down."""
+        while self._streaming:
+            await asyncio.sleep(WATCH_S)
+            try:
+                await self._pull()
+            except Exception:  # the scheduler briefly unreachable: look again next time
+                continue
+            for worker_id, watchers in list(self._streaming.items()):
+                view = self.router.views.get(worker_id)
+                if view is None or not view.load.alive:
+                    for down in watchers:
+                        down.set()
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         """Ends one sample of an n > 1 request (a stop string); a whole request ends when its

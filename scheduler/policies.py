@@ -47,12 +47,13 @@ class WorkerLoad:
     prefill_s_per_token: float = 0.0  # measured: seconds per token of its prefill steps
     kv_prediction_cost: float = 0.0   # predicted prefill's share of full prefill's FLOPs; 0: no KV predictor
     num_predicted_prefills: int = 0   # since start (metrics only)
+    wait_room: int = 0  # decode: requests its queue for KV blocks would still take (routed there with no free block)
 
     @classmethod
-    def from_stats(cls, worker_id: str, stats: EngineStats, block_size: int) -> WorkerLoad:
+    def from_stats(cls, worker_id: str, stats: EngineStats, block_size: int, wait_room: int = 0) -> WorkerLoad:
         """The snapshot routing reads, from an engine's stats."""
         return cls(worker_id, stats.num_pending_prefill_tokens, stats.num_running, stats.num_waiting,
-                   stats.num_kv_blocks_total - stats.num_kv_blocks_used, block_size,
+                   stats.num_kv_blocks_total - stats.num_kv_blocks_used, block_size, wait_room=wait_room,
                    weight_bytes_dense=stats.weight_bytes_dense, weight_bytes_expert=stats.weight_bytes_expert,
                    prefill_s_per_token=stats.prefill_s_per_token, kv_prediction_cost=stats.kv_prediction_cost,
                    num_predicted_prefills=stats.num_predicted_prefills)
@@ -105,7 +106,8 @@ Policy = Callable[[Sequence[WorkerLoad], Sequence[WorkerLoad], Ask], "Route | No
 
 
 def _fits(w: WorkerLoad, ask: Ask) -> bool:
-    return w.alive and w.num_free_blocks >= w.blocks_for(ask.uncached(w.worker_id))
+    """Live, with free blocks for the prompt, or room in its queue to wait for them."""
+    return w.alive and (w.num_free_blocks >= w.blocks_for(ask.uncached(w.worker_id)) or w.wait_room > 0)
 
 
 def least_loaded_prefill(prefill: Sequence[WorkerLoad]) -> WorkerLoad | None:

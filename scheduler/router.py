@@ -125,8 +125,11 @@ class Router:
         if hashes:
             index = self._prefixes.setdefault(d.worker_id, PrefixIndex(max(1, d.num_total_blocks)))
             index.add(hashes)
-        blocks = dict(num_free_blocks=max(0, d.load.num_free_blocks - d.load.blocks_for(uncached)),
-                      num_running=d.load.num_running + 1)
+        needed = d.load.blocks_for(uncached)
+        if d.load.num_free_blocks >= needed:
+            blocks = dict(num_free_blocks=d.load.num_free_blocks - needed, num_running=d.load.num_running + 1)
+        else:  # it waits in the worker's queue for blocks
+            blocks = dict(wait_room=max(0, d.load.wait_room - 1), num_waiting=d.load.num_waiting + 1)
         if route.prefill_id is None:  # the decode worker computes the uncached part itself
             self.num_local += 1
             self._charge(d, pending_prefill_tokens=d.load.pending_prefill_tokens + uncached, **blocks)
@@ -135,6 +138,15 @@ class Router:
         self._charge(p, pending_prefill_tokens=p.load.pending_prefill_tokens + num_prompt_tokens)
         self._charge(d, **blocks)
         return Target(p.worker_id, p.address, d.worker_id, d.address)
+
+    def why_no_route(self) -> str:
+        """Why `route` found nothing: which pool has no live worker, else no room."""
+        live = {role: any(v.role == role and v.load.alive for v in self.views.values()) for role in ("prefill", "decode")}
+        if not live["decode"]:
+            return "no decode worker is up"
+        if not live["prefill"] and self.policy_name != "conditional":
+            return "no prefill worker is up"
+        return "no decode worker has room for this prompt now"
 
     def another_prefill(self, failed_addresses: list[str]) -> WorkerView | None:
         """The least loaded live prefill worker not at a failed address (a worker restarted at

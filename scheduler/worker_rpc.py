@@ -24,6 +24,8 @@ from scheduler.policies import WorkerLoad
 class WorkerFailed(EngineError):
     """The worker could not be reached or went away mid-call (HTTP 502 / an error event)."""
 
+    status_code = 502
+
     def __init__(self, worker_id: str, message: str):
         super().__init__(message)
         self.worker_id = worker_id
@@ -101,7 +103,7 @@ class LoadClient:
             except grpc.RpcError as e:
                 out[address] = e
                 continue
-            out[address] = (WorkerLoad.from_stats(m.worker_id, wire.stats_from_proto(m), m.block_size), m.incarnation)
+            out[address] = (WorkerLoad.from_stats(m.worker_id, wire.stats_from_proto(m), m.block_size, m.wait_room), m.incarnation)
         return out
 
     def forget(self, address: str) -> None:

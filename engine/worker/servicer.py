@@ -132,11 +132,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return pb.ProgressReply(found=found, num_iterations=self.loop.num_iterations)
 
     def Load(self, request: pb.LoadRequest, context: grpc.ServicerContext) -> pb.WorkerLoad:
-        stats = self.loop.stats()
+        stats, wait_room = self.loop.stats(), 0
         if self.decode is not None:  # requests queued for KV blocks wait too
             stats = replace(stats, num_waiting=stats.num_waiting + self.decode.num_pending)
+            wait_room = max(0, self.decode.max_pending - self.decode.num_pending)
         return wire.stats_to_proto(stats, self.worker_id, self.role, self.incarnation,
-                                   self.loop.engine.info.block_size)
+                                   self.loop.engine.info.block_size, wait_room)
 
 
 def start_server(service: pb_grpc.WorkerServicer, host: str, max_workers: int = 512) -> tuple[grpc.Server, int]:

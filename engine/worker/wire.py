@@ -102,9 +102,9 @@ def first_token_from_reply(request_id: str, m: pb.PrefillReply) -> StepOutput:
 
 
 def stats_to_proto(stats: EngineStats, worker_id: str, role: str, incarnation: str,
-                   block_size: int) -> pb.WorkerLoad:
+                   block_size: int, wait_room: int = 0) -> pb.WorkerLoad:
     return pb.WorkerLoad(worker_id=worker_id, role=role, incarnation=incarnation, block_size=block_size,
-                         **asdict(stats))
+                         wait_room=wait_room, **asdict(stats))
 
 
 def stats_from_proto(m: pb.WorkerLoad) -> EngineStats:

@@ -19,6 +19,7 @@ ERROR_SCHEMA = {
 _GENERATION = {400: "Invalid request (body, sampling values, tokens, context length)",
                404: "No such model", 413: "Request body too large (--max-request-bytes)",
                500: "The engine failed while running the request",
+               502: "The worker running the request failed or was marked down",
                503: "No room now, or shutting down (Retry-After says when to retry)",
                504: "The engine sent nothing for --stream-idle-timeout-s"}
 _ANY = {500: "Internal error"}

@@ -20,6 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.errors import EngineError, Overloaded, RequestError
+from scheduler.aio import until
 from scheduler.api import formats
 from scheduler.api.generation import ChoiceEvent
 from scheduler.metrics import ServerMetrics
@@ -57,33 +58,15 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
-async def bounded(events: AsyncIterator[ChoiceEvent], idle_timeout_s: float,
-                  closing: asyncio.Event) -> AsyncIterator[ChoiceEvent]:
+def bounded(events: AsyncIterator[ChoiceEvent], idle_timeout_s: float,
+            closing: asyncio.Event) -> AsyncIterator[ChoiceEvent]:
     """events, ended with WorkerTimeout when the next one takes longer than idle_timeout_s
     (0: no bound), or with ShuttingDown once `closing` is set. Either way the events are
     closed first, which aborts the request in the engine."""
-    stop = asyncio.ensure_future(closing.wait())
-    step: asyncio.Future | None = None
-    try:
-        while True:
-            step = asyncio.ensure_future(anext(events, _END))
-            done, _ = await asyncio.wait({step, stop}, timeout=idle_timeout_s or None,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if step not in done:
-                if stop in done:
-                    raise ShuttingDown()
-                raise WorkerTimeout(f"the engine sent nothing for {idle_timeout_s:g} s (--stream-idle-timeout-s); "
-                                    "the request was ended")
-            item, step = step.result(), None
-            if item is _END:
-                return
-            yield item
-    finally:
-        stop.cancel()
-        if step is not None and not step.done():
-            step.cancel()
-            await asyncio.gather(step, return_exceptions=True)
-        await events.aclose()
+    def quiet() -> WorkerTimeout:
+        return WorkerTimeout(f"the engine sent nothing for {idle_timeout_s:g} s (--stream-idle-timeout-s); "
+                             "the request was ended")
+    return until(events, closing, ShuttingDown, idle_timeout_s, quiet)
 
 
 async def respond(request: Request, stream: bool, include_usage: bool, events: AsyncIterator[ChoiceEvent],

@@ -35,7 +35,8 @@ from scheduler.metrics import ServerMetrics
 from scheduler.tokenizer import Tokenizer
 
 TIMINGS_HEADER = "x-pdserve-timings"
-STREAMS = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}  # with "stream": true
+STREAMS = {200: {"content": {"text/event-stream": {"schema": {  # with "stream": true; each event's data is a JSON chunk
+    "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}}}}
 TEXT_THREADS = 4  # tokenisation and chat templates run here, off the event loop
 _text_pool = ThreadPoolExecutor(TEXT_THREADS, thread_name_prefix="pdserve-text")
 

@@ -40,7 +40,7 @@ def ray_local():
 
 
 def deploy(model, num_prefill: int, num_decode: int, **serve) -> LiveServer:
-    engine_config = EngineConfig(model=str(model), num_kv_blocks=128, max_model_len=256, max_num_batched_tokens=64,
+    engine_config = EngineConfig(model=str(model), num_kv_blocks=320, max_model_len=256, max_num_batched_tokens=64,
                                  served_model_name="tiny", num_threads=1)
     return LiveServer(engine_config, serve_config=ServeConfig(mode="disagg", prefill_workers=num_prefill,
                                                               decode_workers=num_decode, **serve))
@@ -262,6 +262,47 @@ def test_killed_decode_worker_fails_only_its_streams_and_rejoins(p2d2):
     wait_for(lambda: _rejoined(p2d2, "decode-0", before["incarnation"]), "decode-0 to rejoin", 90)
     assert all(r.status_code == 200 for r in all_in_parallel(lambda p: complete(p2d2, p, 4), prompts()))
     assert_clean(p2d2)
+
+
+def test_a_hung_decode_worker_fails_its_streams_within_seconds(p2d2):
+    """SIGSTOP, no kill: the scheduler marks the worker down when it misses its load polls,
+    and the front door then ends that worker's streams with an error event; the others finish."""
+    wait_for(lambda: all(w["alive"] for w in workers(p2d2).values()), "every worker to be routable", 90)
+    pid = workers(p2d2)["decode-0"]["pid"]
+    started = [threading.Event() for _ in range(8)]
+    ends: dict = {}
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(_stream_all, p2d2, prompts()[i % 4], 200, started[i], ends, i) for i in range(8)]
+            for e in started:
+                assert e.wait(60), "streams did not start"
+            stopped_at = time.monotonic()
+            os.kill(pid, signal.SIGSTOP)
+            results = [f.result(TIMEOUT_S) for f in futures]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    failed = [i for i, lines in enumerate(results) if any('"error"' in x for x in lines)]
+    assert failed and len(failed) < 8, "the requests should have been spread over both decode workers"
+    for i in failed:
+        assert ends[i] - stopped_at < 20 and results[i][-1] == "data: [DONE]"
+        assert "marked down" in results[i][-2]
+    for i in set(range(8)) - set(failed):
+        assert '"finish_reason": "length"' in results[i][-2]
+    wait_for(lambda: workers(p2d2)["decode-0"]["alive"], "decode-0 to answer its polls again", 60)
+    assert_clean(p2d2)
+
+
+def test_a_burst_on_free_blocks_is_served_and_a_256_prompt_request_too(p1d1):
+    """200 simultaneous short requests with every KV block free: no 503 (the decode worker's
+    wait bound counts only requests that found no room). Then one request of 256 prompts."""
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2}
+    rs = all_in_parallel(lambda _: httpx.post(f"{p1d1.url}/v1/completions", json=body, timeout=TIMEOUT_S),
+                         range(200), workers=200)
+    assert [r.status_code for r in rs] == [200] * 200
+    many = httpx.post(f"{p1d1.url}/v1/completions", json={**body, "prompt": [[5, 6, i] for i in range(256)]},
+                      timeout=TIMEOUT_S)
+    assert many.status_code == 200 and len(many.json()["choices"]) == 256, many.text
+    assert_clean(p1d1)
 
 
 def _routed_to(server: LiveServer, worker_id: str, before: int, timeout_s: float = 5.0) -> None:

@@ -33,6 +33,19 @@ def test_dead_or_full_workers_are_skipped_and_none_means_no_route():
     assert router.another_prefill(["p1:1"]).worker_id == "p0"
 
 
+def test_a_decode_worker_without_free_blocks_takes_what_its_queue_can_hold():
+    router = Router("jsq")
+    full = WorkerView("d0", "decode", "d0:1", WorkerLoad("d0", num_free_blocks=0, wait_room=2), 100)
+    router.update([view("p0", "prefill"), full])
+    assert [router.route(16) is not None for _ in range(3)] == [True, True, False]
+    assert router.views["d0"].load.num_waiting == 2
+    assert router.why_no_route() == "no decode worker has room for this prompt now"
+    router.set_alive("p0", False)
+    assert router.why_no_route() == "no prefill worker is up"
+    router.set_alive("d0", False)
+    assert router.why_no_route() == "no decode worker is up"
+
+
 class FakeLoads:
     def __init__(self):
         self.answers = {}
