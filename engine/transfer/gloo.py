@@ -1,8 +1,9 @@
 """Gloo transport (CPU, between processes): one communicator per prefill-decode pair.
 
 `connect_pair` builds a two-rank ProcessGroupGloo (prefill = rank 0, decode = rank 1) over
-a TCPStore the decode side hosts, bound to one address (loopback by default), so pairs are
-created once, independently of any global process group, and recreated after a restart.
+a TCPStore the decode side hosts on a socket it listens on itself (`listen`), bound to one
+address (loopback by default; the store's own would listen on every interface), so pairs
+are created once, independently of any global process group, and recreated after a restart.
 
 On the wire each LayerChunk is two messages: a header of int64s (transfer id, layer, first
 block, number of blocks, last) and the packed KV. The decode side names each request by a
@@ -16,7 +17,9 @@ layer while the previous one travels. A send that failed (the peer died) makes t
 
 from __future__ import annotations
 
+import os
 import queue
+import socket
 import threading
 from datetime import timedelta
 
@@ -34,12 +37,28 @@ class TransferTimeout(RuntimeError):
     pass
 
 
+def listen(host: str) -> tuple[int, int]:
+    """(port, file descriptor) of a socket listening on host alone, for the decode rank's store."""
+    sock = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    return sock.getsockname()[1], sock.detach()
+
+
 def connect_pair(host: str, port: int, rank: int, timeout_s: float = 30.0,
-                 device: torch.device | str = "cpu") -> dist.ProcessGroup:
-    """Blocks until both ranks of the pair have joined (the decode rank hosts the store). On a
-    CUDA device the pair is a ProcessGroupNCCL (engine/transfer/nccl.py), otherwise gloo."""
+                 device: torch.device | str = "cpu", listen_fd: int | None = None) -> dist.ProcessGroup:
+    """Blocks until both ranks of the pair have joined. The decode rank hosts the store on
+    listen_fd (from `listen`, which it then owns). On a CUDA device the pair is a
+    ProcessGroupNCCL (engine/transfer/nccl.py), otherwise gloo."""
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, world_size=2, is_master=rank == DECODE_RANK, timeout=timeout)
+    is_master = rank == DECODE_RANK
+    if is_master and listen_fd is None:
+        raise ValueError("the decode rank hosts the store: pass listen_fd from listen(host)")
+    try:
+        store = dist.TCPStore(host, port, world_size=2, is_master=is_master, timeout=timeout,
+                              master_listen_fd=listen_fd if is_master else None)
+    except BaseException:
+        if listen_fd is not None:
+            os.close(listen_fd)
+        raise
     if torch.device(device).type == "cuda":
         from engine.transfer.nccl import nccl_pair
         return nccl_pair(dist.PrefixStore("pdserve-kv", store), rank, torch.device(device), timeout)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
@@ -35,7 +34,7 @@ from engine.config import WorkerOptions
 from engine.errors import EngineError
 from engine.outputs import StepOutput
 from engine.sampling_params import SamplingParams
-from engine.transfer.gloo import DECODE_RANK, GlooReceiver, connect_pair
+from engine.transfer.gloo import DECODE_RANK, GlooReceiver, connect_pair, listen
 from engine.worker import wire
 from engine.worker.decode_role import DecodeRole, StartPrefill
 from pdserve_rpc import worker_pb2 as pb
@@ -193,14 +192,13 @@ class PrefillPeers:
         return peer
 
     def _connect(self, worker_id: str, address: str, channel: grpc.Channel) -> _Peer:
-        with socket.socket() as s:  # a free port for this link's rendezvous
-            s.bind((self.host, 0))
-            port = s.getsockname()[1]
+        port, listen_fd = listen(self.host)  # this link's rendezvous, on our address only
         group: Future = Future()
 
         def host_rendezvous() -> None:
             try:
-                group.set_result(connect_pair(self.host, port, DECODE_RANK, self.link_timeout_s, self.device))
+                group.set_result(connect_pair(self.host, port, DECODE_RANK, self.link_timeout_s, self.device,
+                                              listen_fd))
             except Exception as e:
                 group.set_exception(e)
 

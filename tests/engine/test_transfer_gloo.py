@@ -5,19 +5,18 @@ import multiprocessing as mp
 
 import pytest
 
-from engine.transfer.gloo import DECODE_RANK, GlooReceiver, TransferTimeout, connect_pair
+from engine.transfer.gloo import DECODE_RANK, GlooReceiver, TransferTimeout, connect_pair, listen
 
 from disagg_procs import join_and_stall, prefill_over_gloo
-from helpers import free_port
 from parity_cases import GREEDY, prompts
 
 pytestmark = pytest.mark.slow
 
 
-def receiver_for(decode, port: int, timeout_s: float) -> GlooReceiver:
+def receiver_for(decode, port: int, listen_fd: int, timeout_s: float) -> GlooReceiver:
     """Joins the pair as the decode rank (blocks until the prefill rank joins too)."""
     cfg = decode.model_config
-    return GlooReceiver(connect_pair("127.0.0.1", port, DECODE_RANK),
+    return GlooReceiver(connect_pair("127.0.0.1", port, DECODE_RANK, listen_fd=listen_fd),
                         (decode.config.block_size, cfg.num_kv_heads, cfg.head_dim),
                         decode.runner.kv_cache.tensor.dtype, timeout_s=timeout_s)
 
@@ -25,13 +24,13 @@ def receiver_for(decode, port: int, timeout_s: float) -> GlooReceiver:
 def test_1p1d_across_processes_equals_hf(tiny_llama, references, make_engine):
     decode = make_engine(model=str(tiny_llama))
     prompt_list = prompts()
-    port = free_port()
+    port, fd = listen("127.0.0.1")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     child = ctx.Process(target=prefill_over_gloo, args=(str(tiny_llama), port, dict(enumerate(prompt_list)), results))
     child.start()
     try:
-        receiver = receiver_for(decode, port, timeout_s=60)
+        receiver = receiver_for(decode, port, fd, timeout_s=60)
         for i, p in enumerate(prompt_list):
             assert decode.reserve_prefilled(str(i), p, GREEDY) is not None
             receiver.expect(i, str(i))
@@ -59,12 +58,12 @@ def test_1p1d_across_processes_equals_hf(tiny_llama, references, make_engine):
 
 def test_a_stalled_transfer_times_out_and_the_request_can_be_freed(tiny_llama, make_engine):
     decode = make_engine(model=str(tiny_llama))
-    port = free_port()
+    port, fd = listen("127.0.0.1")
     ctx = mp.get_context("spawn")
     peer = ctx.Process(target=join_and_stall, args=(port,))
     peer.start()
     try:
-        receiver = receiver_for(decode, port, timeout_s=1)
+        receiver = receiver_for(decode, port, fd, timeout_s=1)
         assert decode.reserve_prefilled("r", prompts()[-1], GREEDY) is not None
         with pytest.raises(TransferTimeout, match="within 1 s"):
             receiver.recv()

@@ -7,19 +7,18 @@ import pytest
 import torch
 
 from disagg_procs import send_chunks_over_nccl
-from helpers import free_port
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")]
 
 
 def test_layer_chunks_arrive_intact_on_the_other_gpu():
-    from engine.transfer.gloo import DECODE_RANK, GlooReceiver, connect_pair
+    from engine.transfer.gloo import DECODE_RANK, GlooReceiver, connect_pair, listen
 
-    port, chunks = free_port(), 4
+    (port, fd), chunks = listen("127.0.0.1"), 4
     child = mp.get_context("spawn").Process(target=send_chunks_over_nccl, args=(port, "cuda:0", chunks))
     child.start()
     try:
-        receiver = GlooReceiver(connect_pair("127.0.0.1", port, DECODE_RANK, device="cuda:1"), (16, 2, 8),
+        receiver = GlooReceiver(connect_pair("127.0.0.1", port, DECODE_RANK, device="cuda:1", listen_fd=fd), (16, 2, 8),
                                 torch.float32, timeout_s=60, device="cuda:1")
         receiver.expect(7, "r")
         g = torch.Generator().manual_seed(0)

@@ -141,6 +141,17 @@ def test_1p1d_equals_hf_and_reports_its_phases(p1d1, expected, tiny_server, tiny
     assert_clean(p1d1)
 
 
+def test_every_listening_socket_binds_loopback(p1d1):
+    """Once a KV link is up (a request went through), no process of the server (front door
+    and workers) listens on a wildcard address."""
+    import psutil
+    assert text(p1d1, prompts()[0])
+    pids = [os.getpid()] + [info.pid for info in p1d1.cluster.describe()]
+    listening = [(pid, c.laddr) for pid in pids for c in psutil.Process(pid).net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN]
+    assert listening and not [(pid, a) for pid, a in listening if a.ip in ("0.0.0.0", "::")], listening
+
+
 def test_2p2d_equals_hf_and_uses_every_worker(p2d2, expected):
     outputs = all_in_parallel(lambda p: text(p2d2, p), prompts() * 2, workers=16)
     assert outputs == expected * 2
