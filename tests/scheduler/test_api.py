@@ -213,3 +213,33 @@ def test_stream_error_event_format():
     # counted as a 500 and, failed by the server, as an SLO miss
     assert metrics.registry.get_sample_value("pdserve_requests_rejected_total", {"status": "500"}) == 1
     assert metrics.registry.get_sample_value("pdserve_slo_requests_total", {"result": "missed"}) == 1
+
+
+def test_colocated_sheds_beyond_its_queue_bound(tiny_llama):
+    """--max-queued-requests 2: with the engine held, two streams wait for their first token
+    and a third gets a real 503 with Retry-After; released, the two finish."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.config import EngineConfig
+    from scheduler.api.limits import FrontDoorLimits
+    from scheduler.config import ServeConfig
+    server = LiveServer(EngineConfig(model=str(tiny_llama), num_kv_blocks=64, max_model_len=256),
+                        serve_config=ServeConfig(mode="colocated", limits=FrontDoorLimits(max_queued_requests=2)))
+    client = server.app.state.pd.client
+    body = {"prompt": [5, 6, 7], "max_tokens": 3, "stream": True}
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            with stalled(server.loop):
+                waiting = [pool.submit(httpx.post, server.url + "/v1/completions", json=body, timeout=60)
+                           for _ in range(2)]
+                wait_for(lambda: client.num_queued == 2, "two requests to wait for their first token")
+                shed = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+                assert shed.status_code == 503 and shed.headers["retry-after"]
+                assert "--max-queued-requests" in shed.json()["error"]["message"]
+            for f in waiting:
+                r = f.result(60)
+                assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+        assert client.num_queued == 0
+    finally:
+        server.stop()
+    assert_no_leak(server.engine)
