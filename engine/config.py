@@ -67,14 +67,16 @@ class EngineConfig:
     """Tokens per KV-cache block."""
     num_kv_blocks: int | None = None
     """Number of KV-cache blocks; overrides --kv-cache-memory."""
-    kv_cache_memory: str = "1GiB"
-    """Memory for the KV cache, e.g. 512MiB or 4GiB; used when --num-kv-blocks is not given."""
+    memory_budget: str = "auto"
+    """Memory this engine's process may hold in all (torch, weights, packed copies, KV cache), e.g. 6GiB; auto: 70% of the memory available at start (the machine's, or its container's limit), shared evenly by the workers a local cluster starts."""
+    kv_cache_memory: str = "auto"
+    """Memory for the KV cache, e.g. 512MiB or 4GiB (used when --num-kv-blocks is not given); auto: what --memory-budget leaves once the weights are resident, at most 1GiB and at least one --max-model-len sequence."""
     enable_prefix_caching: bool = True
     """Reuse full KV blocks across requests sharing a prompt prefix."""
     attention_backend: AttentionBackendName = AttentionBackendName.AUTO
     """Attention backend: auto (flash-attn on GPU when importable, else torch), torch, flash."""
-    cpu_gemm_buckets: str = "8,32"
-    """CPU fp32 only: batch sizes for which every weight keeps an extra MKL-packed copy (faster decode GEMM for up to that many rows; one copy of the weights each); empty to turn off."""
+    cpu_gemm_buckets: str = "auto"
+    """CPU fp32 only: batch sizes for which every weight keeps an extra MKL-packed copy (faster decode GEMM for up to that many rows; about 1.35x the weights each), e.g. 8,32; empty: none; auto: 8,32 as --memory-budget allows (none on a prefill worker, which decodes little)."""
     num_threads: int | None = None
     """Torch intra-op threads on CPU; default: all cores this process may use."""
     seed: int = 0
@@ -94,11 +96,13 @@ class EngineConfig:
             raise ValueError("token_budget must be positive")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError("num_kv_blocks must be positive")
-        parse_bytes(self.kv_cache_memory)
-        self.gemm_buckets  # validates
+        self.kv_cache_bytes, self.memory_budget_bytes, self.gemm_buckets  # validate
 
     @property
-    def gemm_buckets(self) -> tuple[int, ...]:
+    def gemm_buckets(self) -> tuple[int, ...] | None:
+        """None: auto."""
+        if self.cpu_gemm_buckets.strip() == "auto":
+            return None
         try:
             buckets = tuple(int(b) for b in self.cpu_gemm_buckets.split(",") if b.strip())
         except ValueError:
@@ -108,8 +112,14 @@ class EngineConfig:
         return buckets
 
     @property
-    def kv_cache_bytes(self) -> int:
-        return parse_bytes(self.kv_cache_memory)
+    def kv_cache_bytes(self) -> int | None:
+        """None: auto."""
+        return None if self.kv_cache_memory.strip() == "auto" else parse_bytes(self.kv_cache_memory)
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        """None: auto."""
+        return None if self.memory_budget.strip() == "auto" else parse_bytes(self.memory_budget)
 
 
 @dataclass(frozen=True)

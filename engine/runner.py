@@ -19,6 +19,7 @@ from engine.attention.base import slots_for
 from engine.batcher import ScheduledSeq, StepPlan
 from engine.config import EngineConfig
 from engine.kv.cache import KVCache
+from engine.memory import AUTO_KV_MAX_BYTES, PACK_COPY_FACTOR, auto_budget, process_rss
 from engine.models import packed_gemm
 from engine.models.config import ModelConfig
 from engine.models.llama import ForwardContext
@@ -29,6 +30,7 @@ from engine.split import ComputeSplit
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_DEFAULT_LEN = 8192
+AUTO_BUCKETS = (8, 32)  # packed GEMM copies on auto, as the memory budget allows
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,6 +54,26 @@ class RunnerInfo:
     num_kv_blocks: int
 
 
+@dataclass
+class MemoryPlan:
+    """What the budget bought (engine/memory.py), decided while the runner is built."""
+
+    budget: int
+    min_kv: int  # KV for one max_model_len sequence
+    gemm_buckets: tuple[int, ...] = ()
+
+    def buckets(self, packable_bytes: int) -> tuple[int, ...]:
+        """AUTO_BUCKETS, fewer (the largest kept) or none, as the budget leaves room for
+        their copies beside one sequence's KV."""
+        room = self.budget - process_rss() - self.min_kv
+        copies = max(0, min(len(AUTO_BUCKETS), int(room // (PACK_COPY_FACTOR * packable_bytes))))
+        return AUTO_BUCKETS[len(AUTO_BUCKETS) - copies:]
+
+    def kv_bytes(self) -> int:
+        """What the budget leaves now, within [one sequence, AUTO_KV_MAX_BYTES]."""
+        return max(self.min_kv, min(AUTO_KV_MAX_BYTES, self.budget - process_rss()))
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_path: Path):
         if config.num_threads:
@@ -64,12 +86,18 @@ class ModelRunner:
         if model_cfg.sliding_window:
             max_len = min(max_len, model_cfg.sliding_window)
         self.model = load_model(source, self.dtype, self.device, max_len)
-        if config.gemm_buckets and packed_gemm.available(self.device, self.dtype):
-            self.model.pack_weights(config.gemm_buckets)
         self.block_size = config.block_size
         per_block = KVCache.bytes_per_block(model_cfg.num_layers, config.block_size,
                                             model_cfg.num_kv_heads, model_cfg.head_dim, self.dtype)
-        num_blocks = config.num_kv_blocks or max(1, config.kv_cache_bytes // per_block)
+        self.memory = MemoryPlan(config.memory_budget_bytes or auto_budget(), -(-max_len // config.block_size) * per_block)
+        buckets = config.gemm_buckets
+        if packed_gemm.available(self.device, self.dtype):
+            if buckets is None:
+                buckets = self.memory.buckets(self.model.packable_bytes())
+            if buckets:
+                self.model.pack_weights(buckets)
+        self.memory.gemm_buckets = buckets if packed_gemm.available(self.device, self.dtype) else ()
+        num_blocks = config.num_kv_blocks or max(1, (config.kv_cache_bytes or self.memory.kv_bytes()) // per_block)
         self.kv_cache = KVCache(model_cfg.num_layers, num_blocks, config.block_size,
                                 model_cfg.num_kv_heads, model_cfg.head_dim, self.dtype, self.device)
         self.backend = select_backend(config.attention_backend, self.device, config.block_size)

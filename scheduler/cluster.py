@@ -4,7 +4,9 @@
 machine (loopback only, no dashboard, no token auth files), then creates the global
 scheduler and one actor per worker. Each worker gets a bundle of a placement group: one
 GPU when Ray has GPUs, otherwise a share of the CPU cores (its torch threads), so workers
-do not fight over cores. Workers restart when their process dies and register again.
+do not fight over cores. On an embedded cluster the workers share this machine's memory
+budget (`--memory-budget auto`) evenly; prefill workers keep no packed-GEMM copies unless
+they may be lent to decode. Workers restart when their process dies and register again.
 On a Ray cluster whose nodes advertise the custom resources `pdserve_prefill` or
 `pdserve_decode` (the Helm chart's worker groups do), each worker's bundle also asks for one
 unit of its pool's resource, so prefill workers land on prefill nodes and decode workers on
@@ -20,6 +22,7 @@ import time
 from dataclasses import dataclass, replace
 
 from engine.config import EngineConfig, Role, WorkerOptions
+from engine.memory import auto_budget
 from scheduler.controller import RoleController
 from scheduler.global_scheduler import GlobalScheduler, WorkerInfo
 from scheduler.policies import DEFAULT_POLICY, PolicyConfig
@@ -99,19 +102,28 @@ class Cluster:
             spec.policy, policy_config=spec.policy_config, controller=spec.controller)
         worker_config = replace(self.engine_config, device="cuda" if use_gpu else self.engine_config.device,
                                 num_threads=None if use_gpu else threads)
+        if worker_config.memory_budget_bytes is None and not spec.ray_address:  # this machine's, shared
+            worker_config = replace(worker_config, memory_budget=str(auto_budget(num_workers)))
         actor = ray.remote(WorkerActor)
         for bundle_index, (role, i) in enumerate(roles):
             worker_id = f"{role}-{i}"
+            config = worker_config
+            if role == Role.PREFILL and config.gemm_buckets is None and not self._lends_prefill_workers():
+                config = replace(config, cpu_gemm_buckets="")  # prefill steps are too wide for the packed GEMM
             self.workers[worker_id] = actor.options(
                 name=None, num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=-1,
                 max_task_retries=0, max_concurrency=4,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=bundle_index),
-            ).remote(worker_id, role, worker_config, self.scheduler, spec.worker)
+            ).remote(worker_id, role, config, self.scheduler, spec.worker)
         started = time.monotonic()
         ray.get([w.describe.remote() for w in self.workers.values()], timeout=spec.start_timeout_s)
         log.info("%d prefill and %d decode workers up in %.1f s (%s)", spec.num_prefill, spec.num_decode,
                  time.monotonic() - started, "one GPU each" if use_gpu else f"{threads} CPU threads each")
         return self
+
+    def _lends_prefill_workers(self) -> bool:
+        """Whether a prefill worker may come to decode (the role controller, the mixed pool)."""
+        return self.spec.controller is not None or self.spec.policy == "mixed"
 
     def limits(self) -> tuple[int, int]:
         """(max_model_len, vocab_size) of the served model."""

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                      latency=fit_model(prefill, decode, args.large_batch_from), hardware=hardware,
                      command="pdserve profile " + shlex.join(argv if argv is not None else sys.argv[1:]),
                      transfer_gbps=transfer_gbps,  # the blocks a server with this config would have:
-                     num_kv_blocks=config.num_kv_blocks or config.kv_cache_bytes // (kv_bytes * config.block_size),
+                     num_kv_blocks=config.num_kv_blocks or (config.kv_cache_bytes or runner.memory.kv_bytes()) // (kv_bytes * config.block_size),
                      max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                      num_layers=engine.model_config.num_layers)
     _print_fits(console, result.latency, transfer_gbps)

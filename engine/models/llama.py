@@ -183,6 +183,11 @@ class LlamaModel(nn.Module):
     def _logits_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    def packable_bytes(self) -> int:
+        """Bytes of the weights `pack_weights` makes a copy of per bucket."""
+        weights = [m.weight for m in self.modules() if isinstance(m, Dense)] + [self._logits_weight()]
+        return sum(w.numel() * w.element_size() for w in weights)
+
     def pack_weights(self, buckets: tuple[int, ...]) -> None:
         """Adds MKL-packed copies of every projection for small CPU batches (see packed_gemm)."""
         for module in self.modules():
