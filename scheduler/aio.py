@@ -14,18 +14,20 @@ _END = object()
 
 async def until(items: AsyncIterator[T], stop: asyncio.Event, stopped: Callable[[], Exception],
                 idle_timeout_s: float = 0.0, idle: Callable[[], Exception] | None = None) -> AsyncIterator[T]:
-    """items until they end; raises stopped() once `stop` is set and idle() when the next item
-    takes longer than idle_timeout_s (0: no bound). Either way items is closed first."""
+    """items until they end; raises stopped() once `stop` is set and idle() when an item after
+    the first takes longer than idle_timeout_s (0: no bound; the first may wait in a queue).
+    Either way items is closed first."""
     waiter = asyncio.ensure_future(stop.wait())
     step: asyncio.Future | None = None
+    first = True
     try:
         while True:
             step = asyncio.ensure_future(anext(items, _END))
-            done, _ = await asyncio.wait({step, waiter}, timeout=idle_timeout_s or None,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            timeout = None if first or not idle_timeout_s else idle_timeout_s
+            done, _ = await asyncio.wait({step, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if step not in done:
                 raise stopped() if waiter in done or idle is None else idle()
-            item, step = step.result(), None
+            item, step, first = step.result(), None, False
             if item is _END:
                 return
             yield item

@@ -4,8 +4,8 @@ Retry-After; bad input: 4xx) gets its status, not a 200 and an error event.
 
 Every error is an OpenAI-style JSON body (`error_response`), or inside a stream an error
 event followed by `data: [DONE]`. While a request runs, its events are bounded in time
-(`bounded`): an engine that sends nothing for the idle timeout ends the request with a 504,
-and a server shutting down ends it with a 503; a client that disconnects cancels it (the
+(`bounded`): an engine that goes quiet for the idle timeout after the first token ends the
+request with a 504, and a server shutting down ends it with a 503; a client that disconnects cancels it (the
 engine aborts it, freeing its blocks).
 """
 
@@ -60,9 +60,10 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 def bounded(events: AsyncIterator[ChoiceEvent], idle_timeout_s: float,
             closing: asyncio.Event) -> AsyncIterator[ChoiceEvent]:
-    """events, ended with WorkerTimeout when the next one takes longer than idle_timeout_s
-    (0: no bound), or with ShuttingDown once `closing` is set. Either way the events are
-    closed first, which aborts the request in the engine."""
+    """events, ended with WorkerTimeout when one after the first takes longer than
+    idle_timeout_s (0: no bound; the first may wait its turn in a queue, which is bounded
+    itself), or with ShuttingDown once `closing` is set. Either way the events are closed
+    first, which aborts the request in the engine."""
     def quiet() -> WorkerTimeout:
         return WorkerTimeout(f"the engine sent nothing for {idle_timeout_s:g} s (--stream-idle-timeout-s); "
                              "the request was ended")

@@ -6,6 +6,7 @@ timeout, the request-head deadline, a draining shutdown, the API key over /metri
 import json
 import socket
 import threading
+import time
 
 import httpx
 import psutil
@@ -121,18 +122,28 @@ def test_chat_without_max_tokens_gets_the_default(door):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_engine_that_goes_quiet_ends_the_request(door, stream):
+    """Two tokens, then nothing: the request ends with a 504 (a stream: an error event and
+    [DONE]). Waiting for the first token is not bounded by it (a queue is)."""
     url, fake, metrics = door(FrontDoorLimits(stream_idle_timeout_s=1.0))
-    fake.release.clear()  # nothing at all: refused before the headers
+    fake.stall_at = 2
     r = httpx.post(url + "/v1/completions", json={"prompt": [5, 6], "max_tokens": 8, "stream": stream}, timeout=TIMEOUT_S)
-    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
-    wait_for(lambda: not fake.active, "the quiet request to be closed")
-    fake.release.set()
-    fake.stall_at = 2  # two tokens, then nothing: the stream ends with an error event
-    r = httpx.post(url + "/v1/completions", json={"prompt": [5, 6], "max_tokens": 8, "stream": True}, timeout=TIMEOUT_S)
-    events = [line for line in r.text.split("\n\n") if line]
-    assert r.status_code == 200 and events[-1] == "data: [DONE]"
-    assert json.loads(events[-2][6:])["error"]["code"] == 504 and rejected(metrics, 504) == 2
-    wait_for(lambda: not fake.active, "the stalled stream to be closed")
+    if stream:
+        events = [line for line in r.text.split("\n\n") if line]
+        assert r.status_code == 200 and events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["code"] == 504
+    else:
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
+    assert rejected(metrics, 504) == 1
+    wait_for(lambda: not fake.active, "the stalled request to be closed")
+    fake.stall_at = 0  # held before the first token, past the timeout: still served once released
+    result = {}
+    slow = threading.Thread(target=lambda: result.setdefault("r", httpx.post(
+        url + "/v1/completions", json={"prompt": [5, 6], "max_tokens": 3, "stream": stream}, timeout=TIMEOUT_S)))
+    slow.start()
+    wait_for(lambda: fake.active, "the request to wait for its first token")
+    time.sleep(1.5)  # longer than the idle timeout on purpose: it must not apply here
+    fake.unstall.set()
+    slow.join(TIMEOUT_S)
+    assert result["r"].status_code == 200 and "error" not in result["r"].text
 
 
 def test_a_connection_must_send_its_request_head_in_time(door):
