@@ -25,7 +25,6 @@ from collections import Counter
 import httpx
 import psutil
 
-
 ERRORS: list[str] = []  # messages of error events, for the report
 
 
