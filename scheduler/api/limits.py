@@ -28,7 +28,7 @@ class FrontDoorLimits:
     max_queued_requests: int = 128
     """colocated and semi-pd: most requests waiting for their first token; then 503 with Retry-After (disagg: --max-waiting-for-blocks)."""
     stream_idle_timeout_s: float = 300.0
-    """A request whose engine, once it has sent the first token, sends nothing for this long (a hung worker) ends with 504 (streams: an error event, [DONE]); 0: never."""
+    """A request whose engine sends nothing for this long after its first token (a hung worker) ends with 504 (streams: an error event); 0: never."""
     header_timeout_s: float = 10.0
     """A connection must send a complete request head within this long of opening (or of its previous response); else it is closed."""
     keep_alive_timeout_s: float = 5.0
