@@ -76,7 +76,7 @@ class EngineConfig:
     attention_backend: AttentionBackendName = AttentionBackendName.AUTO
     """Attention backend: auto (flash-attn on GPU when importable, else torch), torch, flash."""
     cpu_gemm_buckets: str = "auto"
-    """CPU fp32 only: batch sizes for which every weight keeps an extra MKL-packed copy (faster decode GEMM for up to that many rows; about 1.35x the weights each), e.g. 8,32; empty: none; auto: 8,32 as --memory-budget allows (none on a prefill worker, which decodes little)."""
+    """CPU fp32 only: batch sizes for which every weight keeps an extra MKL-packed copy (faster decode GEMM for up to that many rows; about 1.4x the weights each), e.g. 8,32; empty: none; auto: 8,32 as --memory-budget allows (none on a prefill worker, which decodes little)."""
     num_threads: int | None = None
     """Torch intra-op threads on CPU; default: all cores this process may use."""
     seed: int = 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 AUTO_SHARE = 0.7  # of the memory available at start
 AUTO_KV_MAX_BYTES = 1 << 30
-PACK_COPY_FACTOR = 1.35  # resident bytes of one MKL-packed copy per packed weight byte (SmolLM2: 703 MB for 513 MB)
+PACK_COPY_FACTOR = 1.4  # resident bytes of one MKL-packed copy per packed weight byte (SmolLM2: 703 MB for 513 MB)
 
 
 def available_bytes() -> int:
