@@ -18,6 +18,7 @@ class FakeDecodeRole:
     """generate() hands the sink every output at once; nothing is held, nothing to abort."""
 
     num_pending = 0
+    max_pending = NUM_BLOCKS
 
     def generate(self, request_id, prompt_token_ids, params, start_prefill, sink, validated=False) -> None:
         self.generate_local(request_id, prompt_token_ids, params, sink)

@@ -90,24 +90,21 @@ def time_decode(engine, prompts: _Prompts, context: int, batch: int, steps: int)
 def time_transfer(block_shape: tuple[int, int, int], dtype, block_size: int, num_blocks: int = 64,
                   messages: int = 64) -> float | None:
     """Gb/s of KV between two ranks of a link on this machine (None: no second GPU for NCCL)."""
-    import socket
     import threading
 
     import torch
 
     from engine.transfer.base import LayerChunk
-    from engine.transfer.gloo import DECODE_RANK, PREFILL_RANK, GlooReceiver, GlooSender, connect_pair
+    from engine.transfer.gloo import DECODE_RANK, PREFILL_RANK, GlooReceiver, GlooSender, connect_pair, listen
     device = "cpu"
     if torch.cuda.is_available():
         if torch.cuda.device_count() < 2:
             return None
         device = "cuda"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, listen_fd = listen("127.0.0.1")
     groups: dict = {}
     host = threading.Thread(target=lambda: groups.setdefault("d", connect_pair("127.0.0.1", port, DECODE_RANK,
-                                                                              30, device)))
+                                                                              30, device, listen_fd)))
     host.start()
     sender = GlooSender(connect_pair("127.0.0.1", port, PREFILL_RANK, 30, device), device)
     host.join()
