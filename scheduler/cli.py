@@ -34,9 +34,9 @@ def build_server(engine_config: EngineConfig, config: ServeConfig = ServeConfig(
         from engine.worker.loop import EngineLoop
         loop, role, control = EngineLoop(Engine(engine_config)).start(), Role.COLOCATED, None
     name = engine_config.served_model_name or model_name(engine_config.model)
-    client = InProcessClient(loop, name, config.slo_ttft_ms / 1000, role, control, config.limits.max_queued_requests)
+    client = InProcessClient(loop, name, config.slo_ttft_ms / 1000, role, control)
     state = ServerState(client, tokenizer, name, config.api_key, ServerMetrics(config), config.limits,
-                        config.api_key_protects_metrics)
+                        config.api_key_protects_metrics, max_queued=config.limits.max_queued_requests)
     return build_app(state), loop
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from engine.config import Role
-from engine.errors import Overloaded
 from engine.interface import WorkerEngine
 from engine.outputs import EngineStats, StepOutput
 from engine.sampling_params import SamplingParams
@@ -72,14 +71,11 @@ class Loop(Protocol):
 
 class InProcessClient(EngineClient):
     def __init__(self, loop: Loop, name: str, slo_ttft_s: float | None = None, role: Role = Role.COLOCATED,
-                 control: Callable[[], dict] | None = None, max_queued: int | None = None):
+                 control: Callable[[], dict] | None = None):
         """slo_ttft_s: a request that leaves kv_prediction unset is prefilled from the KV
         predictor (if the engine has one) when full prefill would miss it (use_kv_prediction).
-        control: semi-PD's split and controller state, for /metrics. max_queued: most
-        requests waiting for their first token; one more is refused with Overloaded (503)."""
+        control: semi-PD's split and controller state, for /metrics."""
         self.loop, self.slo_ttft_s, self.role, self._control = loop, slo_ttft_s, role, control
-        self.max_queued = max_queued
-        self.num_queued = 0  # submitted, no output yet (on the event loop only)
         self.engine_info = info = loop.engine.info
         self.info = ModelInfo(name, info.max_model_len, info.vocab_size)
 
@@ -91,22 +87,15 @@ class InProcessClient(EngineClient):
                 and self.engine_info.has_kv_predictor:  # no predictor: no stats read per request
             params = replace(params, kv_prediction=use_kv_prediction(self._load(), len(prompt_token_ids),
                                                                      self.slo_ttft_s))
-        if self.max_queued is not None and self.num_queued >= self.max_queued:
-            raise Overloaded(f"{self.num_queued} requests are waiting for their first token "
-                             f"(--max-queued-requests {self.max_queued}); retry later")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self.loop.submit(request_id, prompt_token_ids, params,
                          lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
                          arrival_s if arrival_s is not None else time.monotonic(), validated=True)
-        remaining, queued = params.n, True
-        self.num_queued += 1
+        remaining = params.n
         try:
             while remaining:
                 item = await queue.get()
-                if queued:
-                    queued = False
-                    self.num_queued -= 1
                 if isinstance(item, Exception):
                     remaining = 0
                     raise item
@@ -114,8 +103,6 @@ class InProcessClient(EngineClient):
                     remaining -= 1
                 yield item
         finally:
-            if queued:
-                self.num_queued -= 1
             if remaining:
                 self.loop.abort(request_id)
 

@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -21,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 
-from engine.errors import EngineError, RequestError
+from engine.errors import EngineError, Overloaded, RequestError
 from engine.sampling_params import SamplingParams
 from scheduler.api import formats
 from scheduler.api.errors import ModelNotFound, Unauthorized
@@ -50,7 +51,9 @@ class ServerState:
     metrics: ServerMetrics | None = None
     limits: FrontDoorLimits = FrontDoorLimits()
     api_key_protects_metrics: bool = False
+    max_queued: int | None = None  # requests waiting for their first event, at most (None: the workers bound it)
     closing: asyncio.Event = field(default_factory=asyncio.Event)  # set on shutdown: running requests end
+    num_queued: int = 0  # requests admitted here whose first event has not come yet
 
     def __post_init__(self) -> None:
         self.metrics = self.metrics or ServerMetrics()
@@ -168,11 +171,39 @@ async def _off_loop(fn):
 
 
 async def _run(state: ServerState, request: Request, stream: bool, include_usage: bool, events, shape):
-    if state.closing.is_set():
+    """A request's events through its response: refused when the server closes or its queue
+    is full, bounded in time, and holding a place in the queue until its first event."""
+    if state.closing.is_set() or (state.max_queued is not None and state.num_queued >= state.max_queued):
         await events.aclose()
-        raise ShuttingDown()
-    events = bounded(events, state.limits.stream_idle_timeout_s, state.closing)
-    return await respond(request, stream, include_usage, events, shape, state.metrics)
+        if state.closing.is_set():
+            raise ShuttingDown()
+        raise Overloaded(f"{state.num_queued} requests are waiting for their first token "
+                         f"(--max-queued-requests {state.max_queued}); retry later")
+    place = _QueuePlace(state)
+    try:
+        events = place.until_first(bounded(events, state.limits.stream_idle_timeout_s, state.closing))
+        return await respond(request, stream, include_usage, events, shape, state.metrics)
+    finally:
+        place.leave()  # a request that never started its events holds none either
+
+
+class _QueuePlace:
+    """One request's place among those waiting for their first event (ServerState.num_queued)."""
+
+    def __init__(self, state: ServerState):
+        self.state, self.held = state, True
+        state.num_queued += 1
+
+    def leave(self) -> None:
+        if self.held:
+            self.held = False
+            self.state.num_queued -= 1
+
+    async def until_first(self, events):
+        async with aclosing(events):
+            async for event in events:
+                self.leave()
+                yield event
 
 
 def _check_model(state: ServerState, model: str | None) -> None:

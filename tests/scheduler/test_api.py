@@ -225,21 +225,23 @@ def test_colocated_sheds_beyond_its_queue_bound(tiny_llama):
     from scheduler.config import ServeConfig
     server = LiveServer(EngineConfig(model=str(tiny_llama), num_kv_blocks=64, max_model_len=256),
                         serve_config=ServeConfig(mode="colocated", limits=FrontDoorLimits(max_queued_requests=2)))
-    client = server.app.state.pd.client
+    state = server.app.state.pd
     body = {"prompt": [5, 6, 7], "max_tokens": 3, "stream": True}
     try:
         with ThreadPoolExecutor(2) as pool:
             with stalled(server.loop):
                 waiting = [pool.submit(httpx.post, server.url + "/v1/completions", json=body, timeout=60)
                            for _ in range(2)]
-                wait_for(lambda: client.num_queued == 2, "two requests to wait for their first token")
+                wait_for(lambda: state.num_queued == 2, "two requests to wait for their first token")
                 shed = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
                 assert shed.status_code == 503 and shed.headers["retry-after"]
                 assert "--max-queued-requests" in shed.json()["error"]["message"]
             for f in waiting:
                 r = f.result(60)
                 assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
-        assert client.num_queued == 0
+        many = httpx.post(server.url + "/v1/completions", json={**body, "prompt": [[5, 6, i] for i in range(8)]},
+                          timeout=60)  # one request of 8 prompts holds one place
+        assert many.status_code == 200 and state.num_queued == 0
     finally:
         server.stop()
     assert_no_leak(server.engine)
