@@ -135,7 +135,10 @@ def test_ctrl_c_prints_the_partial_report(stub, tmp_path):
                  "the client to finish both answered requests", 60)
         assert proc.poll() is None, "".join(printed)
         proc.send_signal(signal.SIGINT)
-        proc.wait(20)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the client did not exit within 60 s of Ctrl-C; it printed:\n" + "".join(printed))
         reader.join(10)
         printed = "".join(printed)
     finally:
