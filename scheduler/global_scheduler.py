@@ -48,6 +48,7 @@ class WorkerInfo:
     vocab_size: int
     block_size: int
     num_total_blocks: int
+    kv_prediction_cost: float = 0.0  # its KV predictor's, known at start (0: none), so routing need not wait for a poll
 
 
 class GlobalScheduler:
@@ -116,7 +117,8 @@ class GlobalScheduler:
         with self._lock:
             old = self._infos.get(info.worker_id)
             self._infos[info.worker_id] = info
-            load = WorkerLoad(info.worker_id, num_free_blocks=info.num_total_blocks, block_size=info.block_size)
+            load = WorkerLoad(info.worker_id, num_free_blocks=info.num_total_blocks, block_size=info.block_size,
+                              kv_prediction_cost=info.kv_prediction_cost)
             self._router.put(WorkerView(info.worker_id, info.role, info.address, load, info.num_total_blocks))
         if old is not None and old.address != info.address:
             self._loads.forget(old.address)

@@ -36,7 +36,8 @@ class WorkerActor:
                                    options)
         w, info = self.worker, self.worker.info
         self.info = WorkerInfo(worker_id, w.role, w.address, w.incarnation, os.getpid(), info.max_model_len,
-                               info.vocab_size, info.block_size, info.num_kv_blocks)
+                               info.vocab_size, info.block_size, info.num_kv_blocks,
+                               w.loop.stats().kv_prediction_cost)
         ray.get(scheduler.register.remote(self.info))
 
     def describe(self) -> WorkerInfo:

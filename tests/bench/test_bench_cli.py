@@ -121,8 +121,12 @@ def test_ctrl_c_prints_the_partial_report(stub, tmp_path):
     url, app = stub
     out = tmp_path / "r.json"
     # a terminal-like output, so the progress bar shows how many requests the client has finished
+    # Ctrl-C handled whatever this process inherited (a background job of a shell ignores SIGINT,
+    # and Python then installs no KeyboardInterrupt handler)
+    honour_sigint = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                     "from bench.cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench", "--base-url", url, "--dataset", "file",
+        [sys.executable, "-c", honour_sigint, "--base-url", url, "--dataset", "file",
          str(write_jsonl(tmp_path / "w.jsonl", ["ok", "ok", "hang", "hang"])), "--num-prompts", "4",
          "--request-timeout-s", "60", "--result-json", str(out)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
