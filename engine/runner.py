@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from engine.models.loader import load_model, open_weights
 from engine.models.moe import WeightReads
 from engine.sampler import Sampler, SampleResult
 from engine.split import ComputeSplit
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_DEFAULT_LEN = 8192
@@ -71,7 +74,12 @@ class MemoryPlan:
 
     def kv_bytes(self) -> int:
         """What the budget leaves now, within [one sequence, AUTO_KV_MAX_BYTES]."""
-        return max(self.min_kv, min(AUTO_KV_MAX_BYTES, self.budget - process_rss()))
+        left = self.budget - process_rss()
+        if left < self.min_kv:
+            log.warning("the memory budget (%d MiB) leaves %d MiB for the KV cache, less than one sequence needs: "
+                        "using %d MiB (raise --memory-budget or lower --max-model-len)", self.budget >> 20,
+                        max(0, left) >> 20, self.min_kv >> 20)
+        return max(self.min_kv, min(AUTO_KV_MAX_BYTES, left))
 
 
 class ModelRunner:
