@@ -7,7 +7,7 @@ from engine.memory import AUTO_KV_MAX_BYTES, available_bytes, process_rss
 
 
 def test_a_tight_budget_keeps_no_copies_and_one_sequence_of_kv(tiny_llama, make_engine):
-    engine = make_engine(model=str(tiny_llama), max_model_len=256, num_kv_blocks=None, 
+    engine = make_engine(model=str(tiny_llama), max_model_len=256, num_kv_blocks=None,
                          memory_budget="1MiB")  # less than the process holds already
     plan = engine.runner.memory
     assert plan.gemm_buckets == () and engine.num_kv_blocks == 256 // 16  # one sequence, whatever the budget says
