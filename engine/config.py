@@ -70,7 +70,7 @@ class EngineConfig:
     memory_budget: str = "auto"
     """Memory this engine's process may hold in all (torch, weights, packed copies, KV cache), e.g. 6GiB; auto: 70% of the memory available at start (the machine's, or its container's limit), shared evenly by the workers a local cluster starts."""
     kv_cache_memory: str = "auto"
-    """Memory for the KV cache, e.g. 512MiB or 4GiB (used when --num-kv-blocks is not given); auto: what --memory-budget leaves once the weights are resident, at most 1GiB and at least one --max-model-len sequence."""
+    """Memory for the KV cache, e.g. 512MiB or 4GiB (used when --num-kv-blocks is not given); auto: on CPU what --memory-budget leaves once the weights are resident, at most 1GiB and at least one --max-model-len sequence; on GPU 1GiB."""
     enable_prefix_caching: bool = True
     """Reuse full KV blocks across requests sharing a prompt prefix."""
     attention_backend: AttentionBackendName = AttentionBackendName.AUTO

@@ -63,6 +63,7 @@ class MemoryPlan:
 
     budget: int
     min_kv: int  # KV for one max_model_len sequence
+    kv_on_host: bool = True  # the budget is host memory: a GPU's KV cache is not taken from it
     gemm_buckets: tuple[int, ...] = ()
 
     def buckets(self, packable_bytes: int) -> tuple[int, ...]:
@@ -73,7 +74,10 @@ class MemoryPlan:
         return AUTO_BUCKETS[len(AUTO_BUCKETS) - copies:]
 
     def kv_bytes(self) -> int:
-        """What the budget leaves now, within [one sequence, AUTO_KV_MAX_BYTES]."""
+        """What the budget leaves now, within [one sequence, AUTO_KV_MAX_BYTES] (on a GPU:
+        AUTO_KV_MAX_BYTES)."""
+        if not self.kv_on_host:
+            return max(self.min_kv, AUTO_KV_MAX_BYTES)
         left = self.budget - process_rss()
         if left < self.min_kv:
             log.warning("the memory budget (%d MiB) leaves %d MiB for the KV cache, less than one sequence needs: "
@@ -97,7 +101,8 @@ class ModelRunner:
         self.block_size = config.block_size
         per_block = KVCache.bytes_per_block(model_cfg.num_layers, config.block_size,
                                             model_cfg.num_kv_heads, model_cfg.head_dim, self.dtype)
-        self.memory = MemoryPlan(config.memory_budget_bytes or auto_budget(), -(-max_len // config.block_size) * per_block)
+        self.memory = MemoryPlan(config.memory_budget_bytes or auto_budget(), -(-max_len // config.block_size) * per_block,
+                                 kv_on_host=self.device.type == "cpu")
         buckets = config.gemm_buckets
         if packed_gemm.available(self.device, self.dtype):
             if buckets is None:
