@@ -60,7 +60,6 @@ class DecodeRole:
         self.transfer_timeout_s = options.transfer_timeout_s
         self.probe = probe
         self._pending: deque[_Pending] = deque()  # FIFO: those blocked lead, arrivals follow
-        self._num_blocked = 0  # guarded by _lock
         self._lock = threading.Lock()
         self._timers: dict[str, threading.Timer] = {}  # guarded by _timer_lock
         self._timer_lock = threading.Lock()
@@ -77,7 +76,8 @@ class DecodeRole:
         if not validated:
             self.loop.engine.validate(prompt_token_ids, params, prefills=False)
         with self._lock:
-            if self._num_blocked and self._num_blocked >= self.max_pending:
+            blocked = self._blocked()
+            if blocked and blocked >= self.max_pending:
                 raise self._overloaded()
             self._pending.append(_Pending(request_id, prompt_token_ids, params, start_prefill, sink))
         self.loop.call(self._reserve_pending)
@@ -100,7 +100,6 @@ class DecodeRole:
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._pending = deque(p for p in self._pending if p.request_id != request_id)
-            self._num_blocked = sum(p.blocked for p in self._pending)
         self._cancel_timer(request_id)
         self._cancel_prefill(request_id)
         self.loop.abort(request_id)
@@ -108,7 +107,12 @@ class DecodeRole:
     @property
     def num_pending(self) -> int:
         """Requests waiting for blocks (those the loop has yet to try not counted)."""
-        return self._num_blocked
+        with self._lock:
+            return self._blocked()
+
+    def _blocked(self) -> int:
+        """With _lock held."""
+        return sum(p.blocked for p in self._pending)
 
     @property
     def num_deadlines(self) -> int:
@@ -134,13 +138,13 @@ class DecodeRole:
                 try:
                     cached_blocks = engine.reserve_prefilled(p.request_id, p.prompt_token_ids, p.params)
                 except RequestError as e:
-                    self._pop_head()
+                    self._pending.popleft()
                     p.sink(e)
                     continue
                 if cached_blocks is None:
                     self._block_arrivals()
                     return
-                self._pop_head()
+                self._pending.popleft()
             self.loop.attach(p.request_id, p.sink)
             self._start_timer(p.request_id)
             try:
@@ -151,22 +155,18 @@ class DecodeRole:
             self._prefills[p.request_id] = future
             future.add_done_callback(lambda f, rid=p.request_id: self._on_first_token(rid, f))
 
-    def _pop_head(self) -> None:
-        """With _lock held."""
-        if self._pending.popleft().blocked:
-            self._num_blocked -= 1
-
     def _block_arrivals(self) -> None:
         """With _lock held, the head found no room: every arrival behind it waits too, or is
         refused when the waiters fill the bound."""
         kept: deque[_Pending] = deque()
+        blocked = self._blocked()
         for p in self._pending:
             if not p.blocked:
-                if self._num_blocked >= self.max_pending:
+                if blocked >= self.max_pending:
                     p.sink(self._overloaded())
                     continue
                 p.blocked = True
-                self._num_blocked += 1
+                blocked += 1
             kept.append(p)
         self._pending = kept
 

@@ -134,8 +134,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def Load(self, request: pb.LoadRequest, context: grpc.ServicerContext) -> pb.WorkerLoad:
         stats, wait_room = self.loop.stats(), 0
         if self.decode is not None:  # requests queued for KV blocks wait too
-            stats = replace(stats, num_waiting=stats.num_waiting + self.decode.num_pending)
-            wait_room = max(0, self.decode.max_pending - self.decode.num_pending)
+            pending = self.decode.num_pending
+            stats = replace(stats, num_waiting=stats.num_waiting + pending)
+            wait_room = max(0, self.decode.max_pending - pending)
         return wire.stats_to_proto(stats, self.worker_id, self.role, self.incarnation,
                                    self.loop.engine.info.block_size, wait_room)
 
