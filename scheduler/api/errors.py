@@ -1,4 +1,5 @@
-"""Errors only the HTTP front door raises (the engine's own are in engine/errors.py)."""
+"""Errors only the HTTP front door raises (the engine's own are in engine/errors.py), and the
+OpenAI-style body every error is answered with."""
 
 from __future__ import annotations
 
@@ -11,3 +12,15 @@ class Unauthorized(RequestError):
 
 class ModelNotFound(RequestError):
     status_code = 404
+
+
+_TYPES = {401: "authentication_error", 404: "not_found_error", 503: "service_unavailable_error",
+          504: "timeout_error"}
+
+
+def error_type(status: int) -> str:
+    return _TYPES.get(status, "invalid_request_error" if status < 500 else "internal_server_error")
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code or status}}

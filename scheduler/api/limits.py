@@ -12,6 +12,8 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from scheduler.api.errors import error_body
+
 MiB = 1 << 20
 
 
@@ -89,9 +91,8 @@ class BodyLimit:
 
     async def _refuse(self, send: Send) -> None:
         self.on_refused()
-        payload = json.dumps({"error": {"message": f"the request body is larger than {self.max_bytes} bytes "
-                                                   "(--max-request-bytes)", "type": "invalid_request_error",
-                                        "param": None, "code": 413}}).encode()
+        payload = json.dumps(error_body(413, f"the request body is larger than {self.max_bytes} bytes "
+                                             "(--max-request-bytes)")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                                 (b"connection", b"close")]})

@@ -22,12 +22,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from engine.errors import EngineError, Overloaded, RequestError
 from scheduler.aio import until
 from scheduler.api import formats
+from scheduler.api.errors import error_body
 from scheduler.api.generation import ChoiceEvent
 from scheduler.metrics import ServerMetrics
 
 RETRY_AFTER_S = "1"  # what a 503 (no room now, or shutting down) asks clients to wait
-_TYPES = {401: "authentication_error", 404: "not_found_error", 503: "service_unavailable_error",
-          504: "timeout_error"}
 
 
 class ShuttingDown(Overloaded):
@@ -41,16 +40,8 @@ class WorkerTimeout(EngineError):
     status_code = 504
 
 
-def error_type(status: int) -> str:
-    return _TYPES.get(status, "invalid_request_error" if status < 500 else "internal_server_error")
-
-
 def error_status(e: Exception) -> int:
     return getattr(e, "status_code", 500) if isinstance(e, (RequestError, EngineError)) else 500
-
-
-def error_body(status: int, message: str, param: str | None = None, code: str | int | None = None) -> dict:
-    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code or status}}
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
