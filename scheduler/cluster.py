@@ -6,7 +6,9 @@ scheduler and one actor per worker. Each worker gets a bundle of a placement gro
 GPU when Ray has GPUs, otherwise a share of the CPU cores (its torch threads), so workers
 do not fight over cores. On an embedded cluster the workers share this machine's memory
 budget (`--memory-budget auto`) evenly; prefill workers keep no packed-GEMM copies unless
-they may be lent to decode. Workers restart when their process dies and register again.
+they may be lent to decode. vLLM workers (`--engine vllm`) get the OpenMP set-up vLLM's
+CPU backend needs in their process environment, bound to cores of their own on this
+machine. Workers restart when their process dies and register again.
 On a Ray cluster whose nodes advertise the custom resources `pdserve_prefill` or
 `pdserve_decode` (the Helm chart's worker groups do), each worker's bundle also asks for one
 unit of its pool's resource, so prefill workers land on prefill nodes and decode workers on
@@ -21,8 +23,9 @@ import os
 import time
 from dataclasses import dataclass, replace
 
-from engine.config import EngineConfig, Role, WorkerOptions
+from engine.config import EngineBackend, EngineConfig, Role, WorkerOptions
 from engine.memory import auto_budget
+from engine.vllm_backend.process_env import worker_env
 from scheduler.controller import RoleController
 from scheduler.global_scheduler import GlobalScheduler, WorkerInfo
 from scheduler.policies import DEFAULT_POLICY, PolicyConfig
@@ -100,17 +103,23 @@ class Cluster:
                                f"(available: {free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU)") from None
         self.scheduler = ray.remote(GlobalScheduler).options(num_cpus=0).remote(
             spec.policy, policy_config=spec.policy_config, controller=spec.controller)
-        worker_config = replace(self.engine_config, device="cuda" if use_gpu else self.engine_config.device,
-                                num_threads=None if use_gpu else threads)
-        if worker_config.memory_budget_bytes is None and not spec.ray_address:  # this machine's, shared
-            worker_config = replace(worker_config, memory_budget=str(auto_budget(num_workers)))
+        vllm = self.engine_config.engine == EngineBackend.VLLM
+        worker_config = replace(self.engine_config, device="cuda" if use_gpu else self.engine_config.device)
+        if not vllm:
+            worker_config = replace(worker_config, num_threads=None if use_gpu else threads)
+            if worker_config.memory_budget_bytes is None and not spec.ray_address:  # this machine's, shared
+                worker_config = replace(worker_config, memory_budget=str(auto_budget(num_workers)))
         actor = ray.remote(WorkerActor)
         for bundle_index, (role, i) in enumerate(roles):
             worker_id = f"{role}-{i}"
-            config = worker_config
-            if role == Role.PREFILL and config.gemm_buckets is None and not self._lends_prefill_workers():
+            config, runtime_env = worker_config, None
+            if vllm:  # its threads set up at process start; on one machine, each worker on cores of its own
+                cores = (None if spec.ray_address or use_gpu
+                         else [(bundle_index * threads + c) % (os.cpu_count() or 1) for c in range(threads)])
+                runtime_env = {"env_vars": worker_env(threads, cores, cpu=not use_gpu)}
+            elif role == Role.PREFILL and config.gemm_buckets is None and not self._lends_prefill_workers():
                 config = replace(config, cpu_gemm_buckets="")  # prefill steps are too wide for the packed GEMM
-            self.workers[worker_id] = actor.options(
+            self.workers[worker_id] = actor.options(runtime_env=runtime_env,
                 name=None, num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=-1,
                 max_task_retries=0, max_concurrency=4,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=bundle_index),

@@ -84,3 +84,35 @@ def tiny_server(tiny_llama):
     yield server
     server.stop()
     assert_no_leak(server.engine)
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm(tmp_path_factory) -> Path:
+    """A tiny random Llama vLLM's CPU backend runs (head size 64: its attention's smallest but one)."""
+    return build_model(tmp_path_factory.mktemp("vllm") / "llama", "llama", hidden_size=128, intermediate_size=256,
+                       num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=4)
+
+
+@pytest.fixture(scope="session")
+def vllm_prompts() -> list[list[int]]:
+    """Eight prompts of 1 to 500 tokens: short ones, one block, several chunks of a chunked prefill."""
+    import random
+    rng = random.Random(0)
+    return [[rng.randrange(3, 512) for _ in range(n)] for n in (1, 9, 31, 64, 130, 257, 390, 500)]
+
+
+@pytest.fixture(scope="session")
+def vllm_reference(tiny_vllm, vllm_prompts) -> list[list[int]]:
+    """vLLM's own offline LLM.generate of vllm_prompts, greedy, 16 tokens (in a process of its own)."""
+    import multiprocessing as mp
+
+    import vllm_procs
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=vllm_procs.reference, args=(str(tiny_vllm), vllm_prompts, 16, results))
+    proc.start()
+    try:
+        return results.get(timeout=300)
+    finally:
+        proc.join(30)
+        assert proc.exitcode == 0, proc.exitcode

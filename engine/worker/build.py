@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from engine.config import EngineConfig, Role, WorkerOptions
-from engine.engine import Engine
+from engine.config import EngineBackend, EngineConfig, Role, WorkerOptions
+from engine.interface import WorkerEngine
 from engine.outputs import EngineInfo
 from engine.worker.decode_role import DecodeRole
 from engine.worker.loop import EngineLoop
@@ -56,12 +56,21 @@ class Worker:
         self.loop.shutdown()
 
 
+def build_engine(config: EngineConfig, disaggregated: bool) -> WorkerEngine:
+    """The engine config.engine names (disaggregated: it will ship and receive prompt KV)."""
+    if config.engine == EngineBackend.VLLM:
+        from engine.vllm_backend.engine import VllmEngine
+        return VllmEngine(config, disaggregated)
+    from engine.engine import Engine
+    return Engine(config)
+
+
 def build_worker(worker_id: str, role: Role, engine_config: EngineConfig, host: str, reroute: Reroute,
                  options: WorkerOptions = WorkerOptions()) -> Worker:
     """A worker serving on host at a free port, its engine loop running."""
     if role not in (Role.PREFILL, Role.DECODE):
         raise ValueError(f"a worker starts in the prefill or the decode pool, not {role!r}")
-    engine = Engine(engine_config)
+    engine = build_engine(engine_config, disaggregated=True)
     info = engine.info
     loop = EngineLoop(engine)
     prefill = PrefillRole(loop)

@@ -13,7 +13,8 @@ which frees its blocks, and fails its sink with the reason. Progress is a chunk 
 when a `probe` is given, the prefill side saying it is still working on the request: a
 request queued behind others at a busy prefill worker waits; one at a hung worker fails.
 A reservation shares the blocks of a cached prefix of the prompt; the prefill worker is told
-to skip them. `generate_local()` prefills on this worker instead (conditional
+to skip them. An engine that allocates within its own step (vLLM's) defers the reservation:
+the prefill starts after the step that held the blocks. `generate_local()` prefills on this worker instead (conditional
 disaggregation): the request runs as it would colocated.
 """
 
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from engine.config import WorkerOptions
 from engine.errors import EngineError, Overloaded, RequestError
-from engine.interface import WorkerEngine
+from engine.interface import DEFERRED, WorkerEngine
 from engine.outputs import StepOutput
 from engine.sampling_params import SamplingParams
 from engine.worker.loop import EngineLoop, Sink
@@ -65,6 +66,7 @@ class DecodeRole:
         self._timer_lock = threading.Lock()
         self._landed: set[str] = set()  # requests with a chunk landed since their timer was armed
         self._prefills: dict[str, Future] = {}  # first tokens still awaited
+        self._deferred: dict[str, StartPrefill] = {}  # reserved, the engine to allocate in its next step
         loop.add_hook(self._on_iteration)
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -100,6 +102,7 @@ class DecodeRole:
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._pending = deque(p for p in self._pending if p.request_id != request_id)
+        self._deferred.pop(request_id, None)
         self._cancel_timer(request_id)
         self._cancel_prefill(request_id)
         self.loop.abort(request_id)
@@ -125,6 +128,10 @@ class DecodeRole:
         for request_id in awaited:  # KV complete (or request gone): no deadline
             if not engine.waiting_for_kv(request_id):
                 self._cancel_timer(request_id)
+        for request_id, cached_blocks in engine.allocated():
+            start_prefill = self._deferred.pop(request_id, None)
+            if start_prefill is not None:
+                self._start(engine, request_id, start_prefill, cached_blocks)
         self._reserve_pending(engine)
 
     def _reserve_pending(self, engine: WorkerEngine) -> None:
@@ -146,14 +153,21 @@ class DecodeRole:
                     return
                 self._pending.popleft()
             self.loop.attach(p.request_id, p.sink)
-            self._start_timer(p.request_id)
-            try:
-                future = p.start_prefill(p.request_id, cached_blocks)
-            except Exception as e:
-                self._fail(engine, p.request_id, EngineError(f"prefill could not start: {e}"))
-                continue
-            self._prefills[p.request_id] = future
-            future.add_done_callback(lambda f, rid=p.request_id: self._on_first_token(rid, f))
+            if cached_blocks == DEFERRED:
+                self._deferred[p.request_id] = p.start_prefill
+            else:
+                self._start(engine, p.request_id, p.start_prefill, cached_blocks)
+
+    def _start(self, engine: WorkerEngine, request_id: str, start_prefill: StartPrefill, cached_blocks: int) -> None:
+        """On the loop thread, the blocks held: ask a prefill worker for the prompt's KV."""
+        self._start_timer(request_id)
+        try:
+            future = start_prefill(request_id, cached_blocks)
+        except Exception as e:
+            self._fail(engine, request_id, EngineError(f"prefill could not start: {e}"))
+            return
+        self._prefills[request_id] = future
+        future.add_done_callback(lambda f: self._on_first_token(request_id, f))
 
     def _block_arrivals(self) -> None:
         """With _lock held, the head found no room: every arrival behind it waits too, or is
@@ -231,6 +245,7 @@ class DecodeRole:
 
     def _fail(self, engine: WorkerEngine, request_id: str, error: Exception) -> None:
         """On the loop thread: end the request, free its blocks, tell its client."""
+        self._deferred.pop(request_id, None)
         self._cancel_timer(request_id)
         self._cancel_prefill(request_id)
         sink = self.loop.detach(request_id)

@@ -1,0 +1,106 @@
+"""Process entry points for the vLLM engine's tests (spawned: one vLLM engine per process, as
+in a worker; importable)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+# the tiny vLLM test model's engine settings: fp32 (tie-free greedy), chunked prefill of 128
+# tokens (a 500-token prompt takes four steps), the CPU backend's smallest block size
+ENGINE = dict(dtype="float32", max_model_len=1024, block_size=32, max_num_batched_tokens=128, max_num_seqs=16)
+KV_BYTES = 128 << 20
+
+
+def engine_config(model: str, **overrides):
+    from engine.config import EngineConfig
+    kw = dict(ENGINE, kv_cache_memory=str(KV_BYTES))
+    kw.update(overrides)
+    return EngineConfig(engine="vllm", model=model, served_model_name="tiny", **kw)
+
+
+def reference(model: str, prompts: list[list[int]], max_tokens: int, results) -> None:
+    """vLLM's own offline `LLM.generate`, greedy, with the same engine settings."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM, SamplingParams
+    llm = LLM(model=model, enable_chunked_prefill=True, kv_cache_memory_bytes=KV_BYTES, **ENGINE)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=max_tokens),
+                        use_tqdm=False)
+    results.put([list(o.outputs[0].token_ids) for o in outs])
+
+
+class _Held:
+    """The producer's sink in the layer-wise test: a GlooSender that knows what the receiver
+    holds, and that stalls the forward at a request's first last-layer chunk until the
+    consumer says that request's first layer-0 chunk has landed."""
+
+    def __init__(self, sender, skip: dict[str, int], landed, num_layers: int):
+        self.sender, self.skip, self.landed, self.num_layers = sender, skip, landed, num_layers
+        self.waited: dict[str, bool] = {}
+        self.sent: list[tuple[str, int, float]] = []
+
+    def blocks_held(self, request_id: str) -> int | None:
+        return self.skip.get(request_id)
+
+    def send(self, chunk) -> None:
+        self.sent.append((chunk.request_id, chunk.layer, time.monotonic()))
+        self.sender.send(chunk)
+        if chunk.layer == self.num_layers - 1 and chunk.request_id not in self.waited:
+            self.waited[chunk.request_id] = self.landed[int(chunk.request_id)].wait(60)
+
+
+def produce(model: str, port: int, prompts: list[list[int]], skips, landed, results) -> None:
+    """A prefill engine: computes each prompt once the consumer has allocated its blocks."""
+    from engine.sampling_params import SamplingParams
+    from engine.transfer.gloo import PREFILL_RANK, GlooSender, connect_pair
+    from engine.vllm_backend.engine import VllmEngine
+
+    engine = VllmEngine(engine_config(model), disaggregated=True)
+    sender = GlooSender(connect_pair("127.0.0.1", port, PREFILL_RANK))
+    skip = skips.get(timeout=120)
+    sink = _Held(sender, skip, landed, len(engine.bridge.kv_layers))
+    engine.set_kv_sink(sink)
+    for i, prompt in enumerate(prompts):
+        sender.expect(str(i), i)
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=1))
+    while engine.has_work():
+        engine.step()
+    sender.flush()
+    results.put(("produced", sink.waited, sink.sent, engine.stats().num_kv_blocks_used))
+
+
+def consume(model: str, ports, skips, prompts: list[list[int]], max_tokens: int, landed, results) -> None:
+    """A decode engine: reserves every prompt, lands its KV from the producer, decodes it."""
+    import torch
+
+    from engine.sampling_params import SamplingParams
+    from engine.transfer.gloo import DECODE_RANK, GlooReceiver, connect_pair, listen
+    from engine.vllm_backend.engine import VllmEngine
+
+    engine = VllmEngine(engine_config(model), disaggregated=True)
+    port, fd = listen("127.0.0.1")
+    ports.put(port)
+    receiver = GlooReceiver(connect_pair("127.0.0.1", port, DECODE_RANK, listen_fd=fd), engine.info.kv_block_shape,
+                            getattr(torch, engine.info.kv_dtype))
+    for i, prompt in enumerate(prompts):
+        engine.reserve_prefilled(str(i), prompt, SamplingParams(temperature=0, max_tokens=max_tokens))
+        receiver.expect(i, str(i))
+    allocated: dict[str, int] = {}
+    while len(allocated) < len(prompts):
+        engine.step()
+        allocated.update(engine.allocated())
+    skips.put(allocated)
+    arrivals, remaining = [], len(prompts)
+    while remaining:
+        chunk = receiver.recv()
+        arrivals.append((chunk.request_id, chunk.layer, time.monotonic()))
+        if chunk.layer == 0:
+            landed[int(chunk.request_id)].set()
+        assert engine.receive_kv(chunk)
+        remaining -= chunk.last
+    tokens: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    while engine.has_work():
+        for out in engine.step():
+            tokens[int(out.request_id)] += out.new_token_ids
+    results.put(("consumed", [tokens[i] for i in range(len(prompts))], arrivals, engine.stats().num_kv_blocks_used,
+                 engine.num_requests()))
