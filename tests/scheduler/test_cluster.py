@@ -19,12 +19,22 @@ from scheduler.config import ServeConfig
 from scheduler.controller import ControllerConfig
 from scheduler.policies import PolicyConfig
 
+from cluster_helpers import (
+    TIMEOUT_S,
+    all_in_parallel,
+    assert_clean,
+    complete,
+    hang_then_kill,
+    rejoined,
+    stop_and_check_processes,
+    stream_all,
+    stream_and_cut,
+    workers,
+)
 from helpers import LiveServer, metric_names_used, wait_for
 from parity_cases import NUM_TOKENS, prompts
 
 pytestmark = pytest.mark.slow
-
-TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -46,53 +56,12 @@ def deploy(model, num_prefill: int, num_decode: int, **serve) -> LiveServer:
                                                               decode_workers=num_decode, **serve))
 
 
-def complete(server: LiveServer, prompt: list[int], n_tokens: int = NUM_TOKENS, **extra) -> httpx.Response:
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": n_tokens, "min_tokens": n_tokens, "temperature": 0,
-            **extra}
-    return httpx.post(f"{server.url}/v1/completions", json=body, timeout=TIMEOUT_S,
-                      headers={"x-pdserve-timings": "1"})
-
-
 def text(server: LiveServer, prompt: list[int], n_tokens: int = NUM_TOKENS) -> str:
     r = complete(server, prompt, n_tokens)
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     assert r.json()["usage"]["completion_tokens"] == n_tokens
     return choice["text"]
-
-
-def all_in_parallel(fn, items, workers: int = 8) -> list:
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(fn, items))
-
-
-def workers(server: LiveServer) -> dict[str, dict]:
-    import ray
-    return {w["worker_id"]: w for w in ray.get(server.cluster.scheduler.workers.remote())}
-
-
-def assert_clean(server: LiveServer, timeout_s: float = 10) -> None:
-    """Leak check: every worker holds no request and no KV block."""
-    import ray
-    handles = list(server.cluster.workers.values())
-
-    def clean() -> bool:
-        return all(b == 0 for b in ray.get([h.num_used_blocks.remote() for h in handles])) and \
-            all(n == 0 for n in ray.get([h.num_requests.remote() for h in handles]))
-    wait_for(clean, "every worker to free its blocks", timeout_s)
-
-
-def stop_and_check_processes(server: LiveServer) -> None:
-    pids = [info.pid for info in server.cluster.describe()]
-    server.stop()
-
-    def gone(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        return False
-    wait_for(lambda: all(gone(p) for p in pids), "worker processes to exit", 15)
 
 
 @pytest.fixture(scope="module")
@@ -201,52 +170,15 @@ def test_serves_every_metric_the_dashboard_and_alerts_read(p1d1):
     assert slo["met"] + slo["missed"] >= finished > 0  # every finished sample judged
 
 
-def _stream_and_cut(server: LiveServer, prompt: list[int], max_tokens: int, cut_after_events: int,
-                    cut_after_s: float) -> str:
-    """Streams a request and hangs up after some events or some time, whichever first."""
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    start = time.monotonic()
-    events = 0
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=TIMEOUT_S) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                events += 1
-                if line == "data: [DONE]":
-                    return "done"
-            if events >= cut_after_events or time.monotonic() - start > cut_after_s:
-                return "cut"
-    return "ended"
-
-
 def test_200_random_aborts_leave_no_block_behind(p2d2, expected):
     rng = random.Random(0)
     jobs = [([rng.randrange(3, 500) for _ in range(rng.choice((1, 7, 40, 120, 200)))], rng.randrange(1, 48),
              rng.choice((0, 1, 2, 5, 20, 1000)), rng.choice((0.0, 0.005, 0.02, 0.1, 10.0))) for _ in range(200)]
-    outcomes = all_in_parallel(lambda job: _stream_and_cut(p2d2, *job), jobs, workers=24)
+    outcomes = all_in_parallel(lambda job: stream_and_cut(p2d2, *job), jobs, workers=24)
     assert outcomes.count("cut") > 50 and outcomes.count("done") > 10
     assert_clean(p2d2, timeout_s=15)
     assert text(p2d2, prompts()[-1]) == expected[-1]  # the server still serves, correctly
     assert_clean(p2d2)
-
-
-def _stream_all(server: LiveServer, prompt: list[int], max_tokens: int, first: threading.Event,
-                ends: dict, key) -> list[str]:
-    """Streams to the end, recording each data line and when the stream ended."""
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "min_tokens": max_tokens,
-            "temperature": 0, "stream": True}
-    lines = []
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=TIMEOUT_S) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                lines.append(line)
-                first.set()
-    ends[key] = time.monotonic()
-    return lines
-
-
-def _rejoined(server: LiveServer, worker_id: str, old_incarnation: str) -> bool:
-    w = workers(server)[worker_id]
-    return w["alive"] and w["incarnation"] != old_incarnation
 
 
 def test_killed_decode_worker_fails_only_its_streams_and_rejoins(p2d2):
@@ -254,7 +186,7 @@ def test_killed_decode_worker_fails_only_its_streams_and_rejoins(p2d2):
     started = [threading.Event() for _ in range(8)]
     ends: dict = {}
     with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(_stream_all, p2d2, prompts()[i % 4], 200, started[i], ends, i) for i in range(8)]
+        futures = [pool.submit(stream_all, p2d2, prompts()[i % 4], 200, started[i], ends, i) for i in range(8)]
         for e in started:
             assert e.wait(60), "streams did not start"
         killed_at = time.monotonic()
@@ -270,7 +202,7 @@ def test_killed_decode_worker_fails_only_its_streams_and_rejoins(p2d2):
         assert '"finish_reason": "length"' in results[i][-2] and results[i][-1] == "data: [DONE]"
     # not routed to while down; every request meanwhile succeeds on decode-1
     assert all(r.status_code == 200 for r in all_in_parallel(lambda p: complete(p2d2, p, 4), prompts()[:4]))
-    wait_for(lambda: _rejoined(p2d2, "decode-0", before["incarnation"]), "decode-0 to rejoin", 90)
+    wait_for(lambda: rejoined(p2d2, "decode-0", before["incarnation"]), "decode-0 to rejoin", 90)
     assert all(r.status_code == 200 for r in all_in_parallel(lambda p: complete(p2d2, p, 4), prompts()))
     assert_clean(p2d2)
 
@@ -284,7 +216,7 @@ def test_a_hung_decode_worker_fails_its_streams_within_seconds(p2d2):
     ends: dict = {}
     try:
         with ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(_stream_all, p2d2, prompts()[i % 4], 200, started[i], ends, i) for i in range(8)]
+            futures = [pool.submit(stream_all, p2d2, prompts()[i % 4], 200, started[i], ends, i) for i in range(8)]
             for e in started:
                 assert e.wait(60), "streams did not start"
             stopped_at = time.monotonic()
@@ -316,42 +248,10 @@ def test_a_burst_on_free_blocks_is_served_and_a_256_prompt_request_too(p1d1):
     assert_clean(p1d1)
 
 
-def _routed_to(server: LiveServer, worker_id: str, before: int, timeout_s: float = 5.0) -> None:
-    """Waits until the front door has routed a request to worker_id since it had routed before
-    (or a while has passed: the policy may have sent them all elsewhere)."""
-    routed = server.app.state.pd.client.router.num_routed
-    deadline = time.monotonic() + timeout_s
-    while routed.get(worker_id, 0) <= before and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
 def _front_door_sees(server: LiveServer, check) -> bool:
     """Refreshes the front door's view of the workers (a /metrics scrape pulls it) and checks it."""
     httpx.get(f"{server.url}/metrics", timeout=10)
     return check(server.app.state.pd.client.router.views)
-
-
-def _hang_then_kill(server: LiveServer, worker_id: str, call, items) -> list:
-    """Stops the worker (it looks alive for a moment, so requests are routed to it), sends the
-    requests, waits until one was routed to it, kills it, and returns their results: each must
-    end within 10 s of the kill."""
-    pid = workers(server)[worker_id]["pid"]
-    routed_before = server.app.state.pd.client.router.num_routed.get(worker_id, 0)
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        with ThreadPoolExecutor(len(items)) as pool:
-            futures = [pool.submit(call, server, item) for item in items]
-            _routed_to(server, worker_id, routed_before)
-            killed_at = time.monotonic()
-            os.kill(pid, signal.SIGKILL)
-            results = [f.result(TIMEOUT_S) for f in futures]
-        assert time.monotonic() - killed_at < 10
-    finally:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return results
 
 
 def test_killed_prefill_worker_requests_are_retried_on_another(p2d2, expected):
@@ -363,28 +263,28 @@ def test_killed_prefill_worker_requests_are_retried_on_another(p2d2, expected):
                  "the front door to see every worker alive", 30)
         before = workers(p2d2)["prefill-0"]
         sent_to_it = routed.get("prefill-0", 0)
-        outputs = _hang_then_kill(p2d2, "prefill-0", text, prompts())
+        outputs = hang_then_kill(p2d2, "prefill-0", text, prompts())
         assert outputs == expected  # same blocks, refilled by prefill-1 when they were on prefill-0
         if routed.get("prefill-0", 0) > sent_to_it:
             break
         # on a loaded box the hung worker can miss its polls (and leave routing) before the
         # requests are routed; then nothing was held by it, so try again once it is back
-        wait_for(lambda: _rejoined(p2d2, "prefill-0", before["incarnation"]), "prefill-0 to rejoin", 90)
+        wait_for(lambda: rejoined(p2d2, "prefill-0", before["incarnation"]), "prefill-0 to rejoin", 90)
     else:
         pytest.fail("no request went to the hung prefill worker in 3 attempts")
     decode_handles = [h for wid, h in p2d2.cluster.workers.items() if wid.startswith("decode")]
     assert sum(ray.get([h.num_prefill_retries.remote() for h in decode_handles])) > 0
-    wait_for(lambda: _rejoined(p2d2, "prefill-0", before["incarnation"]), "prefill-0 to rejoin", 90)
+    wait_for(lambda: rejoined(p2d2, "prefill-0", before["incarnation"]), "prefill-0 to rejoin", 90)
     assert all_in_parallel(lambda p: text(p2d2, p), prompts()) == expected
     assert_clean(p2d2)
 
 
 def test_killed_only_prefill_worker_fails_its_requests_clearly(p1d1, expected):
     before = workers(p1d1)["prefill-0"]
-    responses = _hang_then_kill(p1d1, "prefill-0", complete, prompts()[:4])
+    responses = hang_then_kill(p1d1, "prefill-0", complete, prompts()[:4])
     for r in responses:
         assert r.status_code >= 500 and "prefill" in r.json()["error"]["message"], r.text
-    wait_for(lambda: _rejoined(p1d1, "prefill-0", before["incarnation"]), "prefill-0 to rejoin", 90)
+    wait_for(lambda: rejoined(p1d1, "prefill-0", before["incarnation"]), "prefill-0 to rejoin", 90)
     assert text(p1d1, prompts()[3]) == expected[3]
     assert_clean(p1d1)
 
