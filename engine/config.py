@@ -90,7 +90,7 @@ class EngineConfig:
     cpu_gemm_buckets: str = "auto"
     """CPU fp32 only: batch sizes for which every weight keeps an extra MKL-packed copy (faster decode GEMM for up to that many rows; about 1.4x the weights each), e.g. 8,32; empty: none; auto: 8,32 as --memory-budget allows (none on a prefill worker, which decodes little)."""
     num_threads: int | None = None
-    """Torch intra-op threads on CPU; default: all cores this process may use."""
+    """Torch intra-op threads on CPU (--engine vllm: its OpenMP threads); default: all cores this process may use."""
     seed: int = 0
     """Seed for requests that do not give their own."""
     kv_predictor: str | None = None

@@ -76,8 +76,7 @@ def check_vllm_config(config: EngineConfig) -> None:
         ("--attention-backend", AttentionBackendName.AUTO, config.attention_backend),
         ("--cpu-gemm-buckets", "auto", config.cpu_gemm_buckets.strip()),
         ("--memory-budget", "auto", config.memory_budget.strip()),
-        ("--kv-predictor", None, config.kv_predictor),
-        ("--num-threads", None, config.num_threads)) if value != default]
+        ("--kv-predictor", None, config.kv_predictor)) if value != default]
     if ours_only:
         raise ValueError(f"{', '.join(ours_only)}: pdserve's own engine only, not with --engine vllm "
                          "(pass vLLM's own options with --vllm-engine-args)")

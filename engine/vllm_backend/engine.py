@@ -62,6 +62,10 @@ class VllmEngine:
         self.config = config
         self.bridge = Bridge()
         on_cpu = config.device == "cpu" or not torch.cuda.is_available()
+        if on_cpu:  # vLLM drops to one torch thread unless OMP_NUM_THREADS says otherwise
+            if config.num_threads:
+                torch.set_num_threads(config.num_threads)
+            os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         kw = engine_args(config, str(hf_folder(config.model)), on_cpu)
         if disaggregated:
             kw["kv_transfer_config"] = dict(CONNECTOR, kv_connector_extra_config={"bridge": self.bridge.key})

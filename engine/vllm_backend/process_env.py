@@ -3,7 +3,8 @@ starts (a Ray actor's runtime_env): vLLM gives it only to the processes it spawn
 (`vllm/platforms/cpu.py`), and ours runs the engine in the worker's own process.
 
 torch's libgomp and vLLM's tcmalloc preloaded (without the former only one core is used
-when threads are bound), the OpenMP thread count, and the cores the threads are bound to.
+when threads are bound), the OpenMP thread count, and the cores OpenMP binds its threads to
+(vLLM's multiprocess executor sets the same OMP_PLACES / OMP_PROC_BIND for its workers).
 Torch-free: found by path, not imported.
 """
 
@@ -41,5 +42,6 @@ def worker_env(num_threads: int, cores: list[int] | None = None, cpu: bool = Tru
     if preload := preload_libraries():
         env["LD_PRELOAD"] = ":".join(preload)
     if cores:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cores)
+        env["OMP_PLACES"] = "{" + ",".join(str(c) for c in cores) + "}"
+        env["OMP_PROC_BIND"] = "true"
     return env

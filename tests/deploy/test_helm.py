@@ -102,6 +102,9 @@ def test_the_serve_command_parses_with_pdserve_own_flags(name):
     engine = from_args(EngineConfig, args)
     assert config.mode == "disagg" and config.host == "0.0.0.0" and config.ray_address
     values = VALUE_SETS[name]
+    assert engine.engine == values.get("engine", {}).get("backend", "pdserve")
+    if engine.engine == "vllm":  # its engine options reach the workers as one validated JSON object
+        assert json.loads(engine.vllm_engine_args) == values["engine"]["vllmEngineArgs"]
     assert config.prefill_workers == values.get("prefill", {}).get("replicas", 1)
     scheduling = values.get("scheduling", {})
     assert config.policy == scheduling.get("policy", "jsq")
