@@ -54,12 +54,34 @@ class Tokenizer:
             raise RequestError("this model has no chat template; use /v1/completions", param="messages")
         for message in messages:
             _unicode(message.get("content") or "", "messages")
+        controls = self._control_tokens()
+        forged = {i for i, m in enumerate(messages)
+                  if isinstance(m.get("content"), str) and any(c in m["content"] for c in controls)}
         try:
-            out = self.hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
-                                              sanitize_control_tokens=True)
+            if not forged:
+                out = self.hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+                return list(out["input_ids"] if isinstance(out, Mapping) else out)
+            # the template rendered around placeholders; each placeholder's content encoded as plain text
+            marks = {i: f"PDSERVECONTENT{i}X" for i in forged}
+            shown = [dict(m, content=marks[i]) if i in marks else m for i, m in enumerate(messages)]
+            text = self.hf.apply_chat_template(shown, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # template errors are the caller's input problem
             raise RequestError(f"chat template failed on these messages: {e}", param="messages") from e
-        return list(out["input_ids"] if isinstance(out, Mapping) else out)
+        ids: list[int] = []
+        for i, mark in sorted(marks.items()):
+            before, found, text = text.partition(mark)
+            ids += self.hf.encode(before, add_special_tokens=False)
+            if found:
+                ids += self.hf(messages[i]["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return ids + self.hf.encode(text, add_special_tokens=False)
+
+    def _control_tokens(self) -> list[str]:
+        """The tokenizer's special tokens as text (what a chat template's turns are made of)."""
+        if not hasattr(self, "_controls"):
+            added = getattr(self.hf, "added_tokens_decoder", {}) or {}
+            self._controls = sorted({t.content for t in added.values() if getattr(t, "special", False)}
+                                    | set(self.hf.all_special_tokens))
+        return self._controls
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)

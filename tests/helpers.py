@@ -315,6 +315,9 @@ class FakeEngine:
         self.waiting[request_id] = {"landed": False, "first": None, "max_tokens": params.max_tokens or 1}
         return 0
 
+    def allocated(self) -> list[tuple[str, int]]:
+        return []
+
     def waiting_for_kv(self, request_id) -> bool:
         return request_id in self.waiting
 

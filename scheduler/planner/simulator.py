@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from bench.metrics import RequestRecord
 from engine.batcher import Batcher, StepPlan
-from engine.config import EngineConfig, PrefillSchedule
+from engine.config import DEFAULT_BLOCK_SIZE, EngineConfig, PrefillSchedule
 from engine.kv.manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
@@ -50,7 +50,7 @@ class SimConfig:
     colocated: bool = False
     policy: str = DEFAULT_POLICY
     num_blocks: int = 4096  # KV blocks per worker
-    block_size: int = EngineConfig.block_size
+    block_size: int = DEFAULT_BLOCK_SIZE
     max_num_seqs: int = EngineConfig.max_num_seqs
     max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens
     prefill_schedule: PrefillSchedule = PrefillSchedule.CHUNKED  # as the engine's --prefill-schedule

@@ -31,6 +31,9 @@ def drain(q: queue.Queue, n: int = 1) -> list[StepOutput]:
 def test_both_engines_implement_the_interface(tiny_llama):
     assert isinstance(Engine(EngineConfig(model=str(tiny_llama), num_kv_blocks=32, max_model_len=128)), WorkerEngine)
     assert isinstance(FakeEngine(), WorkerEngine)
+    from engine.vllm_backend.engine import VllmEngine  # built in tests/vllm/; here its class has every member
+    members = {m for m in dir(WorkerEngine) if not m.startswith("_")} - {"info"}
+    assert members <= set(dir(VllmEngine)), members - set(dir(VllmEngine))
 
 
 def test_the_loop_and_the_decode_role_drive_a_fake_engine():
