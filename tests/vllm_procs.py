@@ -50,7 +50,9 @@ class _Held:
 
 
 def produce(model: str, port: int, prompts: list[list[int]], skips, landed, results) -> None:
-    """A prefill engine: computes each prompt once the consumer has allocated its blocks."""
+    """A prefill engine: computes each prompt once the consumer has allocated its blocks. It has
+    computed every prompt once before (for nobody), so it holds their prefixes in its own cache:
+    those blocks must be sent all the same."""
     from engine.sampling_params import SamplingParams
     from engine.transfer.gloo import PREFILL_RANK, GlooSender, connect_pair
     from engine.vllm_backend.engine import VllmEngine
@@ -60,13 +62,19 @@ def produce(model: str, port: int, prompts: list[list[int]], skips, landed, resu
     skip = skips.get(timeout=120)
     sink = _Held(sender, skip, landed, len(engine.bridge.kv_layers))
     engine.set_kv_sink(sink)
+    for i, prompt in enumerate(prompts):  # no route: exported to nobody
+        engine.add_request(f"warm-{i}", prompt, SamplingParams(temperature=0, max_tokens=1))
+    while engine.has_work():
+        engine.step()
+    assert engine.stats().prefix_cache_hit_tokens == 0
     for i, prompt in enumerate(prompts):
         sender.expect(str(i), i)
         engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=1))
     while engine.has_work():
         engine.step()
     sender.flush()
-    results.put(("produced", sink.waited, sink.sent, engine.stats().num_kv_blocks_used))
+    stats = engine.stats()
+    results.put(("produced", sink.waited, sink.sent, stats.num_kv_blocks_used, stats.prefix_cache_hit_tokens))
 
 
 def consume(model: str, ports, skips, prompts: list[list[int]], max_tokens: int, landed, results) -> None:

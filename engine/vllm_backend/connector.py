@@ -6,12 +6,13 @@ model runner; both reach the engine's Bridge (engine/vllm_backend/bridge.py) by 
 
 Producer (a request whose prompt a decode worker awaits: its kv_transfer_params name it,
 and the prefill role routed it to a link): each step the scheduler side lists, per such
-request, its blocks and the prompt tokens the step computes. During the forward vLLM calls
-`save_kv_layer` after each layer; the worker side copies out the blocks this step wrote for
-that layer (from the first block not yet sent complete: a chunk's partial last block goes
-again with the next chunk; never those the receiver holds in its prefix cache) and hands
-them to the link's sender thread, so layer i travels while layer i+1 computes. A step with
-no such request returns at the first check.
+request, its blocks, the first block not yet sent complete and the prompt tokens the step
+computes. During the forward vLLM calls `save_kv_layer` after each layer; the worker side
+copies out that layer's blocks from that first one to the one holding the step's last token
+and hands them to the link's sender thread, so layer i travels while layer i+1 computes. So
+a prefix this engine had cached (not computed by any step) goes with the first step, a
+chunk's partial last block goes again with the next chunk, and blocks the receiver holds in
+its own prefix cache are never sent. A step with no such request returns at the first check.
 
 Consumer: a request the decode engine added to receive its prompt is reported as matched
 externally with an asynchronous load, so vLLM allocates all its blocks and parks it; the
@@ -52,7 +53,7 @@ class Send:
 
     request_id: str
     block_ids: list[int]
-    start: int
+    first_block: int  # the first block not yet sent complete
     end: int
     num_prompt_tokens: int
 
@@ -67,6 +68,7 @@ class _Outbound:
     request_id: str
     num_prompt_tokens: int
     block_ids: list[int] = field(default_factory=list)
+    num_sent_blocks: int = 0  # blocks sent complete (a prefix this engine had cached is sent too)
 
 
 class PdserveConnector(KVConnectorBase_V1):
@@ -133,7 +135,8 @@ class PdserveConnector(KVConnectorBase_V1):
     def _plan(self, meta: StepSends, out: _Outbound, start: int, num_tokens: int) -> None:
         if start < out.num_prompt_tokens:
             end = min(start + num_tokens, out.num_prompt_tokens)
-            meta.sends.append(Send(out.request_id, list(out.block_ids), start, end, out.num_prompt_tokens))
+            meta.sends.append(Send(out.request_id, list(out.block_ids), out.num_sent_blocks, end, out.num_prompt_tokens))
+            out.num_sent_blocks = end // self.block_size
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._outbound.pop(request.request_id, None)
@@ -167,7 +170,7 @@ class PdserveConnector(KVConnectorBase_V1):
             held = sink.blocks_held(s.request_id)
             if held is None:
                 continue  # prefilled where it decodes: nobody awaits its KV
-            first, last = max(s.start // bs, held), (s.end - 1) // bs
+            first, last = max(s.first_block, held), (s.end - 1) // bs
             if first > last:
                 continue  # within what the receiver holds
             ids = torch.tensor(s.block_ids[first:last + 1], device=kv_layer.device)

@@ -72,7 +72,8 @@ def test_colocated_refusals_and_samples(colocated):
 def test_disaggregated_layer_by_layer(tiny_vllm, vllm_prompts, vllm_reference):
     """Every request's first layer-0 chunk lands while the producer's forward is still at its
     last layer (the producer's sink holds that layer's save until the consumer says so), and
-    the decode engine's greedy output equals vLLM offline."""
+    the decode engine's greedy output equals vLLM offline, with the producer holding every
+    prompt's prefix in its cache and the consumer none."""
     ctx = mp.get_context("spawn")
     ports, skips, results = ctx.Queue(), ctx.Queue(), ctx.Queue()
     landed = [ctx.Event() for _ in vllm_prompts]
@@ -89,7 +90,8 @@ def test_disaggregated_layer_by_layer(tiny_vllm, vllm_prompts, vllm_reference):
             proc.join(60)
             if proc.exitcode is None:
                 proc.kill()
-    waited, sent, producer_blocks = got["produced"]
+    waited, sent, producer_blocks, producer_hits = got["produced"]
+    assert producer_hits > 0  # it computed only the prompts' tails; their cached prefixes were sent too
     tokens, arrivals, consumer_blocks, consumer_requests = got["consumed"]
     assert waited == {str(i): True for i in range(len(vllm_prompts))}, "a layer 0 did not land during the forward"
     assert tokens == vllm_reference
