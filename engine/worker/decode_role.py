@@ -14,8 +14,8 @@ when a `probe` is given, the prefill side saying it is still working on the requ
 request queued behind others at a busy prefill worker waits; one at a hung worker fails.
 A reservation shares the blocks of a cached prefix of the prompt; the prefill worker is told
 to skip them. An engine that allocates within its own step (vLLM's) defers the reservation:
-the prefill starts after the step that held the blocks. `generate_local()` prefills on this worker instead (conditional
-disaggregation): the request runs as it would colocated.
+the prefill starts after the step that held the blocks. `generate_local()` prefills on this
+worker instead (conditional disaggregation): the request runs as it would colocated.
 """
 
 from __future__ import annotations
