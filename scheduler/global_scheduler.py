@@ -53,7 +53,7 @@ class WorkerInfo:
 
 class GlobalScheduler:
     def __init__(self, policy: str = DEFAULT_POLICY, poll_interval_s: float = 0.05, load_timeout_s: float = 1.0,
-                 max_missed_polls: int = 3, load_client=None, policy_config: PolicyConfig = PolicyConfig(),
+                 max_missed_polls: int = 5, load_client=None, policy_config: PolicyConfig = PolicyConfig(),
                  controller: RoleController | None = None):
         self.policy = policy
         self._router = Router(policy, policy_config)

@@ -113,7 +113,7 @@ def test_idle_workers_sleep(p1d2):
     assert all(u < 0.1 * elapsed for u in used), used
 
 
-def test_killed_decode_worker_fails_only_its_streams_and_rejoins(p1d2, vllm_prompts):
+def test_killed_decode_worker_fails_only_its_streams_and_rejoins(p1d2, vllm_prompts, expected):
     before = workers(p1d2)["decode-0"]
     started = [threading.Event() for _ in range(6)]
     ends: dict = {}
