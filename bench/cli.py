@@ -40,4 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.plot_dir:
         for path in write_plots(Path(config.plot_dir), results, config.attainment_target):
             session.console.print(f"plot: {path}")
+    if code == 0 and not any(r.report.num_ok for r in results):
+        session.console.print("[red]every request failed[/red]")
+        return 1
     return code

@@ -11,6 +11,8 @@ from bench.datasets import WORKLOADS, DatasetSpec
 from bench.metrics import SLO
 
 DATASETS = ("random", "shift", *WORKLOADS, "file")
+ENDPOINTS = ("completions", "chat", "/v1/completions", "/v1/chat/completions")
+VLLM_DATASETS = {"random": "random", "sharegpt": "file", "custom": "file"}  # `vllm bench serve --dataset-name`
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target", action="append", default=[], metavar="NAME=URL",
                    help="a named server; repeat to compare several in one run (phases interleaved)")
     t.add_argument("--model", help="model name to send (default: each server's first /v1/models entry)")
-    t.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    t.add_argument("--endpoint", choices=ENDPOINTS, default="completions",
+                   help="completions or chat (vLLM's spellings /v1/completions, /v1/chat/completions too)")
     t.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (default $OPENAI_API_KEY)")
     t.add_argument("--request-timeout-s", type=float, default=300.0, help="a request taking longer fails")
     load = p.add_argument_group("load")
@@ -69,19 +72,26 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--num-prompts", type=int, default=100, help="measured requests per phase")
     load.add_argument("--duration-s", type=float, help="stop sending a phase's requests after this long")
     load.add_argument("--seed", type=int, default=0)
-    load.add_argument("--warmup", type=int, default=0,
+    load.add_argument("--warmup", "--num-warmups", type=int, default=0,
                       help="per target, first replay this many of the workload's requests (cycling), not "
                            "counted: servers that specialise kernels by shape reach their steady state")
     w = p.add_argument_group("workload")
     w.add_argument("--dataset", nargs="+", default=["random"], metavar="NAME [PATH]",
                    help=f"one of {', '.join(DATASETS)}; `file PATH` takes JSONL or ShareGPT JSON")
-    w.add_argument("--input-len", type=int, help="random: prompt tokens; synthetic: mean prompt tokens")
-    w.add_argument("--output-len", type=int, help="random: output tokens; synthetic: mean output tokens")
-    w.add_argument("--range-ratio", type=float, default=0.0, help="random: lengths uniform in L*(1 +- r)")
+    w.add_argument("--dataset-name", choices=tuple(VLLM_DATASETS), help="vLLM's spelling: random, or sharegpt / "
+                   "custom with --dataset-path (the same as --dataset file PATH)")
+    w.add_argument("--dataset-path", help="with --dataset-name sharegpt or custom: the file")
+    w.add_argument("--input-len", "--random-input-len", type=int, help="random: prompt tokens; synthetic: mean "
+                                                                       "prompt tokens")
+    w.add_argument("--output-len", "--random-output-len", type=int, help="random: output tokens; synthetic: mean "
+                                                                         "output tokens")
+    w.add_argument("--range-ratio", "--random-range-ratio", type=float, default=0.0,
+                   help="random: lengths uniform in L*(1 +- r)")
     w.add_argument("--tokenizer", help="tokenizer (HF folder or .gguf) to count prompt tokens exactly; "
                                        "without it lengths are estimated at 4 characters a token")
     w.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="let requests stop at EOS (default: generate exactly max_tokens)")
+    w.add_argument("--ignore-eos", dest="ignore_eos", action="store_true", help="generate exactly max_tokens (the default)")
     s = p.add_argument_group("SLOs")
     s.add_argument("--slo-ttft-ms", type=float)
     s.add_argument("--slo-tpot-ms", type=float)
@@ -131,8 +141,22 @@ def parse_targets(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
     return tuple(targets)
 
 
+def _dataset(args: argparse.Namespace) -> list[str]:
+    """--dataset's words, from vLLM's --dataset-name / --dataset-path when those are given."""
+    if args.dataset_name is None:
+        if args.dataset_path is not None:
+            raise ValueError("--dataset-path goes with --dataset-name sharegpt or custom")
+        return args.dataset
+    if args.dataset != ["random"]:
+        raise ValueError("use either --dataset or --dataset-name")
+    name = VLLM_DATASETS[args.dataset_name]
+    if (name == "file") != (args.dataset_path is not None):
+        raise ValueError(f"--dataset-name {args.dataset_name} {'needs' if name == 'file' else 'takes no'} --dataset-path")
+    return [name, args.dataset_path] if name == "file" else [name]
+
+
 def from_args(args: argparse.Namespace) -> BenchConfig:
-    name, *rest = args.dataset
+    name, *rest = _dataset(args)
     if name not in DATASETS:
         raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}")
     if (name == "file") != bool(rest) or len(rest) > 1:
@@ -161,7 +185,8 @@ def from_args(args: argparse.Namespace) -> BenchConfig:
     spec = DatasetSpec(name, args.num_prompts, args.input_len, args.output_len, args.range_ratio,
                        rest[0] if rest else None, args.seed)
     return BenchConfig(
-        targets=parse_targets(args), model=args.model, endpoint=args.endpoint, request_rate=args.request_rate,
+        targets=parse_targets(args), model=args.model, endpoint=args.endpoint.removeprefix("/v1/").replace(
+            "chat/completions", "chat"), request_rate=args.request_rate,
         burstiness=args.burstiness, max_concurrency=args.max_concurrency, duration_s=args.duration_s,
         warmup=args.warmup, dataset=spec, tokenizer=args.tokenizer, slo=slo,
         attainment_target=args.attainment_target, sweep_rates=sweep, find_goodput=args.find_goodput,

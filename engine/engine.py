@@ -75,6 +75,8 @@ class Engine:
                                param="kv_prediction")
         if params.kv_prediction and params.n != 1:
             raise RequestError("kv_prediction works with n=1 only", param="n")
+        if params.structured is not None:
+            self.runner.sampler.grammars.compile(params.structured)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_s: float | None = None, validated: bool = False) -> None:
@@ -284,6 +286,8 @@ class Engine:
                                           error=result.errors[row]))
                 continue
             status = request.append_token(token)
+            if status is None and row in result.completed:
+                status = RequestStatus.FINISHED_STOPPED
             timeline = request.timeline
             if timeline.first_token_s is None:
                 timeline.first_token_s = timeline.prefill_end_s = timeline.decode_start_s = now

@@ -106,8 +106,11 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, max_mo
         raise RequestError("the prompt is empty", param="prompt")
     if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 or t >= vocab_size for t in prompt_token_ids):
         raise RequestError(f"prompt token ids must be integers in [0, {vocab_size})", param="prompt")
-    if any(t >= vocab_size for t in params.stop_token_ids):
-        raise RequestError(f"stop_token_ids must be in [0, {vocab_size})", param="stop_token_ids")
+    for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias]),
+                      ("allowed_token_ids", params.allowed_token_ids),
+                      ("bad_words", [t for w in params.bad_words_ids for t in w])):
+        if any(t >= vocab_size for t in ids):
+            raise RequestError(f"{name}: token ids must be in [0, {vocab_size})", param=name)
     wanted = n + (params.max_tokens or 1)
     if n >= max_model_len or wanted > max_model_len:
         raise ContextLengthExceeded(

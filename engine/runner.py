@@ -19,6 +19,7 @@ from engine.attention import BatchLayout, select_backend
 from engine.attention.base import slots_for
 from engine.batcher import ScheduledSeq, StepPlan
 from engine.config import EngineConfig
+from engine.grammar import Grammars
 from engine.kv.cache import KVCache
 from engine.memory import AUTO_KV_MAX_BYTES, PACK_COPY_FACTOR, auto_budget, process_rss
 from engine.models import packed_gemm
@@ -114,7 +115,7 @@ class ModelRunner:
         self.kv_cache = KVCache(model_cfg.num_layers, num_blocks, config.block_size,
                                 model_cfg.num_kv_heads, model_cfg.head_dim, self.dtype, self.device)
         self.backend = select_backend(config.attention_backend, self.device, config.block_size)
-        self.sampler = Sampler(self.device, config.seed)
+        self.sampler = Sampler(self.device, config.seed, Grammars(model_path, model_cfg.vocab_size, model_cfg.eos_token_ids))
         self.info = RunnerInfo(model_cfg, max_len, num_blocks)
         self._cohort_hidden: dict[str, torch.Tensor] = {}  # layered prefill: per request, between steps
         self.weight_reads = WeightReads()  # since start: dense and expert weight bytes the steps read
@@ -126,7 +127,7 @@ class ModelRunner:
         runs the other phase with the same weights and KV cache (its own sampler, layered
         state and counters). Each is driven by one thread."""
         other = copy.copy(self)
-        other.sampler = Sampler(self.device, self.sampler.seed + 1)
+        other.sampler = Sampler(self.device, self.sampler.seed + 1, self.sampler.grammars)
         other._cohort_hidden, other.weight_reads = {}, WeightReads()
         self.split = other.split = split
         self.phase, other.phase = phase, split.other(phase)

@@ -1,7 +1,9 @@
 """Token sampling for one step's batch of rows, one row per sampling request.
 
 Order per row: logprobs of the raw model distribution (if asked); repetition / presence /
-frequency penalties; min_tokens masks the stop tokens; greedy rows take the argmax;
+frequency penalties; allowed_token_ids, logit_bias and bad words; min_tokens masks the stop
+tokens; a structured-output row is masked to what its grammar allows (engine/grammar.py),
+and its grammar then advances by the token drawn; greedy rows take the argmax;
 the rest are scaled by temperature, filtered by top_k, top_p and min_p, and drawn with
 the request's own generator (seeded per request, so a seed reproduces its output
 whatever else shares the batch).
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.grammar import Grammars, Matcher, apply_bitmasks
 from engine.request import Request, TokenLogprobs
 
 log = logging.getLogger(__name__)
@@ -24,17 +27,30 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
     errors: dict[int, str] = field(default_factory=dict)  # row -> why that row's set-up failed (its token is void)
+    completed: set[int] = field(default_factory=set)  # rows whose grammar is complete with this token: they stop
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int):
+    def __init__(self, device: torch.device, seed: int, grammars: Grammars | None = None):
         self.device = device
         self.seed = seed
+        self.grammars = grammars
         self._seeder = torch.Generator().manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
+        self._matchers: dict[str, Matcher] = {}
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        self._matchers.pop(request_id, None)
+
+    def _matcher(self, request: Request) -> Matcher:
+        m = self._matchers.get(request.request_id)
+        if m is None:
+            if self.grammars is None:
+                raise RuntimeError("this engine has no grammar support")
+            m = self._matchers[request.request_id] = self.grammars.matcher(request.params.structured,
+                                                                           request.output_token_ids)
+        return m
 
     def _generator(self, request: Request) -> torch.Generator:
         gen = self._generators.get(request.request_id)
@@ -54,18 +70,24 @@ class Sampler:
         raw_logprobs = None
         if any(p.logprobs is not None for p in params):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        if any(p.has_penalties for p in params):
+        if any(p.has_penalties or p.shapes_logits for p in params):
             logits = logits.clone()
         errors: dict[int, str] = {}
         generators: dict[int, torch.Generator] = {}
+        matchers: dict[int, Matcher] = {}
         for row, r in enumerate(requests):
             try:
                 self._prepare_row(logits[row], r)
+                if r.params.structured is not None:
+                    matchers[row] = self._matcher(r)
                 if not r.params.greedy:
                     generators[row] = self._generator(r)
             except Exception as e:  # this request's values; the batch goes on without it
                 log.exception("sampling set-up failed for request %s", r.request_id)
                 errors[row] = f"sampling set-up failed: {type(e).__name__}: {e}"
+                matchers.pop(row, None)
+        if matchers:
+            apply_bitmasks(logits, matchers)
         tokens = logits.argmax(dim=-1)
         random_rows = list(generators)
         if random_rows:
@@ -75,6 +97,12 @@ class Sampler:
                 noise = torch.empty_like(probs[j]).exponential_(generator=generators[row])
                 tokens[row] = (probs[j] / noise).argmax()
         token_ids = tokens.tolist()
+        completed = set()
+        for row, matcher in matchers.items():
+            if not matcher.accept(token_ids[row]):
+                errors[row] = "no token the output constraint allows could be sampled"
+            elif matcher.terminated:
+                completed.add(row)
         out: list[TokenLogprobs | None] = [None] * len(requests)
         if raw_logprobs is not None:
             for row, p in enumerate(params):
@@ -86,14 +114,28 @@ class Sampler:
                     vals, ids = raw_logprobs[row].topk(p.logprobs)
                     top = list(zip(ids.tolist(), vals.tolist()))
                 out[row] = TokenLogprobs(tok, float(raw_logprobs[row, tok]), top)
-        return SampleResult(token_ids, out, errors)
+        return SampleResult(token_ids, out, errors, completed)
 
     @staticmethod
     def _prepare_row(row: torch.Tensor, request: Request) -> None:
-        """Penalties, then min_tokens' mask of the stop tokens, in place on the row's logits."""
+        """Penalties, token filters and biases, then min_tokens' mask of the stop tokens, in
+        place on the row's logits."""
         p = request.params
         if p.has_penalties:
             _apply_penalties(row, request)
+        if p.allowed_token_ids:
+            keep = torch.tensor(p.allowed_token_ids, device=row.device, dtype=torch.long)
+            kept = row[keep]
+            row.fill_(float("-inf"))
+            row[keep] = kept
+        if p.logit_bias:
+            ids = torch.tensor([t for t, _ in p.logit_bias], device=row.device, dtype=torch.long)
+            row[ids] += torch.tensor([b for _, b in p.logit_bias], device=row.device, dtype=row.dtype)
+        if p.bad_words_ids:
+            out = request.output_token_ids
+            banned = [w[-1] for w in p.bad_words_ids if len(w) == 1 or out[len(out) - len(w) + 1:] == list(w[:-1])]
+            if banned:
+                row[banned] = float("-inf")
         if request.num_output_tokens < p.min_tokens:
             blocked = list(p.stop_token_ids) + ([] if p.ignore_eos else list(request.eos_token_ids))
             if blocked:

@@ -6,10 +6,13 @@ import math
 from dataclasses import dataclass, field
 
 from engine.errors import RequestError
+from engine.structured_output import StructuredOutput
 
 MAX_N = 8
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+MAX_TOKEN_LISTS = 1024  # logit_bias entries, allowed_token_ids, bad-word token sequences: at most this many
+LOGIT_BIAS_LIMIT = 100.0  # biases are clamped to [-100, 100] (OpenAI's range)
 INT32_MAX = 2**31 - 1  # token ids and top_k travel as int32 between workers
 UINT32_MAX = 2**32 - 1  # max_tokens and min_tokens as uint32
 SEED_MIN, SEED_MAX = -2**63, 2**63 - 1  # int64; the n samples' seeds (seed + index) too
@@ -34,6 +37,10 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     kv_prediction: bool | None = None  # predicted prefill (KV prediction): None lets the server's policy choose
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), a dict is accepted
+    allowed_token_ids: tuple[int, ...] = ()  # when set, only these tokens may be sampled
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # token sequences never completed (the last one is masked)
+    structured: StructuredOutput | None = None  # what the output must match (constrained decoding)
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -41,6 +48,7 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        self._token_lists()
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -72,6 +80,32 @@ class SamplingParams:
                f"stop must be at most {MAX_STOP_STRINGS} non-empty strings", "stop")
         _check(all(_int(t) and 0 <= t <= INT32_MAX for t in self.stop_token_ids),
                "stop_token_ids must be non-negative integers", "stop_token_ids")
+
+    def _token_lists(self) -> None:
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias or ()
+        try:
+            bias = tuple(sorted((t, max(-LOGIT_BIAS_LIMIT, min(LOGIT_BIAS_LIMIT, float(b)))) for t, b in bias))
+        except (TypeError, ValueError):
+            raise RequestError("logit_bias maps token ids to numbers", param="logit_bias") from None
+        object.__setattr__(self, "logit_bias", bias)
+        object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids or ()))
+        object.__setattr__(self, "bad_words_ids", tuple(tuple(w) for w in self.bad_words_ids or ()))
+        for name, ids in (("logit_bias", [t for t, _ in bias]), ("allowed_token_ids", self.allowed_token_ids),
+                          ("bad_words", [t for w in self.bad_words_ids for t in w])):
+            _check(all(_int(t) and 0 <= t <= INT32_MAX for t in ids), f"{name}: token ids must be non-negative integers",
+                   name)
+        _check(all(math.isfinite(b) for _, b in bias), "logit_bias values must be finite numbers", "logit_bias")
+        for name, n in (("logit_bias", len(bias)), ("allowed_token_ids", len(self.allowed_token_ids)),
+                        ("bad_words", len(self.bad_words_ids))):
+            _check(n <= MAX_TOKEN_LISTS, f"{name}: at most {MAX_TOKEN_LISTS} entries", name)
+        _check(all(self.bad_words_ids), "bad_words entries must not be empty", "bad_words")
+        _check(self.structured is None or isinstance(self.structured, StructuredOutput),
+               "structured must be a StructuredOutput", "structured_outputs")
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether sampling changes this row's logits before it draws (penalties aside)."""
+        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words_ids or self.structured)
 
     @property
     def greedy(self) -> bool:

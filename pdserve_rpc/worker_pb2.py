@@ -24,45 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve_rpc/worker.proto\x12\x11pdserve.worker.v1\"\x84\x03\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x17\n\nmax_tokens\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\r\n\x05min_p\x18\x07 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\n \x01(\x02\x12\x11\n\x04seed\x18\x0b \x01(\x03H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x02\x88\x01\x01\x12\x1a\n\rkv_prediction\x18\x0f \x01(\x08H\x03\x88\x01\x01\x42\r\n\x0b_max_tokensB\x07\n\x05_seedB\x0b\n\t_logprobsB\x10\n\x0e_kv_prediction\"\xa3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x31\n\x06params\x18\x03 \x01(\x0b\x32!.pdserve.worker.v1.SamplingParams\x12\x16\n\x0eprefill_worker\x18\x04 \x01(\t\x12\x17\n\x0fprefill_address\x18\x05 \x01(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"]\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12*\n\x03top\x18\x03 \x03(\x0b\x32\x1d.pdserve.worker.v1.TopLogprob\"\xff\x01\n\x07Timings\x12\x12\n\x05queue\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07prefill\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08transfer\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x19\n\x0c\x64\x65\x63ode_queue\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x13\n\x06\x64\x65\x63ode\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x14\n\x07kv_span\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x15\n\x08kv_bytes\x18\x07 \x01(\x04H\x06\x88\x01\x01\x42\x08\n\x06_queueB\n\n\x08_prefillB\x0b\n\t_transferB\x0f\n\r_decode_queueB\t\n\x07_decodeB\n\n\x08_kv_spanB\x0b\n\t_kv_bytes\"\xfe\x01\n\nTokenDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x31\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1f.pdserve.worker.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12+\n\x07timings\x18\x08 \x01(\x0b\x32\x1a.pdserve.worker.v1.Timings\x12\r\n\x05\x65rror\x18\t \x01(\t\"\xb2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x31\n\x06params\x18\x03 \x01(\x0b\x32!.pdserve.worker.v1.SamplingParams\x12\x15\n\rdecode_worker\x18\x04 \x01(\t\x12\x13\n\x0btransfer_id\x18\x05 \x01(\x03\x12\x13\n\x0bskip_blocks\x18\x06 \x01(\x05\"\x82\x01\n\x0cPrefillReply\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x36\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x1f.pdserve.worker.v1.TokenLogprob\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"C\n\x0e\x43onnectRequest\x12\x15\n\rdecode_worker\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\"\x0e\n\x0c\x43onnectReply\"%\n\x0fProgressRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"6\n\rProgressReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x16\n\x0enum_iterations\x18\x02 \x01(\x04\"\r\n\x0bLoadRequest\"\xc8\x03\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\t \x01(\t\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\r\x12\x1a\n\x12num_kv_blocks_used\x18\x06 \x01(\r\x12\x1b\n\x13num_kv_blocks_total\x18\x07 \x01(\r\x12#\n\x1bprefix_cache_queries_tokens\x18\x0f \x01(\x04\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x10 \x01(\x04\x12\"\n\x1anum_pending_prefill_tokens\x18\x03 \x01(\x04\x12\x1a\n\x12weight_bytes_dense\x18\n \x01(\x04\x12\x1b\n\x13weight_bytes_expert\x18\x0b \x01(\x04\x12\x1b\n\x13prefill_s_per_token\x18\x0c \x01(\x01\x12\x1a\n\x12kv_prediction_cost\x18\r \x01(\x01\x12\x1e\n\x16num_predicted_prefills\x18\x0e \x01(\x04\x12\x11\n\twait_room\x18\x11 \x01(\r2\xd9\x03\n\x06Worker\x12O\n\x08Generate\x12\".pdserve.worker.v1.GenerateRequest\x1a\x1d.pdserve.worker.v1.TokenDelta0\x01\x12M\n\x07Prefill\x12!.pdserve.worker.v1.PrefillRequest\x1a\x1f.pdserve.worker.v1.PrefillReply\x12M\n\x07\x43onnect\x12!.pdserve.worker.v1.ConnectRequest\x1a\x1f.pdserve.worker.v1.ConnectReply\x12G\n\x05\x41\x62ort\x12\x1f.pdserve.worker.v1.AbortRequest\x1a\x1d.pdserve.worker.v1.AbortReply\x12P\n\x08Progress\x12\".pdserve.worker.v1.ProgressRequest\x1a .pdserve.worker.v1.ProgressReply\x12\x45\n\x04Load\x12\x1e.pdserve.worker.v1.LoadRequest\x1a\x1d.pdserve.worker.v1.WorkerLoadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve_rpc/worker.proto\x12\x11pdserve.worker.v1\"\x9d\x05\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x17\n\nmax_tokens\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\r\n\x05min_p\x18\x07 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\n \x01(\x02\x12\x11\n\x04seed\x18\x0b \x01(\x03H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x02\x88\x01\x01\x12\x1a\n\rkv_prediction\x18\x0f \x01(\x08H\x03\x88\x01\x01\x12\x44\n\nlogit_bias\x18\x10 \x03(\x0b\x32\x30.pdserve.worker.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x11 \x03(\x05\x12\x37\n\rbad_words_ids\x18\x12 \x03(\x0b\x32 .pdserve.worker.v1.TokenSequence\x12<\n\nstructured\x18\x13 \x01(\x0b\x32#.pdserve.worker.v1.StructuredOutputH\x04\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x07\n\x05_seedB\x0b\n\t_logprobsB\x10\n\x0e_kv_predictionB\r\n\x0b_structured\"\"\n\rTokenSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\".\n\x10StructuredOutput\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\t\"\xa3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x31\n\x06params\x18\x03 \x01(\x0b\x32!.pdserve.worker.v1.SamplingParams\x12\x16\n\x0eprefill_worker\x18\x04 \x01(\t\x12\x17\n\x0fprefill_address\x18\x05 \x01(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"]\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12*\n\x03top\x18\x03 \x03(\x0b\x32\x1d.pdserve.worker.v1.TopLogprob\"\xff\x01\n\x07Timings\x12\x12\n\x05queue\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07prefill\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08transfer\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x19\n\x0c\x64\x65\x63ode_queue\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x13\n\x06\x64\x65\x63ode\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x14\n\x07kv_span\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x15\n\x08kv_bytes\x18\x07 \x01(\x04H\x06\x88\x01\x01\x42\x08\n\x06_queueB\n\n\x08_prefillB\x0b\n\t_transferB\x0f\n\r_decode_queueB\t\n\x07_decodeB\n\n\x08_kv_spanB\x0b\n\t_kv_bytes\"\xfe\x01\n\nTokenDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x31\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1f.pdserve.worker.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12+\n\x07timings\x18\x08 \x01(\x0b\x32\x1a.pdserve.worker.v1.Timings\x12\r\n\x05\x65rror\x18\t \x01(\t\"\xb2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x31\n\x06params\x18\x03 \x01(\x0b\x32!.pdserve.worker.v1.SamplingParams\x12\x15\n\rdecode_worker\x18\x04 \x01(\t\x12\x13\n\x0btransfer_id\x18\x05 \x01(\x03\x12\x13\n\x0bskip_blocks\x18\x06 \x01(\x05\"\x82\x01\n\x0cPrefillReply\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x36\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x1f.pdserve.worker.v1.TokenLogprob\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"C\n\x0e\x43onnectRequest\x12\x15\n\rdecode_worker\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\"\x0e\n\x0c\x43onnectReply\"%\n\x0fProgressRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"6\n\rProgressReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x16\n\x0enum_iterations\x18\x02 \x01(\x04\"\r\n\x0bLoadRequest\"\xc8\x03\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\t \x01(\t\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\r\x12\x1a\n\x12num_kv_blocks_used\x18\x06 \x01(\r\x12\x1b\n\x13num_kv_blocks_total\x18\x07 \x01(\r\x12#\n\x1bprefix_cache_queries_tokens\x18\x0f \x01(\x04\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x10 \x01(\x04\x12\"\n\x1anum_pending_prefill_tokens\x18\x03 \x01(\x04\x12\x1a\n\x12weight_bytes_dense\x18\n \x01(\x04\x12\x1b\n\x13weight_bytes_expert\x18\x0b \x01(\x04\x12\x1b\n\x13prefill_s_per_token\x18\x0c \x01(\x01\x12\x1a\n\x12kv_prediction_cost\x18\r \x01(\x01\x12\x1e\n\x16num_predicted_prefills\x18\x0e \x01(\x04\x12\x11\n\twait_room\x18\x11 \x01(\r2\xd9\x03\n\x06Worker\x12O\n\x08Generate\x12\".pdserve.worker.v1.GenerateRequest\x1a\x1d.pdserve.worker.v1.TokenDelta0\x01\x12M\n\x07Prefill\x12!.pdserve.worker.v1.PrefillRequest\x1a\x1f.pdserve.worker.v1.PrefillReply\x12M\n\x07\x43onnect\x12!.pdserve.worker.v1.ConnectRequest\x1a\x1f.pdserve.worker.v1.ConnectReply\x12G\n\x05\x41\x62ort\x12\x1f.pdserve.worker.v1.AbortRequest\x1a\x1d.pdserve.worker.v1.AbortReply\x12P\n\x08Progress\x12\".pdserve.worker.v1.ProgressRequest\x1a .pdserve.worker.v1.ProgressReply\x12\x45\n\x04Load\x12\x1e.pdserve.worker.v1.LoadRequest\x1a\x1d.pdserve.worker.v1.WorkerLoadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve_rpc.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=48
-  _globals['_SAMPLINGPARAMS']._serialized_end=436
-  _globals['_GENERATEREQUEST']._serialized_start=439
-  _globals['_GENERATEREQUEST']._serialized_end=602
-  _globals['_TOPLOGPROB']._serialized_start=604
-  _globals['_TOPLOGPROB']._serialized_end=651
-  _globals['_TOKENLOGPROB']._serialized_start=653
-  _globals['_TOKENLOGPROB']._serialized_end=746
-  _globals['_TIMINGS']._serialized_start=749
-  _globals['_TIMINGS']._serialized_end=1004
-  _globals['_TOKENDELTA']._serialized_start=1007
-  _globals['_TOKENDELTA']._serialized_end=1261
-  _globals['_PREFILLREQUEST']._serialized_start=1264
-  _globals['_PREFILLREQUEST']._serialized_end=1442
-  _globals['_PREFILLREPLY']._serialized_start=1445
-  _globals['_PREFILLREPLY']._serialized_end=1575
-  _globals['_ABORTREQUEST']._serialized_start=1577
-  _globals['_ABORTREQUEST']._serialized_end=1611
-  _globals['_ABORTREPLY']._serialized_start=1613
-  _globals['_ABORTREPLY']._serialized_end=1640
-  _globals['_CONNECTREQUEST']._serialized_start=1642
-  _globals['_CONNECTREQUEST']._serialized_end=1709
-  _globals['_CONNECTREPLY']._serialized_start=1711
-  _globals['_CONNECTREPLY']._serialized_end=1725
-  _globals['_PROGRESSREQUEST']._serialized_start=1727
-  _globals['_PROGRESSREQUEST']._serialized_end=1764
-  _globals['_PROGRESSREPLY']._serialized_start=1766
-  _globals['_PROGRESSREPLY']._serialized_end=1820
-  _globals['_LOADREQUEST']._serialized_start=1822
-  _globals['_LOADREQUEST']._serialized_end=1835
-  _globals['_WORKERLOAD']._serialized_start=1838
-  _globals['_WORKERLOAD']._serialized_end=2294
-  _globals['_WORKER']._serialized_start=2297
-  _globals['_WORKER']._serialized_end=2770
+  _globals['_SAMPLINGPARAMS']._serialized_end=717
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=599
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=647
+  _globals['_TOKENSEQUENCE']._serialized_start=719
+  _globals['_TOKENSEQUENCE']._serialized_end=753
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=755
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=801
+  _globals['_GENERATEREQUEST']._serialized_start=804
+  _globals['_GENERATEREQUEST']._serialized_end=967
+  _globals['_TOPLOGPROB']._serialized_start=969
+  _globals['_TOPLOGPROB']._serialized_end=1016
+  _globals['_TOKENLOGPROB']._serialized_start=1018
+  _globals['_TOKENLOGPROB']._serialized_end=1111
+  _globals['_TIMINGS']._serialized_start=1114
+  _globals['_TIMINGS']._serialized_end=1369
+  _globals['_TOKENDELTA']._serialized_start=1372
+  _globals['_TOKENDELTA']._serialized_end=1626
+  _globals['_PREFILLREQUEST']._serialized_start=1629
+  _globals['_PREFILLREQUEST']._serialized_end=1807
+  _globals['_PREFILLREPLY']._serialized_start=1810
+  _globals['_PREFILLREPLY']._serialized_end=1940
+  _globals['_ABORTREQUEST']._serialized_start=1942
+  _globals['_ABORTREQUEST']._serialized_end=1976
+  _globals['_ABORTREPLY']._serialized_start=1978
+  _globals['_ABORTREPLY']._serialized_end=2005
+  _globals['_CONNECTREQUEST']._serialized_start=2007
+  _globals['_CONNECTREQUEST']._serialized_end=2074
+  _globals['_CONNECTREPLY']._serialized_start=2076
+  _globals['_CONNECTREPLY']._serialized_end=2090
+  _globals['_PROGRESSREQUEST']._serialized_start=2092
+  _globals['_PROGRESSREQUEST']._serialized_end=2129
+  _globals['_PROGRESSREPLY']._serialized_start=2131
+  _globals['_PROGRESSREPLY']._serialized_end=2185
+  _globals['_LOADREQUEST']._serialized_start=2187
+  _globals['_LOADREQUEST']._serialized_end=2200
+  _globals['_WORKERLOAD']._serialized_start=2203
+  _globals['_WORKERLOAD']._serialized_end=2659
+  _globals['_WORKER']._serialized_start=2662
+  _globals['_WORKER']._serialized_end=3135
 # @@protoc_insertion_point(module_scope)

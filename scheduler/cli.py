@@ -35,9 +35,16 @@ def build_server(engine_config: EngineConfig, config: ServeConfig = ServeConfig(
         loop, role, control = EngineLoop(build_engine(engine_config, disaggregated=False)).start(), Role.COLOCATED, None
     name = engine_config.served_model_name or model_name(engine_config.model)
     client = InProcessClient(loop, name, config.slo_ttft_ms / 1000, role, control)
-    state = ServerState(client, tokenizer, name, config.api_key, ServerMetrics(config), config.limits,
-                        config.api_key_protects_metrics, max_queued=config.limits.max_queued_requests)
+    state = ServerState(client, tokenizer, name, config.api_key, ServerMetrics(config, name), config.limits,
+                        config.api_key_protects_metrics, max_queued=config.limits.max_queued_requests,
+                        **front_door_options(config))
     return build_app(state), loop
+
+
+def front_door_options(config: ServeConfig) -> dict:
+    """ServerState's request-handling options from the serve config."""
+    return {"strict_fields": config.strict_fields,
+            "tool_call_parser": None if config.tool_call_parser == "none" else config.tool_call_parser}
 
 
 def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
@@ -60,16 +67,28 @@ def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
         name = engine_config.served_model_name or model_name(engine_config.model)
         client = DisaggClient(cluster.scheduler, ModelInfo(name, max_model_len, vocab_size), config.policy,
                               policy_config=config.policy_config, slo_ttft_s=config.slo_ttft_ms / 1000)
-        state = ServerState(client, tokenizer, name, config.api_key, ServerMetrics(config), config.limits,
-                            config.api_key_protects_metrics)
+        state = ServerState(client, tokenizer, name, config.api_key, ServerMetrics(config, name), config.limits,
+                            config.api_key_protects_metrics, **front_door_options(config))
         return build_app(state), cluster
     except BaseException:
         cluster.stop()
         raise
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """A busy port is a clear error before the model loads, not a traceback after."""
+    import socket
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
 def serve(config: ServeConfig, engine_config: EngineConfig) -> None:
     from scheduler.api.http_server import make_server
+    _check_port_free(config.host, config.port)
     if engine_config.engine == EngineBackend.VLLM and config.mode == ServeMode.SEMI_PD:
         raise ValueError("--mode semi-pd runs pdserve's own engine only (its two streams share one KV pool); "
                          "with --engine vllm use --mode colocated or disagg")
@@ -84,13 +103,19 @@ def serve(config: ServeConfig, engine_config: EngineConfig) -> None:
                  config.host, config.port, config.prefill_workers, config.decode_workers)
         stop = cluster.stop
     try:
-        make_server(app, config.host, config.port, config.limits, config.log_level).run()
+        make_server(app, config.host, config.port, config.limits, config.log_level,
+                    access_log=not config.disable_access_log).run()
     finally:
         stop()
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # every logger of the process, uvicorn's too
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving")
+    from scheduler.api.utility import pdserve_version
+    parser.add_argument("--version", action="version", version=f"pdserve {pdserve_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     add_dataclass_args(p_serve, ServeConfig)
@@ -120,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         from engine.kvpred.cli import main as kvpred_main
         return kvpred_main(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
-            serve(from_args(ServeConfig, args), from_args(EngineConfig, args))
+            config, engine_config = from_args(ServeConfig, args), from_args(EngineConfig, args)
+            logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
+            serve(config, engine_config)
     except (ValueError, FileNotFoundError) as e:
         print(f"pdserve: error: {e}", file=sys.stderr)
         return 2

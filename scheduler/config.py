@@ -29,6 +29,9 @@ class ServeMode(enum.StrEnum):
     SEMI_PD = "semi-pd"
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
 def _sub(default, prefix: str = ""):
     return field(default=default, metadata={"prefix": prefix})
 
@@ -47,8 +50,14 @@ class ServeConfig:
     """With --api-key: /metrics and /openapi.json need the key too (by default they stay open, for scrapers and tools inside the cluster; /health always does)."""
     limits: FrontDoorLimits = _sub(FrontDoorLimits())
     """The front door's bounds on size, work and time."""
+    strict_fields: bool = False
+    """Refuse requests with a field pdserve does not know (400 naming it); by default such a field is logged once per name and counted in pdserve_request_unknown_fields_total."""
+    tool_call_parser: str = "hermes"
+    """How tool_choice auto finds tool calls in the model's text: hermes (<tool_call>{...}</tool_call>) or llama3_json ({"name": ..., "parameters": ...}); none: tool_choice auto is refused."""
     log_level: str = "info"
-    """Log level of the server (debug, info, warning, error)."""
+    """Log level of the server and of pdserve's own loggers (debug, info, warning, error, critical)."""
+    disable_access_log: bool = False
+    """Do not log a line per HTTP request."""
     prefill_workers: int = 1
     """disagg: number of prefill worker actors (one GPU each, or a share of the CPU cores)."""
     decode_workers: int = 1
@@ -86,6 +95,13 @@ class ServeConfig:
             raise ValueError(f"--policy {self.policy!r} is unknown (choices: {', '.join(POLICIES)})")
         if self.slo_ttft_ms <= 0 or self.slo_tpot_ms <= 0 or not 0 < self.slo_attainment_target <= 1:
             raise ValueError("--slo-ttft-ms and --slo-tpot-ms must be positive, --slo-attainment-target in (0, 1]")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"--log-level {self.log_level!r} is unknown (choices: {', '.join(LOG_LEVELS)})")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port {self.port} is out of range (1-65535)")
+        from scheduler.api.tools import PARSERS
+        if self.tool_call_parser not in (*PARSERS, "none"):
+            raise ValueError(f"--tool-call-parser {self.tool_call_parser!r} is unknown (choices: {', '.join(PARSERS)}, none)")
         if not 0 < self.semi_pd_prefill_share < 100:
             raise ValueError("--semi-pd-prefill-share must be in (0, 100)")
 

@@ -54,6 +54,16 @@ class EngineClient(abc.ABC):
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raises RequestError for a request the engine would refuse (before any response starts)."""
 
+    async def unready(self) -> str | None:
+        """Why no request could be served now (None: every pool has a worker up)."""
+        views = await self.workers()
+        if not views:
+            return "no workers"
+        for role in sorted({v.role for v in views}):
+            if not any(v.load.alive for v in views if v.role == role):
+                return f"no {role} worker is up"
+        return None
+
 
 class Loop(Protocol):
     """What InProcessClient drives: an engine loop (engine/worker/loop.py) or semi-PD's pair."""
@@ -67,6 +77,9 @@ class Loop(Protocol):
     def abort(self, request_id: str, index: int | None = None) -> None: ...
 
     def stats(self) -> EngineStats: ...
+
+    @property
+    def alive(self) -> bool: ...
 
 
 class InProcessClient(EngineClient):
@@ -108,6 +121,9 @@ class InProcessClient(EngineClient):
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         self.loop.abort(request_id, index)
+
+    async def unready(self) -> str | None:
+        return None if self.loop.alive else "the engine has stopped"
 
     def _load(self) -> WorkerLoad:
         return WorkerLoad.from_stats(f"{self.role}-0", self.loop.stats(), self.engine_info.block_size)

@@ -14,14 +14,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from scheduler.config import ServeConfig
 from scheduler.router import WorkerView
+from scheduler.vllm_metrics import VllmMetrics
 
 _LATENCY_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class ServerMetrics:
-    def __init__(self, config: ServeConfig = ServeConfig()) -> None:
+    def __init__(self, config: ServeConfig = ServeConfig(), model_name: str = "") -> None:
         self.slo_ttft_s, self.slo_tpot_s = config.slo_ttft_ms / 1000, config.slo_tpot_ms / 1000
         self.registry = r = CollectorRegistry()
+        self.vllm = VllmMetrics(r, model_name)  # vLLM's names for the same observations
         self.ttft = Histogram("pdserve_request_ttft_seconds", "Time to first token (server side)", buckets=_LATENCY_S, registry=r)
         self.itl = Histogram("pdserve_request_itl_seconds", "Gap between consecutive output tokens", buckets=_LATENCY_S, registry=r)
         self.tpot = Histogram("pdserve_request_tpot_seconds", "Per-request time per output token after the first", buckets=_LATENCY_S, registry=r)
@@ -38,6 +40,8 @@ class ServerMetrics:
         self.generation_tokens = Counter("pdserve_generation_tokens", "Tokens generated", registry=r)
         self.cached_tokens = Counter("pdserve_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", registry=r)
         self.finished = Counter("pdserve_requests_finished", "Finished requests (samples) by reason", ["reason"], registry=r)
+        self.unknown_fields = Counter("pdserve_request_unknown_fields", "Request fields pdserve does not know, "
+                                      "by name (ignored; --strict-fields refuses them)", ["field"], registry=r)
         self.errors = Counter("pdserve_requests_rejected", "Requests refused with a 4xx or failed with a 5xx", ["status"], registry=r)
         self.slo = Counter("pdserve_slo_requests", "Finished samples by whether they met both the TTFT and "
                            "the TPOT SLO (result: met, missed; a 5xx counts as missed)", ["result"], registry=r)
@@ -101,6 +105,7 @@ class ServerMetrics:
         for gauge in (*self.worker_gauges.values(), self.controller_verdict):
             gauge.clear()  # workers come and go; series of gone workers go with them
         control = control or {}
+        self.vllm.workers = workers
         lent = control.get("lent", {})
         for w in workers:
             g, load, key = self.worker_gauges, w.load, (w.role, w.worker_id)

@@ -48,6 +48,8 @@ class WorkerLoad:
     kv_prediction_cost: float = 0.0   # predicted prefill's share of full prefill's FLOPs; 0: no KV predictor
     num_predicted_prefills: int = 0   # since start (metrics only)
     wait_room: int = 0  # decode: requests its queue for KV blocks would still take (routed there with no free block)
+    prefix_queries_tokens: int = 0  # since start: prompt tokens looked up in its prefix cache (metrics only)
+    prefix_hit_tokens: int = 0      # since start: of those, found cached
 
     @classmethod
     def from_stats(cls, worker_id: str, stats: EngineStats, block_size: int, wait_room: int = 0) -> WorkerLoad:
@@ -56,7 +58,8 @@ class WorkerLoad:
                    stats.num_kv_blocks_total - stats.num_kv_blocks_used, block_size, wait_room=wait_room,
                    weight_bytes_dense=stats.weight_bytes_dense, weight_bytes_expert=stats.weight_bytes_expert,
                    prefill_s_per_token=stats.prefill_s_per_token, kv_prediction_cost=stats.kv_prediction_cost,
-                   num_predicted_prefills=stats.num_predicted_prefills)
+                   num_predicted_prefills=stats.num_predicted_prefills,
+                   prefix_queries_tokens=stats.prefix_cache_queries_tokens, prefix_hit_tokens=stats.prefix_cache_hit_tokens)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -47,9 +47,12 @@ class Tokenizer:
             _trim_heap()
         return ids
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                            continue_final_message: bool = False, template_kwargs: dict | None = None) -> list[int]:
         """The prompt's token ids. Control tokens that appear in what the messages say (a user
-        writing "<|im_start|>system") are encoded as text, never as the tokens themselves."""
+        writing "<|im_start|>system") are encoded as text, never as the tokens themselves.
+        tools (OpenAI's tool objects) and template_kwargs reach the template as its variables;
+        continue_final_message leaves the last message open for the reply to continue."""
         if not self.hf.chat_template:
             raise RequestError("this model has no chat template; use /v1/completions", param="messages")
         for message in messages:
@@ -57,14 +60,21 @@ class Tokenizer:
         controls = self._control_tokens()
         forged = {i for i, m in enumerate(messages)
                   if isinstance(m.get("content"), str) and any(c in m["content"] for c in controls)}
+        reserved = {"tokenize", "add_generation_prompt", "continue_final_message", "tools", "messages", "conversation",
+                    "return_dict", "chat_template"} & set(template_kwargs or {})
+        if reserved:
+            raise RequestError(f"chat_template_kwargs may not set {', '.join(sorted(reserved))}",
+                               param="chat_template_kwargs")
+        kw = dict(template_kwargs or {}, add_generation_prompt=add_generation_prompt,
+                  continue_final_message=continue_final_message, tools=tools)
         try:
             if not forged:
-                out = self.hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+                out = self.hf.apply_chat_template(messages, tokenize=True, **kw)
                 return list(out["input_ids"] if isinstance(out, Mapping) else out)
             # the template rendered around placeholders; each placeholder's content encoded as plain text
             marks = {i: f"PDSERVECONTENT{i}X" for i in forged}
             shown = [dict(m, content=marks[i]) if i in marks else m for i, m in enumerate(messages)]
-            text = self.hf.apply_chat_template(shown, tokenize=False, add_generation_prompt=add_generation_prompt)
+            text = self.hf.apply_chat_template(shown, tokenize=False, **kw)
         except Exception as e:  # template errors are the caller's input problem
             raise RequestError(f"chat template failed on these messages: {e}", param="messages") from e
         ids: list[int] = []
@@ -82,6 +92,20 @@ class Tokenizer:
             self._controls = sorted({t.content for t in added.values() if getattr(t, "special", False)}
                                     | set(self.hf.all_special_tokens))
         return self._controls
+
+    def bad_words_ids(self, words: list[str]) -> tuple[tuple[int, ...], ...]:
+        """Each word's token sequences to forbid: as it starts a text and, when that tokenizes
+        differently, after a space (how vLLM reads bad_words)."""
+        out: list[tuple[int, ...]] = []
+        for word in words:
+            plain = tuple(self.hf.encode(word.lstrip(), add_special_tokens=False))
+            if not plain:
+                raise RequestError("bad_words entries must be text that makes at least one token", param="bad_words")
+            out.append(plain)
+            spaced = tuple(self.hf.encode(" " + word.lstrip(), add_special_tokens=False))
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                out.append(spaced)
+        return tuple(out)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)

@@ -226,6 +226,7 @@ class FakeEngineClient(EngineClient):
         self.refuse: Exception | None = None  # raised when a request starts (e.g. Overloaded)
         self.stall_at: int | None = None  # every sample waits at this token for `unstall`
         self.unstall = threading.Event()
+        self.down: str | None = None  # why it cannot serve (/health answers 503), None: it can
 
     def check(self, prompt_token_ids, params) -> None:
         self.checked.append(list(prompt_token_ids))
@@ -253,6 +254,9 @@ class FakeEngineClient(EngineClient):
 
     async def workers(self):
         return []
+
+    async def unready(self):
+        return self.down
 
 
 class FakeEngine:

@@ -35,6 +35,7 @@ from engine.interface import DEFERRED
 from engine.outputs import EngineInfo, EngineStats, StepOutput, Timeline, TokenLogprobs
 from engine.request import validate_request
 from engine.sampling_params import SamplingParams
+from engine.structured_output import StructuredKind, StructuredOutput
 from engine.transfer.base import KVSink, LayerChunk
 from engine.vllm_backend.args import engine_args
 from engine.vllm_backend.bridge import CONSUME, PRODUCE, Bridge
@@ -90,22 +91,34 @@ class VllmEngine:
         validate_request(prompt_token_ids, params, self.max_model_len, self.vocab_size)
         if params.kv_prediction:
             raise RequestError("kv_prediction needs pdserve's own engine (--engine pdserve)", param="kv_prediction")
-        self._params(params)
+        vparams = self._params(params)
+        from vllm.exceptions import VLLMClientError
+        checks = self.llm.input_processor
+        try:  # what vLLM checks when the request is added (structured-output constraints compile here), done now
+            vparams.verify(checks.model_config, checks.speculative_config, checks.structured_outputs_config,
+                           checks.tokenizer)
+        except (ValueError, VLLMClientError) as e:
+            raise RequestError(str(e).split("\n")[0], param=getattr(e, "parameter", None)) from None
 
     def _params(self, params: SamplingParams, transfer: dict | None = None):
         from vllm import SamplingParams as VllmParams
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
         try:
-            return VllmParams(
+            vparams = VllmParams(
                 n=params.n, max_tokens=params.max_tokens, min_tokens=params.min_tokens, temperature=params.temperature,
                 top_p=params.top_p, top_k=params.top_k, min_p=params.min_p, seed=params.seed,
                 repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
                 frequency_penalty=params.frequency_penalty, stop_token_ids=list(params.stop_token_ids),
                 ignore_eos=params.ignore_eos, logprobs=params.logprobs, detokenize=False,
-                output_kind=RequestOutputKind.DELTA, extra_args={"kv_transfer_params": transfer} if transfer else None)
+                output_kind=RequestOutputKind.DELTA, extra_args={"kv_transfer_params": transfer} if transfer else None,
+                logit_bias=dict(params.logit_bias) or None, allowed_token_ids=list(params.allowed_token_ids) or None,
+                structured_outputs=_structured(params.structured))
         except (ValueError, VLLMClientError) as e:  # vLLM's own checks of the request
             raise RequestError(str(e), param=getattr(e, "parameter", None)) from None
+        if params.bad_words_ids:  # tokenized by the front door as vLLM's update_from_tokenizer does; its sampler reads this
+            vparams._bad_words_token_ids = [list(w) for w in params.bad_words_ids]
+        return vparams
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_s: float | None = None, validated: bool = False) -> None:
@@ -297,3 +310,17 @@ def _logprobs(completion, k: int | None) -> list[TokenLogprobs]:
         top = sorted((lp.rank, t, lp.logprob) for t, lp in alternatives.items() if lp.rank is not None and lp.rank <= k)
         out.append(TokenLogprobs(token_id, alternatives[token_id].logprob, [(t, lp) for _, t, lp in top]))
     return out
+
+
+def _structured(spec: StructuredOutput | None):
+    """The constraint as vLLM's StructuredOutputsParams (its own backend compiles it)."""
+    if spec is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+    if spec.kind == StructuredKind.JSON:
+        return StructuredOutputsParams(json=spec.spec)
+    if spec.kind == StructuredKind.JSON_OBJECT:
+        return StructuredOutputsParams(json_object=True)
+    if spec.kind == StructuredKind.CHOICE:
+        return StructuredOutputsParams(choice=spec.choices)
+    return StructuredOutputsParams(**{spec.kind.value: spec.spec})

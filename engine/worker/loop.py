@@ -105,6 +105,11 @@ class EngineLoop:
     def stats(self) -> EngineStats:
         return self._stats
 
+    @property
+    def alive(self) -> bool:
+        """Whether the loop still takes requests."""
+        return self._thread.is_alive() and not self._stopped
+
     def shutdown(self, timeout_s: float = 10.0) -> None:
         with self._cond:
             self._stopped = True
@@ -133,6 +138,9 @@ class EngineLoop:
                     self._sinks[add.request_id] = add.sink
                 except RequestError as e:
                     add.sink(e)
+                except Exception as e:  # a bug met by this request alone: it fails, the loop goes on
+                    log.exception("adding request %s failed", add.request_id)
+                    add.sink(EngineError(f"the engine could not start the request: {type(e).__name__}: {e}"))
             for request_id, index in aborts:
                 self.engine.abort(request_id, index)
                 if not self.engine.has_request(request_id):

@@ -113,6 +113,10 @@ class SemiPD:
         for child_id in ids if index is None else ids[index:index + 1]:
             self.role.abort(child_id)
 
+    @property
+    def alive(self) -> bool:
+        return self.decode.alive and self.prefill.alive
+
     def stats(self) -> EngineStats:
         d, p = self.decode.stats(), self.prefill.stats()
         return replace(d, num_waiting=d.num_waiting + p.num_waiting + p.num_running + self.role.num_pending,

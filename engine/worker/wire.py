@@ -13,6 +13,7 @@ import grpc
 from engine.errors import EngineError, Overloaded, RequestError
 from engine.outputs import EngineStats, RemoteTimeline, StepOutput, TokenLogprobs
 from engine.sampling_params import SamplingParams
+from engine.structured_output import StructuredOutput
 from pdserve_rpc import worker_pb2 as pb
 
 _PHASES = ("queue", "prefill", "transfer", "decode_queue", "decode", "kv_span")
@@ -25,6 +26,11 @@ def params_to_proto(p: SamplingParams) -> pb.SamplingParams:
     """Stop strings and detokenization settings stay with the front door; the rest travels."""
     values = {name: getattr(p, name) for name in _PARAMS_ON_WIRE}
     values["stop_token_ids"] = list(p.stop_token_ids)
+    values["logit_bias"] = dict(p.logit_bias)
+    values["allowed_token_ids"] = list(p.allowed_token_ids)
+    values["bad_words_ids"] = [pb.TokenSequence(token_ids=w) for w in p.bad_words_ids]
+    if p.structured is not None:
+        values["structured"] = pb.StructuredOutput(kind=p.structured.kind.value, spec=p.structured.spec)
     return pb.SamplingParams(**{k: v for k, v in values.items() if v is not None})
 
 
@@ -34,6 +40,10 @@ def params_from_proto(m: pb.SamplingParams) -> SamplingParams:
               for name in _PARAMS_ON_WIRE}
     values["n"] = m.n or 1
     values["stop_token_ids"] = tuple(m.stop_token_ids)
+    values["logit_bias"] = tuple(m.logit_bias.items())
+    values["allowed_token_ids"] = tuple(m.allowed_token_ids)
+    values["bad_words_ids"] = tuple(tuple(w.token_ids) for w in m.bad_words_ids)
+    values["structured"] = StructuredOutput(m.structured.kind, m.structured.spec) if m.HasField("structured") else None
     return SamplingParams(**values)
 
 

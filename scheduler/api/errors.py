@@ -22,5 +22,6 @@ def error_type(status: int) -> str:
     return _TYPES.get(status, "invalid_request_error" if status < 500 else "internal_server_error")
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | int | None = None) -> dict:
-    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code or status}}
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """code is always a string: the error's own name (context_length_exceeded, model_not_found) or its status."""
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": str(code or status)}}

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from engine.outputs import TokenLogprobs
 from scheduler.api.generation import ChoiceEvent
+from scheduler.api.tools import ToolCall, ToolPlan, ToolStream, read_calls
 from scheduler.tokenizer import Tokenizer
 
 
@@ -59,9 +60,6 @@ class Shape:
     def usage_chunk(self) -> dict:
         return {**self.envelope(self.chunk_name, []), "usage": self.usage()}
 
-    def opening(self) -> list[dict]:
-        return []
-
     def with_timings(self, choice: dict, timings: dict[str, float] | None) -> dict:
         if self.timings and timings:
             choice["timings"] = {name: round(v, 6) for name, v in timings.items()}
@@ -106,23 +104,67 @@ class ChatShape(Shape):
         return {"content": [{**self._entry(lp.token_id, lp.logprob),
                              "top_logprobs": [self._entry(t, v) for t, v in lp.top]} for lp in lps]}
 
-    def opening(self) -> list[dict]:
-        return [self.envelope(self.chunk_name, [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}])
-                for i in range(len(self.choices))]
+    def __init__(self, *args, plan: ToolPlan = ToolPlan(), **kw):
+        super().__init__(*args, **kw)
+        self.plan = plan
+        self.opened: set[int] = set()  # choices whose first chunk (the role) went out
+        self.tool_streams = {i: ToolStream(plan) for i in range(len(self.choices))} if plan.active else {}
+        self.forced_ids: dict[int, str] = {}
 
     def chunk(self, event: ChoiceEvent) -> dict | None:
         self.add(event)
-        if not event.text and event.finish_reason is None and not event.logprobs:
+        delta, finish = self._delta(event)
+        if not delta and finish is None and not event.logprobs:
             return None
+        if event.index not in self.opened:  # the role goes out with the choice's first content, as vLLM's
+            self.opened.add(event.index)
+            delta = {"role": "assistant", **delta}
         return self.envelope(self.chunk_name, [self.with_timings({
-            "index": event.index, "delta": {"content": event.text} if event.text else {},
+            "index": event.index, "delta": delta,
             "logprobs": self._logprobs(event.logprobs) if event.logprobs else None,
-            "finish_reason": event.finish_reason}, event.timings)])
+            "finish_reason": finish}, event.timings)])
+
+    def _delta(self, event: ChoiceEvent) -> tuple[dict, str | None]:
+        """The event's delta (content, or tool-call pieces) and finish reason."""
+        stream = self.tool_streams.get(event.index)
+        if stream is None:
+            return ({"content": event.text} if event.text else {}), event.finish_reason
+        content = stream.feed(event.text)
+        delta: dict = {"content": content} if content else {}
+        if self.plan.forced:
+            call_id = self.forced_ids.get(event.index)
+            piece: dict = {"index": 0, "function": {"arguments": event.text}}
+            if call_id is None:
+                call_id = self.forced_ids[event.index] = ToolCall(self.plan.forced, "").id
+                piece = {"index": 0, "id": call_id, "type": "function",
+                         "function": {"name": self.plan.forced, "arguments": event.text}}
+            if event.text or "id" in piece:
+                delta["tool_calls"] = [piece]
+            return delta, "tool_calls" if event.finish_reason == "stop" else event.finish_reason
+        if event.finish_reason is None:
+            return delta, None
+        held, calls = stream.finish()
+        if held:
+            delta["content"] = delta.get("content", "") + held
+        if calls:
+            delta["tool_calls"] = [{"index": i, **c.as_openai()} for i, c in enumerate(calls)]
+            return delta, "tool_calls"
+        return delta, event.finish_reason
+
+    def _message(self, c: _Acc) -> tuple[dict, str | None]:
+        if not self.plan.active:
+            return {"role": "assistant", "content": c.text}, c.finish_reason
+        content, calls = read_calls(self.plan, c.text)
+        if not calls or (self.plan.forced and c.finish_reason != "stop"):
+            return {"role": "assistant", "content": c.text}, c.finish_reason
+        return ({"role": "assistant", "content": content, "tool_calls": [call.as_openai() for call in calls]},
+                "tool_calls")
 
     def final(self) -> dict:
-        choices = [self.with_timings({"index": i, "message": {"role": "assistant", "content": c.text},
-                                      "logprobs": self._logprobs(c.logprobs) if c.wants_logprobs else None,
-                                      "finish_reason": c.finish_reason}, c.timings)
-                   for i, c in enumerate(self.choices)]
+        choices = []
+        for i, c in enumerate(self.choices):
+            message, finish = self._message(c)
+            choices.append(self.with_timings({"index": i, "message": message, "finish_reason": finish,
+                                              "logprobs": self._logprobs(c.logprobs) if c.wants_logprobs else None},
+                                             c.timings))
         return {**self.envelope(self.object_name, choices), "usage": self.usage()}

@@ -61,14 +61,17 @@ class _Tracker:
         if sample.first_token_s is None:
             sample.first_token_s = now
             m.ttft.observe(now - self.arrival_s)
+            m.vllm.first_token(now - self.arrival_s)
             m.cached_tokens.inc(out.num_cached_tokens)
             if out.timeline and out.timeline.first_scheduled_s is not None:
                 m.queue.observe(max(0.0, out.timeline.first_scheduled_s - self.arrival_s))
         else:
             m.itl.observe(now - sample.last_token_s)
+            m.vllm.token_gap(now - sample.last_token_s)
         sample.last_token_s = now
         sample.num_tokens += len(out.new_token_ids)
         m.generation_tokens.inc(len(out.new_token_ids))
+        m.vllm.tokens(generated=len(out.new_token_ids))
         sample.stream.add(out.new_token_ids)
         finish = out.finish_reason
         if sample.stream.stopped:
@@ -87,6 +90,9 @@ class _Tracker:
             if tpot is not None:
                 m.tpot.observe(tpot)
             m.judge(sample.first_token_s - self.arrival_s, tpot)
+            m.vllm.finished(finish, now - self.arrival_s, tpot, self.num_prompt, sample.num_tokens, timings)
+            if self.done:
+                m.vllm.request_done(max(s.num_tokens for s in self.samples))
         return ChoiceEvent(self.index_base + out.index, sample.stream.delta(final=finish is not None),
                            out.new_logprobs, finish, self.num_prompt, sample.num_tokens, timings)
 
@@ -98,6 +104,7 @@ async def generate_events(client: EngineClient, tokenizer: Tokenizer, request_id
                for _ in range(params.n)]
     tracker = _Tracker(client, request_id, len(prompt_ids), samples, index_base, metrics)
     metrics.prompt_tokens.inc(len(prompt_ids))
+    metrics.vllm.tokens(prompt=len(prompt_ids))
     async with aclosing(client.generate(request_id, prompt_ids, params, arrival_s=tracker.arrival_s)) as outputs:
         async for out in outputs:
             event = tracker.on_output(out)

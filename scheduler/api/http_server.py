@@ -84,9 +84,9 @@ class DrainingServer(uvicorn.Server):
 
 
 def make_server(app, host: str, port: int, limits: FrontDoorLimits = FrontDoorLimits(),
-                log_level: str = "warning") -> DrainingServer:
+                log_level: str = "warning", access_log: bool = True) -> DrainingServer:
     """The server `pdserve serve` runs, and tests start: call `.run()` (blocks) or set
-    `.should_exit` to stop it."""
+    `.should_exit` to stop it. Logs go through the process's logging set-up (one format)."""
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=_protocol(limits.header_timeout_s),
-                            timeout_keep_alive=limits.keep_alive_timeout_s)
+                            timeout_keep_alive=limits.keep_alive_timeout_s, access_log=access_log, log_config=None)
     return DrainingServer(config, limits)

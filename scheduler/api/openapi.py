@@ -13,7 +13,7 @@ ERROR_SCHEMA = {
         "type": "object",
         "required": ["message", "type", "code"],
         "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "integer"]}},
+                       "param": {"type": ["string", "null"]}, "code": {"type": "string"}},
     }},
 }
 _GENERATION = {400: "Invalid request (body, sampling values, tokens, context length)",

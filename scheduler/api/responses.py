@@ -114,8 +114,6 @@ async def _collect(events: AsyncIterator[ChoiceEvent], shape: formats.Shape) -> 
 async def sse(events: AsyncIterator[ChoiceEvent], shape: formats.Shape, include_usage: bool,
               metrics: ServerMetrics):
     try:
-        for chunk in shape.opening():
-            yield f"data: {json.dumps(chunk)}\n\n"
         async with aclosing(events):
             async for event in events:
                 chunk = shape.chunk(event)

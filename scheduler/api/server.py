@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
@@ -25,12 +26,14 @@ from starlette.exceptions import HTTPException
 from engine.errors import EngineError, Overloaded, RequestError
 from engine.sampling_params import SamplingParams
 from scheduler.api import formats
-from scheduler.api.errors import ModelNotFound, Unauthorized
+from scheduler.api.errors import Unauthorized
 from scheduler.api.generation import generate_events, merge
 from scheduler.api.limits import BodyLimit, FrontDoorLimits
 from scheduler.api.openapi import document_errors
-from scheduler.api.protocol import ChatCompletionRequest, CompletionRequest
+from scheduler.api.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
 from scheduler.api.responses import ShuttingDown, bounded, error_response, error_status, respond
+from scheduler.api.tools import plan_tools, template_messages
+from scheduler.api.utility import add_utility_routes, check_model
 from scheduler.engine_client import EngineClient
 from scheduler.metrics import ServerMetrics
 from scheduler.tokenizer import Tokenizer
@@ -40,6 +43,7 @@ STREAMS = {200: {"content": {"text/event-stream": {"schema": {  # with "stream":
     "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}}}}
 TEXT_THREADS = 4  # tokenisation and chat templates run here, off the event loop
 _text_pool = ThreadPoolExecutor(TEXT_THREADS, thread_name_prefix="pdserve-text")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,9 +58,13 @@ class ServerState:
     max_queued: int | None = None  # requests waiting for their first event, at most (None: the workers bound it)
     closing: asyncio.Event = field(default_factory=asyncio.Event)  # set on shutdown: running requests end
     num_queued: int = 0  # requests admitted here whose first event has not come yet
+    strict_fields: bool = False  # an unknown request field is a 400 (else: logged once per name, counted)
+    tool_call_parser: str | None = None  # how tool_choice auto finds calls in the model's text
+    warned_fields: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.metrics = self.metrics or ServerMetrics()
+        self.metrics.vllm.model_name = self.metrics.vllm.model_name or self.model_name
 
     def close(self) -> None:
         """Ends every running request cleanly (streams: an error event and [DONE]; others:
@@ -111,9 +119,8 @@ def build_app(state: ServerState) -> FastAPI:
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
     ops = APIRouter(dependencies=[Depends(check_api_key)] if state.api_key_protects_metrics else [])
 
-    @app.get("/health", response_class=Response, responses={200: {"description": "The server is up"}})
-    async def health():
-        return Response(status_code=200)
+    keyed = APIRouter(dependencies=[Depends(check_api_key)])
+    add_utility_routes(app.router, keyed, v1, state, _off_loop)
 
     @ops.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
@@ -132,13 +139,12 @@ def build_app(state: ServerState) -> FastAPI:
 
     @v1.post("/completions", responses=STREAMS)
     async def completions(body: CompletionRequest, request: Request):
-        _check_model(state, body.model)
-        params = body.sampling_params()
+        _check_body(state, body)
+        params = await _with_bad_words(state, body, body.sampling_params())
         texts = body.prompts()
         _check_sequences(state.limits, len(texts), params.n)
         prompts = await _off_loop(lambda: [_tokenize_prompt(state, p) for p in texts])
-        for ids in prompts:
-            state.client.check(ids, params)
+        await _off_loop(lambda: [state.client.check(ids, params) for ids in prompts])  # a constraint compiles here
         rid = f"cmpl-{uuid.uuid4().hex}"
         events = merge([generate_events(state.client, state.tokenizer, f"{rid}-{i}", ids, params, metrics,
                                         index_base=i * params.n) for i, ids in enumerate(prompts)])
@@ -148,19 +154,29 @@ def build_app(state: ServerState) -> FastAPI:
 
     @v1.post("/chat/completions", responses=STREAMS)
     async def chat(body: ChatCompletionRequest, request: Request):
-        _check_model(state, body.model)
-        params = body.sampling_params()
+        _check_body(state, body)
+        params = await _with_bad_words(state, body, body.sampling_params())
         _check_sequences(state.limits, 1, params.n)
-        messages = [m.as_template_input() for m in body.messages]
-        ids = await _off_loop(lambda: state.tokenizer.apply_chat_template(messages, body.add_generation_prompt))
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+        choice = body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice
+        plan, forced, shown = plan_tools(tools, choice, body.parallel_tool_calls, state.tool_call_parser)
+        if forced is not None:
+            if params.structured is not None:
+                raise RequestError("a forced tool call and an output constraint cannot be combined",
+                                   param="tool_choice")
+            params = replace(params, structured=forced)
+        messages = template_messages([m.as_template_input() for m in body.messages])
+        ids = await _off_loop(lambda: state.tokenizer.apply_chat_template(
+            messages, body.add_generation_prompt, shown, body.continue_final_message, body.chat_template_kwargs))
         params = _with_room(params, state, ids)
-        state.client.check(ids, params)
+        await _off_loop(lambda: state.client.check(ids, params))  # a constraint compiles here
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         events = generate_events(state.client, state.tokenizer, rid, ids, params, metrics)
-        shape = formats.ChatShape(rid, state.model_name, state.tokenizer, 1, params.n, _wants_timings(request))
+        shape = formats.ChatShape(rid, state.model_name, state.tokenizer, 1, params.n, _wants_timings(request), plan=plan)
         return await _run(state, request, body.stream, body.include_usage, events, shape)
 
     app.include_router(v1)
+    app.include_router(keyed)
     app.include_router(ops)
     document_errors(app, v1_auth=expected is not None, ops_auth=expected is not None and state.api_key_protects_metrics)
     return app
@@ -206,10 +222,26 @@ class _QueuePlace:
                 yield event
 
 
-def _check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model != state.model_name:
-        raise ModelNotFound(f"The model `{model}` does not exist (this server serves `{state.model_name}`).",
-                            param="model", code="model_not_found")
+def _check_body(state: ServerState, body: _Sampling) -> None:
+    """The model name, and fields no request model defines: refused, or logged once per name
+    and counted."""
+    check_model(state, body.model)
+    for name in body.unknown_fields():
+        if state.strict_fields:
+            raise RequestError(f"unknown field {name!r} (this server runs with --strict-fields)", param=name)
+        state.metrics.unknown_fields.labels(name[:64]).inc()
+        if name not in state.warned_fields and len(state.warned_fields) < MAX_WARNED_FIELDS:
+            state.warned_fields.add(name)
+            log.warning("request field %r is not one pdserve knows; it is ignored (--strict-fields refuses it)", name)
+
+
+MAX_WARNED_FIELDS = 256  # distinct unknown field names logged; later ones are only counted
+
+
+async def _with_bad_words(state: ServerState, body: _Sampling, params: SamplingParams) -> SamplingParams:
+    if not body.bad_words:
+        return params
+    return replace(params, bad_words_ids=await _off_loop(lambda: state.tokenizer.bad_words_ids(body.bad_words)))
 
 
 def _check_sequences(limits: FrontDoorLimits, num_prompts: int, n: int) -> None:

@@ -94,12 +94,13 @@ def test_misbehaving_stub_and_a_dead_server_are_reported_as_they_happened(stub, 
     assert s["ttft_s"]["median"] == pytest.approx(statistics.median(ttfts))
     assert s["ttft_s"]["mean"] == pytest.approx(sum(ttfts) / 6) and s["ttft_s"]["p90"] >= SLOW_FIRST_S
     # per-request TPOT and pooled ITL as the records show them; the stub sleeps GAP_S between
-    # tokens, so neither can be shorter (how much longer depends on the machine's load)
+    # tokens, so no request's last token can arrive sooner than two gaps after it was sent (one
+    # gap may look shorter than GAP_S when the token before it was read late)
     tpots = [(r["chunk_s"][-1] - r["chunk_s"][0]) / (r["output_tokens"] - 1) for r in ok]
     gaps = [b - a for r in ok for a, b in zip(r["chunk_s"], r["chunk_s"][1:])]
     assert s["tpot_s"]["median"] == pytest.approx(statistics.median(tpots))
     assert s["itl_s"]["median"] == pytest.approx(statistics.median(gaps))
-    assert min(tpots) >= GAP_S * 0.9 and min(gaps) >= GAP_S * 0.9
+    assert all(r["chunk_s"][-1] - r["send_s"] >= 2 * GAP_S for r in ok) and min(tpots) > 0 and min(gaps) >= 0
     assert stub_phase["duration_s"] >= 1.5  # it waited for the hung request's timeout
     d = down_phase["summary"]
     assert (d["num_ok"], d["num_failed"], d["attainment"]) == (0, 10, 0.0)
@@ -151,3 +152,30 @@ def test_ctrl_c_prints_the_partial_report(stub, tmp_path):
     assert "interrupted" in printed and "successful requests" in printed
     phase = json.loads(out.read_text())["phases"][0]
     assert phase["interrupted"] and phase["summary"]["num_ok"] == 2 and len(phase["records"]) == 2
+
+
+def test_vllm_bench_serve_spellings_mean_the_same(tmp_path):
+    from bench.config import build_parser, from_args
+    path = write_jsonl(tmp_path / "w.jsonl", ["a", "b"])
+
+    def config(*argv):
+        return from_args(build_parser().parse_args(["--base-url", "http://127.0.0.1:1", *argv]))
+    ours = config("--dataset", "random", "--input-len", "32", "--output-len", "8", "--range-ratio", "0.1",
+                  "--warmup", "2", "--endpoint", "chat")
+    theirs = config("--dataset-name", "random", "--random-input-len", "32", "--random-output-len", "8",
+                    "--random-range-ratio", "0.1", "--num-warmups", "2", "--endpoint", "/v1/chat/completions",
+                    "--ignore-eos")
+    assert ours == theirs
+    assert config("--dataset-name", "sharegpt", "--dataset-path", str(path)).dataset == \
+        config("--dataset", "file", str(path)).dataset
+    for bad in (["--dataset-name", "sharegpt"], ["--dataset-path", str(path)],
+                ["--dataset", "chatbot", "--dataset-name", "random"]):
+        with pytest.raises(ValueError):
+            config(*bad)
+
+
+def test_a_run_where_every_request_failed_exits_non_zero(capsys):
+    code = main(["--base-url", f"http://127.0.0.1:{free_port()}", "--num-prompts", "2", "--model", "m",
+                 "--input-len", "8", "--output-len", "4",
+                 "--request-timeout-s", "5"])
+    assert code == 1 and "every request failed" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """The HTTP server on loopback with the tiny model: openai client, bad input, disconnects."""
 
 import json
+import re
 
 import httpx
 import openai
@@ -211,3 +212,29 @@ def test_colocated_sheds_beyond_its_queue_bound(tiny_llama):
     finally:
         server.stop()
     assert_no_leak(server.engine)
+
+
+def test_a_vllm_dashboard_finds_every_series(tiny_server, client):
+    """Every metric vLLM's example Grafana dashboard queries (tests/fixtures) has a series for the
+    served model once a request has run; cumulative ones are counters."""
+    from pathlib import Path
+
+    import promql_parser
+    from prometheus_client.parser import text_string_to_metric_families
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                   temperature=0, n=2, seed=1)
+    lines = (Path(__file__).parents[1] / "fixtures" / "vllm_grafana_queries.txt").read_text().splitlines()
+    queries = [q for q in lines if q and not q.startswith("#")]
+    samples = {(s.name, s.labels.get("model_name")) for f in text_string_to_metric_families(
+        httpx.get(tiny_server.url + "/metrics").text) for s in f.samples}
+    types = {f.name: f.type for f in text_string_to_metric_families(httpx.get(tiny_server.url + "/metrics").text)}
+    names = set()
+    for query in queries:
+        promql_parser.parse(query.replace("$__rate_interval", "1m"))
+        names |= set(re.findall(r"vllm:[a-z0-9_]+", query))
+    assert len(names) >= 20
+    for name in names:
+        assert (name, "tiny") in samples, name
+    for name in ("vllm:prompt_tokens", "vllm:generation_tokens", "vllm:request_success", "vllm:prefix_cache_hits",
+                 "vllm:prefix_cache_queries"):
+        assert types[name] == "counter", name

@@ -55,7 +55,7 @@ def test_a_body_beyond_the_limit_is_a_413_before_it_is_parsed(door):
     url, fake, metrics = door(FrontDoorLimits(max_request_bytes=1 << 20))
     big = {"prompt": "a " * 5242880, "max_tokens": 4}  # the 10 MB prompt
     r = httpx.post(url + "/v1/completions", json=big, timeout=TIMEOUT_S)
-    assert r.status_code == 413 and r.json()["error"]["code"] == 413 and "--max-request-bytes" in r.json()["error"]["message"]
+    assert r.status_code == 413 and r.json()["error"]["code"] == "413" and "--max-request-bytes" in r.json()["error"]["message"]
 
     def chunked():  # no Content-Length: counted as it arrives
         for _ in range(3):
@@ -129,7 +129,7 @@ def test_an_engine_that_goes_quiet_ends_the_request(door, stream):
     r = httpx.post(url + "/v1/completions", json={"prompt": [5, 6], "max_tokens": 8, "stream": stream}, timeout=TIMEOUT_S)
     if stream:
         events = [line for line in r.text.split("\n\n") if line]
-        assert r.status_code == 200 and events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["code"] == 504
+        assert r.status_code == 200 and events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["code"] == "504"
     else:
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
     assert rejected(metrics, 504) == 1
@@ -204,7 +204,7 @@ def test_shutdown_ends_running_requests_cleanly(tokenizer):
         c.join(TIMEOUT_S)
     thread.join(TIMEOUT_S)
     assert not thread.is_alive() and not fake.active
-    assert got["stream"][-1] == "data: [DONE]" and json.loads(got["stream"][-2][6:])["error"]["code"] == 503
+    assert got["stream"][-1] == "data: [DONE]" and json.loads(got["stream"][-2][6:])["error"]["code"] == "503"
     assert got["plain"].status_code == 503 and got["plain"].json()["error"]["type"] == "service_unavailable_error"
 
 

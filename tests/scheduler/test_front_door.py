@@ -77,3 +77,46 @@ def test_overload_is_a_503_with_retry_after_streaming_or_not(front_door, stream)
     fake.refuse = None
     assert httpx.post(url + "/v1/completions", json={"prompt": [5, 6], "max_tokens": 2, "stream": stream},
                       timeout=30).status_code == 200
+
+
+def test_health_asks_the_engine_and_utility_endpoints(front_door):
+    url, fake = front_door
+    assert httpx.get(url + "/health").status_code == 200
+    fake.down = "no decode worker is up"
+    r = httpx.get(url + "/health")
+    assert r.status_code == 503 and r.json()["reason"] == "no decode worker is up"
+    fake.down = None
+    assert httpx.get(url + "/version").json()["version"]
+    assert httpx.get(url + "/v1/models/fake").json()["id"] == "fake"
+    assert httpx.get(url + "/v1/models/other").status_code == 404
+    ids = httpx.post(url + "/tokenize", json={"prompt": "hello there", "return_token_strs": True}).json()
+    assert ids["count"] == len(ids["tokens"]) == len(ids["token_strs"]) and ids["max_model_len"] == 256
+    text = httpx.post(url + "/detokenize", json={"tokens": ids["tokens"]}).json()["prompt"]
+    assert "hello there" in text
+    assert httpx.post(url + "/detokenize", json={"tokens": [10 ** 6]}).status_code == 400
+    assert httpx.post(url + "/tokenize", json={"prompt": "a", "messages": []}).status_code == 400
+
+
+def test_unhealthy_states_of_real_clients():
+    import asyncio
+
+    from engine.worker.loop import EngineLoop
+    from scheduler.engine_client import InProcessClient
+
+    from helpers import FakeEngine
+    loop = EngineLoop(FakeEngine()).start()
+    client = InProcessClient(loop, "fake")
+    assert asyncio.run(client.unready()) is None
+    loop.shutdown()
+    assert asyncio.run(client.unready()) == "the engine has stopped"
+
+
+def test_the_role_chunk_goes_out_with_the_first_content(front_door):
+    import json
+    url, _ = front_door
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=30,
+                      json={"messages": [{"role": "user", "content": "hi there"}], "max_tokens": 3, "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert deltas[0]["role"] == "assistant" and deltas[0].get("content")  # no content-less role chunk first
+    assert all("role" not in d for d in deltas[1:])

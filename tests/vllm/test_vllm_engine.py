@@ -69,6 +69,29 @@ def test_colocated_refusals_and_samples(colocated):
     assert colocated.call(lambda e: e.stats().num_kv_blocks_used).result(30) == 0
 
 
+def test_colocated_constraints_and_token_filters(colocated, tiny_vllm):
+    """Structured outputs go to vLLM's own support; logit_bias, allowed_token_ids and bad words
+    reach vLLM's sampler; a bad constraint is a RequestError before the request is queued."""
+    from engine.errors import RequestError
+    from engine.sampling_params import SamplingParams
+    from engine.structured_output import StructuredOutput
+    from scheduler.tokenizer import Tokenizer
+    tok = Tokenizer.load(tiny_vllm)
+    greedy = dict(temperature=0, max_tokens=6, ignore_eos=True)
+    choices = ["ab cd", "ef"]
+    out = _run(colocated, [[7, 8, 9]], SamplingParams(temperature=0, max_tokens=16,
+                                                       structured=StructuredOutput.choice(choices)))["0"]
+    assert tok.decode(out) in choices
+    assert _run(colocated, [[7, 8, 9]], SamplingParams(**greedy, logit_bias={42: 100}))["0"] == [42] * 6
+    assert set(_run(colocated, [[7, 8, 9]], SamplingParams(**greedy, allowed_token_ids=(40, 41)))["0"]) <= {40, 41}
+    free = _run(colocated, [[7, 8, 9]], SamplingParams(**greedy))["0"]
+    banned = _run(colocated, [[7, 8, 9]], SamplingParams(**greedy, bad_words_ids=((free[0],),)))["0"]
+    assert free[0] not in banned
+    with pytest.raises(RequestError, match="regex"):
+        colocated.engine.validate([5, 6], SamplingParams(structured=StructuredOutput("regex", "[a-")))
+    assert colocated.call(lambda e: (e.stats().num_kv_blocks_used, e.num_requests())).result(30) == (0, 0)
+
+
 def test_disaggregated_layer_by_layer(tiny_vllm, vllm_prompts, vllm_reference):
     """Every request's first layer-0 chunk lands while the producer's forward is still at its
     last layer (the producer's sink holds that layer's save until the consumer says so), and
