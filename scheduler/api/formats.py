@@ -23,6 +23,7 @@ class _Acc:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     wants_logprobs: bool = False
     timings: dict[str, float] | None = None
+    streamed_chars: int = 0  # streaming: text length of the tokens whose logprobs went out (text_offset)
 
 
 class Shape:
@@ -72,19 +73,26 @@ class Shape:
 class CompletionShape(Shape):
     object_name = chunk_name = "text_completion"
 
-    def _logprobs(self, lps: list[TokenLogprobs]) -> dict:
-        return {"tokens": [self.token_str(lp.token_id) for lp in lps],
-                "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [{self.token_str(t): v for t, v in lp.top} for lp in lps],
-                "text_offset": []}
+    def _logprobs(self, lps: list[TokenLogprobs], start: int = 0) -> dict:
+        """start: where the first token's text begins in the choice's text (offsets count on from it)."""
+        tokens = [self.token_str(lp.token_id) for lp in lps]
+        offsets, at = [], start
+        for token in tokens:
+            offsets.append(at)
+            at += len(token)
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{self.token_str(t): v for t, v in lp.top} for lp in lps], "text_offset": offsets}
 
     def chunk(self, event: ChoiceEvent) -> dict | None:
-        self.add(event)
+        acc = self.add(event)
         if not event.text and event.finish_reason is None and not event.logprobs:
             return None
+        logprobs = self._logprobs(event.logprobs, acc.streamed_chars) if event.logprobs else None
+        if logprobs:
+            acc.streamed_chars = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
         return self.envelope(self.chunk_name, [self.with_timings({
             "index": event.index, "text": event.text, "finish_reason": event.finish_reason,
-            "logprobs": self._logprobs(event.logprobs) if event.logprobs else None}, event.timings)])
+            "logprobs": logprobs}, event.timings)])
 
     def final(self) -> dict:
         choices = [self.with_timings({"index": i, "text": c.text, "finish_reason": c.finish_reason,

@@ -178,7 +178,11 @@ def test_langchain_structured_output_and_bind_tools(server, model):
 
 def test_logit_bias_allowed_tokens_and_bad_words(server, client, model):
     kw = dict(model=model, prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=1)
-    first = client.completions.create(**kw).choices[0].logprobs.tokens[0]
+    plain = client.completions.create(**kw).choices[0].logprobs
+    first = plain.tokens[0]
+    assert plain.text_offset == [sum(len(t) for t in plain.tokens[:i]) for i in range(len(plain.tokens))]
+    streamed = [c.choices[0].logprobs for c in client.completions.create(**kw, stream=True) if c.choices[0].logprobs]
+    assert [o for lp in streamed for o in lp.text_offset] == plain.text_offset
     greedy = httpx.post(server.url + "/tokenize", json={"prompt": first, "add_special_tokens": False}).json()["tokens"]
     assert len(greedy) == 1
     greedy = greedy[0]
