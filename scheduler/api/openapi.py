@@ -23,6 +23,8 @@ _GENERATION = {400: "Invalid request (body, sampling values, tokens, context len
                503: "No room now, or shutting down (Retry-After says when to retry)",
                504: "The engine sent nothing for --stream-idle-timeout-s"}
 _ANY = {500: "Internal error"}
+_NAMED = {404: "No such model"}  # routes with a model id in the path
+KEYED = ("/v1/", "/tokenize", "/detokenize")  # what the API key protects
 _AUTH = {401: "Missing or wrong API key"}
 
 
@@ -38,7 +40,9 @@ def document_errors(app: FastAPI, v1_auth: bool, ops_auth: bool) -> None:
         for path, operations in schema.get("paths", {}).items():
             for method, op in operations.items():
                 statuses = dict(_GENERATION if method == "post" else _ANY)
-                if (v1_auth and path.startswith("/v1/")) or (ops_auth and path == "/metrics"):
+                if "{" in path:
+                    statuses.update(_NAMED)
+                if (v1_auth and path.startswith(KEYED)) or (ops_auth and path == "/metrics"):
                     statuses.update(_AUTH)
                 responses = op.setdefault("responses", {})
                 responses.pop("422", None)
