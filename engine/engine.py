@@ -295,10 +295,12 @@ class Engine:
                 request.logprobs.append(logprob)
             if status is not None:
                 self._finish(request, status)
-            outputs.append(StepOutput(request.parent_id, request.index, [token],
-                                      [logprob] if logprob is not None else [],
-                                      status.value if status else None, request.num_prompt_tokens,
-                                      request.num_cached_tokens, timeline))
+            out = StepOutput(request.parent_id, request.index, [token], [logprob] if logprob is not None else [],
+                             status.value if status else None, request.num_prompt_tokens, request.num_cached_tokens,
+                             timeline)
+            if request.params.prompt_logprobs is not None and request.num_output_tokens == 1:
+                out.prompt_logprobs = request.prompt_logprobs
+            outputs.append(out)
         return outputs
 
     def _measure_prefill(self, plan: StepPlan, seconds: float) -> None:

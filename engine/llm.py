@@ -1,4 +1,4 @@
-"""Offline batch generation shaped like vLLM's `LLM` (the one text-aware part of engine/).
+"""Offline batch generation shaped like vLLM's `LLM` (text in, text out).
 
     llm = LLM()                                  # default SmolLM2, or LLM(model=path, **EngineConfig fields)
     outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))

@@ -76,6 +76,7 @@ class StepOutput:
     num_cached_tokens: int = 0
     timeline: Timeline | None = None
     error: str | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # with the first token, when asked for (first: None)
 
     @property
     def finished(self) -> bool:

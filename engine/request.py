@@ -57,6 +57,8 @@ class Request:
         self.kv_landed = False  # decode side: the prompt's last layer chunk has been written
         self.first_token: tuple[int, TokenLogprobs | None] | None = None  # decode side, from prefill
         self.logprobs: list[TokenLogprobs] = []
+        # with params.prompt_logprobs: one per prompt token as the prefill computes them (the first has none)
+        self.prompt_logprobs: list[TokenLogprobs | None] = [None]
         self.timeline = Timeline() if arrival_s is None else Timeline(arrival_s=arrival_s)
 
     @property
@@ -74,6 +76,12 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.all_token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def computing_prompt_logprobs(self) -> bool:
+        """It asked for prompt logprobs and its prefill has not produced them all: every prompt
+        token is computed (never taken from the prefix cache)."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def max_tokens(self) -> int:

@@ -27,6 +27,7 @@ from engine.models.config import ModelConfig
 from engine.models.llama import ForwardContext
 from engine.models.loader import load_model, open_weights
 from engine.models.moe import WeightReads
+from engine.outputs import TokenLogprobs
 from engine.sampler import Sampler, SampleResult
 from engine.split import ComputeSplit
 
@@ -85,6 +86,9 @@ class MemoryPlan:
                         "using %d MiB (raise --memory-budget or lower --max-model-len)", self.budget >> 20,
                         max(0, left) >> 20, self.min_kv >> 20)
         return max(self.min_kv, min(AUTO_KV_MAX_BYTES, left))
+
+
+PROMPT_LOGPROB_ROWS = 256  # prompt positions whose full-vocabulary logits are held at once
 
 
 class ModelRunner:
@@ -175,12 +179,36 @@ class ModelRunner:
                 for i in range(self.model.num_layers):
                     hidden = self.model.run_layers(hidden, ctx, i, i + 1)
                     layer_done(i)
+        if any(s.request.computing_prompt_logprobs for s in plan.done):
+            self._prompt_logprobs(plan, hidden, layout)
         rows = [i for i, s in enumerate(plan.done) if s.samples]
         if not rows:
             return None
         last = torch.tensor([layout.query_start[i + 1] - 1 for i in rows], device=self.device)
         logits = self.model.compute_logits(self.model.final_norm(hidden.index_select(0, last)))
         return self.sampler.sample(logits, [plan.done[i].request for i in rows])
+
+    def _prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor, layout: BatchLayout) -> None:
+        """Appends to each request that asked for them the logprobs of the prompt tokens this step's
+        rows predict (row p predicts token p + 1), in slices of PROMPT_LOGPROB_ROWS."""
+        for i, seq in enumerate(plan.done):
+            request = seq.request
+            if not request.computing_prompt_logprobs:
+                continue
+            start = len(request.prompt_logprobs) - 1  # the position whose row predicts the next one wanted
+            end = min(seq.start + seq.num_new_tokens, request.num_prompt_tokens - 1)
+            k = request.params.prompt_logprobs
+            for lo in range(max(start, seq.start), end, PROMPT_LOGPROB_ROWS):
+                hi = min(end, lo + PROMPT_LOGPROB_ROWS)
+                base = layout.query_start[i] - seq.start
+                h = hidden[base + lo:base + hi]
+                lp = torch.log_softmax(self.model.compute_logits(self.model.final_norm(h)).float(), dim=-1)
+                targets = torch.tensor(request.prompt_token_ids[lo + 1:hi + 1], device=lp.device)
+                chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+                tops = lp.topk(k, dim=-1) if k else None
+                for j, (tok, val) in enumerate(zip(request.prompt_token_ids[lo + 1:hi + 1], chosen)):
+                    top = list(zip(tops.indices[j].tolist(), tops.values[j].tolist())) if tops is not None else []
+                    request.prompt_logprobs.append(TokenLogprobs(tok, val, top))
 
     def _context(self, positions: torch.Tensor, layout: BatchLayout) -> ForwardContext:
         cos, sin = self.model.rotary.tables(positions, self.dtype)

@@ -35,6 +35,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # logprobs of each prompt token given those before it (and this many alternatives)
     skip_special_tokens: bool = True
     kv_prediction: bool | None = None  # predicted prefill (KV prediction): None lets the server's policy choose
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), a dict is accepted
@@ -76,6 +77,8 @@ class SamplingParams:
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]", "frequency_penalty")
         _check(self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                f"logprobs must be between 0 and {MAX_LOGPROBS}", "logprobs")
+        _check(self.prompt_logprobs is None or (_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+               f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}", "prompt_logprobs")
         _check(len(self.stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in self.stop),
                f"stop must be at most {MAX_STOP_STRINGS} non-empty strings", "stop")
         _check(all(_int(t) and 0 <= t <= INT32_MAX for t in self.stop_token_ids),

@@ -59,7 +59,9 @@ def top(module: str) -> str:
 
 CONTRACTS = ("engine.interface", "engine.outputs", "engine.errors")
 # entry points that take text (the offline LLM, `pdserve kvpred`): they use the front door's tokenizer
-TEXT_ENTRY_POINTS = ("engine/llm.py", "engine/kvpred/cli.py")
+# the parts of engine/ that read text: the offline API, the KV predictor's CLI, and constrained
+# decoding (its grammars are compiled against the tokenizer's vocabulary)
+TEXT_ENTRY_POINTS = ("engine/llm.py", "engine/kvpred/cli.py", "engine/grammar.py")
 
 
 def test_the_engine_imports_nothing_from_the_scheduler_or_the_bench():

@@ -37,7 +37,7 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> list[int]:
         """Cached blocks holding a prefix of the request; the last token is always recomputed."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.computing_prompt_logprobs:
             return []
         num_full = (request.num_tokens - 1) // self.block_size
         blocks = self.pool.lookup(self._hashes(request, num_full))

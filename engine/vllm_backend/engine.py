@@ -52,6 +52,8 @@ class _Tracked:
     timeline: Timeline
     num_logprobs: int | None
     unfinished: set[int] = field(default_factory=set)  # sample indices still running
+    num_prompt_logprobs: int = 0
+    prompt_logprobs_sent: set[int] = field(default_factory=set)  # samples whose first output carried them
 
 
 class VllmEngine:
@@ -110,7 +112,8 @@ class VllmEngine:
                 top_p=params.top_p, top_k=params.top_k, min_p=params.min_p, seed=params.seed,
                 repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
                 frequency_penalty=params.frequency_penalty, stop_token_ids=list(params.stop_token_ids),
-                ignore_eos=params.ignore_eos, logprobs=params.logprobs, detokenize=False,
+                ignore_eos=params.ignore_eos, logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs,
+                detokenize=False,
                 output_kind=RequestOutputKind.DELTA, extra_args={"kv_transfer_params": transfer} if transfer else None,
                 logit_bias=dict(params.logit_bias) or None, allowed_token_ids=list(params.allowed_token_ids) or None,
                 structured_outputs=_structured(params.structured))
@@ -134,7 +137,7 @@ class VllmEngine:
         vllm_params = self._params(params, transfer)
         vllm_id = self.llm.add_request(request_id, {"prompt_token_ids": prompt_token_ids}, vllm_params)
         self._requests[request_id] = _Tracked(vllm_id, len(prompt_token_ids), timeline, params.logprobs,
-                                              set(range(params.n)))
+                                              set(range(params.n)), params.prompt_logprobs or 0)
         self._unscheduled.add(request_id)
 
     def abort(self, request_id: str, index: int | None = None) -> bool:
@@ -188,8 +191,13 @@ class VllmEngine:
                 if c.finish_reason is not None:
                     tracked.unfinished.discard(c.index)
                     t.finish_s = now if not tracked.unfinished else None
-                outputs.append(StepOutput(result.request_id, c.index, list(c.token_ids), _logprobs(c, tracked.num_logprobs),
-                                          c.finish_reason, tracked.num_prompt_tokens, result.num_cached_tokens or 0, t))
+                out = StepOutput(result.request_id, c.index, list(c.token_ids), _logprobs(c, tracked.num_logprobs),
+                                 c.finish_reason, tracked.num_prompt_tokens, result.num_cached_tokens or 0, t)
+                if result.prompt_logprobs and c.index not in tracked.prompt_logprobs_sent:
+                    tracked.prompt_logprobs_sent.add(c.index)
+                    out.prompt_logprobs = _prompt_logprobs(result.prompt_token_ids, result.prompt_logprobs,
+                                                           tracked.num_prompt_logprobs)
+                outputs.append(out)
             if not tracked.unfinished:
                 self._forget(result.request_id)
         return outputs
@@ -307,6 +315,15 @@ def _logprobs(completion, k: int | None) -> list[TokenLogprobs]:
         return []
     out = []
     for token_id, alternatives in zip(completion.token_ids, completion.logprobs):
+        top = sorted((lp.rank, t, lp.logprob) for t, lp in alternatives.items() if lp.rank is not None and lp.rank <= k)
+        out.append(TokenLogprobs(token_id, alternatives[token_id].logprob, [(t, lp) for _, t, lp in top]))
+    return out
+
+
+def _prompt_logprobs(prompt: list[int], per_token: list, k: int) -> list[TokenLogprobs | None]:
+    """vLLM's prompt logprobs (None for the first token, then a dict per token) as ours."""
+    out: list[TokenLogprobs | None] = [None]
+    for token_id, alternatives in zip(prompt[1:], per_token[1:]):
         top = sorted((lp.rank, t, lp.logprob) for t, lp in alternatives.items() if lp.rank is not None and lp.rank <= k)
         out.append(TokenLogprobs(token_id, alternatives[token_id].logprob, [(t, lp) for _, t, lp in top]))
     return out

@@ -87,13 +87,18 @@ def output_to_delta(out: StepOutput) -> pb.TokenDelta:
                           num_cached_tokens=out.num_cached_tokens)
     if out.finished and out.timeline is not None:
         delta.timings.CopyFrom(timings_to_proto(out.timeline.phases()))
+    if out.prompt_logprobs is not None:
+        delta.has_prompt_logprobs = True
+        delta.prompt_logprobs.extend(logprob_to_proto(lp) for lp in out.prompt_logprobs[1:])
     return delta
 
 
 def delta_to_output(m: pb.TokenDelta) -> StepOutput:
     timeline = RemoteTimeline(timings_from_proto(m.timings)) if m.HasField("timings") else None
+    prompt = [None, *(logprob_from_proto(lp) for lp in m.prompt_logprobs)] if m.has_prompt_logprobs else None
     return StepOutput(m.request_id, m.index, list(m.token_ids), [logprob_from_proto(lp) for lp in m.logprobs],
-                      m.finish_reason or None, m.num_prompt_tokens, m.num_cached_tokens, timeline)
+                      m.finish_reason or None, m.num_prompt_tokens, m.num_cached_tokens, timeline,
+                      prompt_logprobs=prompt)
 
 
 def first_token_to_reply(out: StepOutput) -> pb.PrefillReply:

@@ -24,6 +24,8 @@ class _Acc:
     wants_logprobs: bool = False
     timings: dict[str, float] | None = None
     streamed_chars: int = 0  # streaming: text length of the tokens whose logprobs went out (text_offset)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    opened: bool = False  # its first chunk went out
 
 
 class Shape:
@@ -31,9 +33,10 @@ class Shape:
     chunk_name = ""
 
     def __init__(self, request_id: str, model: str, tokenizer: Tokenizer, num_prompts: int, n: int,
-                 timings: bool = False):
+                 timings: bool = False, prompt_logprobs: bool = False):
         self.id, self.model, self.tokenizer = request_id, model, tokenizer
         self.timings = timings  # the client asked for per-phase timings (x-pdserve-timings header)
+        self.prompt_logprobs = prompt_logprobs  # the client asked for vLLM's prompt_logprobs field
         self.created = int(time.time())
         self.n = n
         self.choices = [_Acc() for _ in range(num_prompts * n)]
@@ -47,6 +50,7 @@ class Shape:
         acc.wants_logprobs |= bool(event.logprobs)
         acc.finish_reason = event.finish_reason or acc.finish_reason
         acc.timings = event.timings or acc.timings
+        acc.prompt_logprobs = event.prompt_logprobs or acc.prompt_logprobs
         self.num_prompt_tokens[event.index // self.n] = event.num_prompt_tokens
         return acc
 
@@ -69,35 +73,83 @@ class Shape:
     def token_str(self, token_id: int) -> str:
         return self.tokenizer.token_text(token_id)
 
+    def _prompt_field(self, acc: _Acc) -> dict:
+        """vLLM's prompt_logprobs on a choice: None, then {token id: {logprob, rank, decoded_token}}."""
+        if acc.prompt_logprobs is None or not self.prompt_logprobs:
+            return {}
+        return {"prompt_logprobs": [None if lp is None else {
+            str(t): {"logprob": v, "rank": r, "decoded_token": self.token_str(t)}
+            for t, v, r in [(lp.token_id, lp.logprob, None), *((t, v, i + 1) for i, (t, v) in enumerate(lp.top))]}
+            for lp in acc.prompt_logprobs]}
+
 
 class CompletionShape(Shape):
+    """echo: each prompt's text leads its choices' text (and with logprobs, the prompt's
+    logprobs lead theirs; the first prompt token has none); echo_only: nothing generated is
+    shown (echo with max_tokens 0)."""
+
     object_name = chunk_name = "text_completion"
 
-    def _logprobs(self, lps: list[TokenLogprobs], start: int = 0) -> dict:
-        """start: where the first token's text begins in the choice's text (offsets count on from it)."""
-        tokens = [self.token_str(lp.token_id) for lp in lps]
+    def __init__(self, *args, echo: list[tuple[str, list[int]]] | None = None, echo_only: bool = False, **kw):
+        super().__init__(*args, **kw)
+        self.echo, self.echo_only = echo, echo_only
+
+    def _logprobs(self, lps: list[TokenLogprobs | None], start: int = 0, prompt: list[int] | None = None) -> dict:
+        """start: where the first token's text begins in the choice's text (offsets count on from
+        it); prompt: the ids of the leading prompt entries (None where a prompt token has no logprob)."""
+        ids = [lp.token_id if lp is not None else prompt[i] for i, lp in enumerate(lps)]
+        tokens = [self.token_str(t) for t in ids]
         offsets, at = [], start
         for token in tokens:
             offsets.append(at)
             at += len(token)
-        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [{self.token_str(t): v for t, v in lp.top} for lp in lps], "text_offset": offsets}
+        return {"tokens": tokens, "token_logprobs": [lp.logprob if lp else None for lp in lps],
+                "top_logprobs": [{self.token_str(t): v for t, v in lp.top} if lp else None for lp in lps],
+                "text_offset": offsets}
+
+    def _echoed(self, index: int, acc: _Acc) -> tuple[str, list]:
+        """The prompt text and logprob entries that lead choice `index` (empty without echo)."""
+        if self.echo is None:
+            return "", []
+        text, ids = self.echo[index // self.n]
+        return text, acc.prompt_logprobs or []
+
+    def _shown(self, event: ChoiceEvent) -> ChoiceEvent:
+        return event if not self.echo_only else ChoiceEvent(event.index, "", [], event.finish_reason and "length",
+                                                            event.num_prompt_tokens, 0, event.timings,
+                                                            event.prompt_logprobs)
 
     def chunk(self, event: ChoiceEvent) -> dict | None:
-        acc = self.add(event)
-        if not event.text and event.finish_reason is None and not event.logprobs:
+        event = self._shown(event)
+        acc = super().add(event)
+        text, lps = event.text, list(event.logprobs)
+        prompt_ids = None
+        if not acc.opened and self.echo is not None:
+            lead, lead_lps = self._echoed(event.index, acc)
+            text, lps, prompt_ids = lead + text, [*lead_lps, *lps], self.echo[event.index // self.n][1]
+        if not text and event.finish_reason is None and not lps:
             return None
-        logprobs = self._logprobs(event.logprobs, acc.streamed_chars) if event.logprobs else None
+        acc.opened = True
+        logprobs = self._logprobs(lps, acc.streamed_chars, prompt_ids) if lps else None
         if logprobs:
             acc.streamed_chars = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
         return self.envelope(self.chunk_name, [self.with_timings({
-            "index": event.index, "text": event.text, "finish_reason": event.finish_reason,
-            "logprobs": logprobs}, event.timings)])
+            "index": event.index, "text": text, "finish_reason": event.finish_reason,
+            "logprobs": logprobs, **self._prompt_field(acc)}, event.timings)])
+
+    def add(self, event: ChoiceEvent) -> _Acc:
+        return super().add(self._shown(event)) if self.echo_only else super().add(event)
 
     def final(self) -> dict:
-        choices = [self.with_timings({"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                                      "logprobs": self._logprobs(c.logprobs) if c.wants_logprobs else None},
-                                     c.timings) for i, c in enumerate(self.choices)]
+        choices = []
+        for i, c in enumerate(self.choices):
+            lead, lead_lps = self._echoed(i, c)
+            lps = [*lead_lps, *c.logprobs]
+            prompt_ids = self.echo[i // self.n][1] if self.echo is not None else None
+            choices.append(self.with_timings({"index": i, "text": lead + c.text, "finish_reason": c.finish_reason,
+                                              "logprobs": self._logprobs(lps, 0, prompt_ids) if c.wants_logprobs
+                                              or lead_lps else None,
+                                              **self._prompt_field(c)}, c.timings))
         return {**self.envelope(self.object_name, choices), "usage": self.usage()}
 
 
@@ -124,13 +176,15 @@ class ChatShape(Shape):
         delta, finish = self._delta(event)
         if not delta and finish is None and not event.logprobs:
             return None
+        extra = {}
         if event.index not in self.opened:  # the role goes out with the choice's first content, as vLLM's
             self.opened.add(event.index)
             delta = {"role": "assistant", **delta}
-        return self.envelope(self.chunk_name, [self.with_timings({
+            extra = self._prompt_field(self.choices[event.index]) if event.index == 0 else {}
+        return {**self.envelope(self.chunk_name, [self.with_timings({
             "index": event.index, "delta": delta,
             "logprobs": self._logprobs(event.logprobs) if event.logprobs else None,
-            "finish_reason": finish}, event.timings)])
+            "finish_reason": finish}, event.timings)]), **extra}
 
     def _delta(self, event: ChoiceEvent) -> tuple[dict, str | None]:
         """The event's delta (content, or tool-call pieces) and finish reason."""
@@ -175,4 +229,4 @@ class ChatShape(Shape):
             choices.append(self.with_timings({"index": i, "message": message, "finish_reason": finish,
                                               "logprobs": self._logprobs(c.logprobs) if c.wants_logprobs else None},
                                              c.timings))
-        return {**self.envelope(self.object_name, choices), "usage": self.usage()}
+        return {**self.envelope(self.object_name, choices), "usage": self.usage(), **self._prompt_field(self.choices[0])}

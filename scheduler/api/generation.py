@@ -29,6 +29,7 @@ class ChoiceEvent:
     num_prompt_tokens: int
     num_output_tokens: int
     timings: dict[str, float] | None = None  # phase seconds, on a sample's last event
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # on a sample's first event, when asked for
 
 
 class _Sample:
@@ -94,7 +95,7 @@ class _Tracker:
             if self.done:
                 m.vllm.request_done(max(s.num_tokens for s in self.samples))
         return ChoiceEvent(self.index_base + out.index, sample.stream.delta(final=finish is not None),
-                           out.new_logprobs, finish, self.num_prompt, sample.num_tokens, timings)
+                           out.new_logprobs, finish, self.num_prompt, sample.num_tokens, timings, out.prompt_logprobs)
 
 
 async def generate_events(client: EngineClient, tokenizer: Tokenizer, request_id: str,

@@ -17,6 +17,7 @@ counted, or refused with --strict-fields (scheduler/api/server.py).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,7 +43,6 @@ NEVER_SUPPORTED = {
     "web_search_options": "web search is not supported",
     "functions": "the deprecated functions field is not supported; use tools",
     "function_call": "the deprecated function_call field is not supported; use tool_choice",
-    "prompt_logprobs": "prompt_logprobs is not supported yet",
     "best_of": "best_of is not supported; use n",
 }
 
@@ -111,6 +111,7 @@ class _Sampling(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    prompt_logprobs: int | None = None  # vLLM: each prompt token's logprob (and this many alternatives)
     # pdserve: prefill from a KV predictor's KV (true), never (false), or as the TTFT-SLO policy says (unset)
     kv_prediction: bool | None = None
 
@@ -162,7 +163,7 @@ class _Sampling(BaseModel):
             stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
             logprobs=logprobs, skip_special_tokens=self.skip_special_tokens, kv_prediction=self.kv_prediction,
             logit_bias=_logit_bias(self.logit_bias), allowed_token_ids=tuple(self.allowed_token_ids or ()),
-            structured=self.structured())
+            structured=self.structured(), prompt_logprobs=self.prompt_logprobs)
 
     @property
     def include_usage(self) -> bool:
@@ -205,11 +206,20 @@ class CompletionRequest(_Sampling):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the prompt (and its logprobs) back, nothing generated."""
+        return self.echo and self.max_tokens == 0
+
     def sampling_params(self) -> SamplingParams:
-        if self.echo or self.suffix:
-            raise RequestError("echo and suffix are not supported", param="echo" if self.echo else "suffix")
+        if self.suffix:
+            raise RequestError("suffix is not supported", param="suffix")
         max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if self.max_tokens is None else self.max_tokens
-        return self._params(max_tokens, self.logprobs)
+        params = self._params(1 if self.echo_only else max_tokens, self.logprobs)
+        if self.echo and self.logprobs is not None:  # the prompt's logprobs lead the choice's
+            want = max(self.logprobs, self.prompt_logprobs or 0)
+            params = replace(params, prompt_logprobs=want)
+        return params
 
 
 class TextPart(BaseModel):

@@ -148,8 +148,11 @@ def build_app(state: ServerState) -> FastAPI:
         rid = f"cmpl-{uuid.uuid4().hex}"
         events = merge([generate_events(state.client, state.tokenizer, f"{rid}-{i}", ids, params, metrics,
                                         index_base=i * params.n) for i, ids in enumerate(prompts)])
+        echo = [(p if isinstance(p, str) else state.tokenizer.decode(ids, skip_special_tokens=False), ids)
+                for p, ids in zip(texts, prompts)] if body.echo else None
         shape = formats.CompletionShape(rid, state.model_name, state.tokenizer, len(prompts), params.n,
-                                        _wants_timings(request))
+                                        _wants_timings(request), body.prompt_logprobs is not None, echo=echo,
+                                        echo_only=body.echo_only)
         return await _run(state, request, body.stream, body.include_usage, events, shape)
 
     @v1.post("/chat/completions", responses=STREAMS)
@@ -172,7 +175,8 @@ def build_app(state: ServerState) -> FastAPI:
         await _off_loop(lambda: state.client.check(ids, params))  # a constraint compiles here
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         events = generate_events(state.client, state.tokenizer, rid, ids, params, metrics)
-        shape = formats.ChatShape(rid, state.model_name, state.tokenizer, 1, params.n, _wants_timings(request), plan=plan)
+        shape = formats.ChatShape(rid, state.model_name, state.tokenizer, 1, params.n, _wants_timings(request),
+                                  body.prompt_logprobs is not None, plan=plan)
         return await _run(state, request, body.stream, body.include_usage, events, shape)
 
     app.include_router(v1)

@@ -211,3 +211,35 @@ def test_never_supported_fields_refused_and_unknown_ones_logged_once(server, mod
     assert sum("'temprature'" in rec.getMessage() for rec in caplog.records) == 1
     text = httpx.get(server.url + "/metrics").text
     assert 'pdserve_request_unknown_fields_total{field="temprature"} 3.0' in text
+
+
+def test_echo_with_logprobs_equals_a_forward_over_the_prompt(server, client, model):
+    """What loglikelihood harnesses send: echo + logprobs (max_tokens 0 or more)."""
+    import torch
+    import transformers
+
+    from engine.models.registry import default_model_path
+    prompt = "The capital of France is Paris, and the capital of Italy is"
+    out = client.completions.create(model=model, prompt=prompt, max_tokens=0, temperature=0, echo=True, logprobs=1)
+    choice = out.choices[0]
+    assert choice.text == prompt and choice.logprobs.token_logprobs[0] is None
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": prompt}).json()["tokens"]
+    assert len(choice.logprobs.tokens) == len(ids) and "".join(choice.logprobs.tokens) == prompt
+    path = default_model_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with torch.inference_mode():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)
+    del hf
+    expected = [float(ref[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    more = client.completions.create(model=model, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=1)
+    assert more.choices[0].text.startswith(prompt) and len(more.choices[0].logprobs.tokens) == len(ids) + 3
+    assert more.choices[0].logprobs.token_logprobs[1:len(ids)] == pytest.approx(expected, abs=1e-4)
+    streamed = list(client.completions.create(model=model, prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                              logprobs=1, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == more.choices[0].text
+    raw = httpx.post(server.url + "/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 1,
+                                                           "prompt_logprobs": 0}, timeout=60).json()
+    entries = raw["choices"][0]["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == len(ids)
+    assert [e[str(t)]["logprob"] for e, t in zip(entries[1:], ids[1:])] == pytest.approx(expected, abs=1e-4)

@@ -76,6 +76,12 @@ def test_new_sampling_fields_cross_the_wire_unchanged():
     assert back == params and back.structured == params.structured
     with pytest.raises(RequestError, match="logit_bias"):
         SamplingParams(logit_bias={-1: 1.0})
+    from engine.outputs import StepOutput, TokenLogprobs
+    from engine.worker.wire import delta_to_output, output_to_delta
+    out = StepOutput("r", 0, [5], prompt_logprobs=[None, TokenLogprobs(7, -1.5, [(8, -0.5)])])
+    assert delta_to_output(output_to_delta(out)).prompt_logprobs == out.prompt_logprobs
+    assert delta_to_output(output_to_delta(StepOutput("r", 0, [5], prompt_logprobs=[None]))).prompt_logprobs == [None]
+    assert delta_to_output(output_to_delta(StepOutput("r", 0, [5]))).prompt_logprobs is None
     with pytest.raises(RequestError, match="choice"):
         StructuredOutput.choice([])
 

@@ -89,6 +89,14 @@ def test_colocated_constraints_and_token_filters(colocated, tiny_vllm):
     assert free[0] not in banned
     with pytest.raises(RequestError, match="regex"):
         colocated.engine.validate([5, 6], SamplingParams(structured=StructuredOutput("regex", "[a-")))
+    got = []
+    done = threading.Event()
+    colocated.submit("p", [7, 8, 9, 10], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1),
+                     lambda o: (got.append(o), o.finished and done.set()))
+    assert done.wait(60)
+    prompt = next(o.prompt_logprobs for o in got if o.prompt_logprobs)
+    assert prompt[0] is None and [lp.token_id for lp in prompt[1:]] == [8, 9, 10]
+    assert all(lp.logprob <= 0 and len(lp.top) == 1 for lp in prompt[1:])
     assert colocated.call(lambda e: (e.stats().num_kv_blocks_used, e.num_requests())).result(30) == (0, 0)
 
 
