@@ -10,6 +10,7 @@ from bench.config import build_parser, from_args
 from bench.plots import write_plots
 from bench.report import print_report, write_json
 from bench.session import Session
+from bench.vllm_result import write_flat_results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     if config.result_json:
         write_json(Path(config.result_json), config.as_dict(), results, session.searches, config.attainment_target)
         session.console.print(f"records: {config.result_json}")
+    if config.result_file is not None:
+        for path in write_flat_results(config.result_file, results, model=config.model,
+                                       num_prompts=config.dataset.num_prompts, burstiness=config.burstiness,
+                                       max_concurrency=config.max_concurrency, metrics=config.percentile_metrics,
+                                       percentiles=config.metric_percentiles):
+            session.console.print(f"vLLM-format result: {path}")
     if config.plot_dir:
         for path in write_plots(Path(config.plot_dir), results, config.attainment_target):
             session.console.print(f"plot: {path}")

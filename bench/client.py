@@ -23,9 +23,10 @@ def auth_headers(api_key: str | None) -> dict[str, str] | None:
     return {"Authorization": f"Bearer {api_key}"} if api_key else None
 
 
-def request_body(endpoint: str, model: str | None, prompt: str, max_tokens: int, ignore_eos: bool) -> dict:
+def request_body(endpoint: str, model: str | None, prompt: str, max_tokens: int, ignore_eos: bool,
+                 temperature: float = 0.0) -> dict:
     body: dict = {"max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
-                  "temperature": 0.0}
+                  "temperature": temperature}
     if model:
         body["model"] = model
     if ignore_eos:

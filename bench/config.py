@@ -37,6 +37,10 @@ class BenchConfig:
     api_key: str | None
     result_json: str | None
     plot_dir: str | None
+    temperature: float = 0.0
+    percentile_metrics: tuple[str, ...] = ("ttft", "tpot", "itl")
+    metric_percentiles: tuple[float, ...] = (99.0,)
+    result_file: str | None = None  # vLLM's flat result JSON (--save-result)
 
     @property
     def rates(self) -> tuple[float, ...]:
@@ -92,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="let requests stop at EOS (default: generate exactly max_tokens)")
     w.add_argument("--ignore-eos", dest="ignore_eos", action="store_true", help="generate exactly max_tokens (the default)")
+    w.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of every request (0: greedy)")
     s = p.add_argument_group("SLOs")
     s.add_argument("--slo-ttft-ms", type=float)
     s.add_argument("--slo-tpot-ms", type=float)
@@ -106,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--result-json", help="write the summary and every per-request record here")
     o.add_argument("--plot-dir", help="write PNG plots here")
+    o.add_argument("--save-result", action="store_true", help="also write vLLM bench serve's flat result JSON "
+                   "(mean_ttft_ms, p99_itl_ms, ...) per phase, in --result-dir as --result-filename")
+    o.add_argument("--result-dir", default=".", help="with --save-result: the folder")
+    o.add_argument("--result-filename", help="with --save-result: the file name (several phases: each gets "
+                   "-TARGET-RATEqps before .json); default TARGET-RATEqps-DATE.json")
+    o.add_argument("--percentile-metrics", default="ttft,tpot,itl", help="in the vLLM result: the metrics given "
+                   "percentiles, from ttft, tpot, itl, e2el")
+    o.add_argument("--metric-percentiles", default="99", help="in the vLLM result: the percentiles, e.g. 50,90,99")
     return p
 
 
@@ -182,6 +195,24 @@ def from_args(args: argparse.Namespace) -> BenchConfig:
         raise ValueError("--max-search-phases must be >= 1")
     if not 0 < args.attainment_target <= 1:
         raise ValueError("--attainment-target must be in (0, 1]")
+    metrics = tuple(m.strip() for m in args.percentile_metrics.split(",") if m.strip())
+    if not metrics or set(metrics) - {"ttft", "tpot", "itl", "e2el"}:
+        raise ValueError(f"--percentile-metrics takes ttft, tpot, itl, e2el separated by commas, got "
+                         f"{args.percentile_metrics!r}")
+    try:
+        percentiles = tuple(float(q) for q in args.metric_percentiles.split(","))
+    except ValueError:
+        raise ValueError(f"--metric-percentiles takes numbers separated by commas, got {args.metric_percentiles!r}") \
+            from None
+    if not all(0 < q <= 100 for q in percentiles):
+        raise ValueError("--metric-percentiles must be in (0, 100]")
+    if args.temperature < 0:
+        raise ValueError("--temperature must be >= 0")
+    if (args.result_filename or args.result_dir != ".") and not args.save_result:
+        raise ValueError("--result-dir and --result-filename go with --save-result")
+    result_file = None
+    if args.save_result:  # the folder, with a trailing separator when no file name was given
+        result_file = os.path.join(args.result_dir, args.result_filename or "")
     spec = DatasetSpec(name, args.num_prompts, args.input_len, args.output_len, args.range_ratio,
                        rest[0] if rest else None, args.seed)
     return BenchConfig(
@@ -191,4 +222,6 @@ def from_args(args: argparse.Namespace) -> BenchConfig:
         warmup=args.warmup, dataset=spec, tokenizer=args.tokenizer, slo=slo,
         attainment_target=args.attainment_target, sweep_rates=sweep, find_goodput=args.find_goodput,
         max_search_phases=args.max_search_phases, request_timeout_s=args.request_timeout_s,
-        ignore_eos=args.ignore_eos, api_key=args.api_key, result_json=args.result_json, plot_dir=args.plot_dir)
+        ignore_eos=args.ignore_eos, api_key=args.api_key, result_json=args.result_json, plot_dir=args.plot_dir,
+        temperature=args.temperature, percentile_metrics=metrics, metric_percentiles=percentiles,
+        result_file=result_file)

@@ -33,6 +33,7 @@ class Phase:
     duration_s: float | None = None  # stop sending new requests after this long
     ignore_eos: bool = True
     api_key: str | None = None
+    temperature: float = 0.0
 
 
 @dataclass
@@ -81,7 +82,8 @@ async def run_phase(state: PhaseState) -> PhaseState:
                 if phase.duration_s is not None and time.perf_counter() - t0 > phase.duration_s:
                     return  # past the phase's duration: not sent, not counted
                 request = phase.requests[index]
-                body = request_body(phase.endpoint, phase.model, request.prompt, request.max_tokens, phase.ignore_eos)
+                body = request_body(phase.endpoint, phase.model, request.prompt, request.max_tokens, phase.ignore_eos,
+                                    phase.temperature)
                 state.sent += 1
                 state._changed()
                 record = await send(http, phase.base_url, phase.endpoint, body, t0, phase.timeout_s)

@@ -114,7 +114,7 @@ class Session:
                       _send_times(requests, rate, cfg.burstiness, cfg.dataset.seed),
                       max_concurrency=cfg.max_concurrency or (4 if warmup else None),
                       timeout_s=cfg.request_timeout_s, duration_s=None if warmup else cfg.duration_s,
-                      ignore_eos=cfg.ignore_eos, api_key=cfg.api_key)
+                      ignore_eos=cfg.ignore_eos, api_key=cfg.api_key, temperature=cfg.temperature)
         label = f"{target.name} warm-up" if warmup else f"{target.name} @ {rate_label(rate)} req/s"
         live = self.console.is_terminal  # a log file gets one plain line per phase instead
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

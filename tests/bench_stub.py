@@ -18,6 +18,7 @@ GAP_S = 0.05
 def stub_app() -> FastAPI:
     app = FastAPI()
     app.state.prompts = []
+    app.state.bodies = []  # every request body, as sent
     app.state.num_completed = 0  # streams that reached [DONE]
 
     def sse(chunks, done=True):
@@ -42,6 +43,7 @@ def stub_app() -> FastAPI:
         body = await request.json()
         prompt = body["prompt"]
         app.state.prompts.append(prompt)
+        app.state.bodies.append(body)
         if prompt == "500":
             return JSONResponse({"error": {"message": "overloaded"}}, status_code=500)
         if prompt == "cut":

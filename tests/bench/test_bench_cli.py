@@ -179,3 +179,22 @@ def test_a_run_where_every_request_failed_exits_non_zero(capsys):
                  "--input-len", "8", "--output-len", "4",
                  "--request-timeout-s", "5"])
     assert code == 1 and "every request failed" in capsys.readouterr().out
+
+
+def test_vllm_result_json_and_temperature(stub, tmp_path):
+    url, app = stub
+    ours = tmp_path / "ours.json"
+    code = main(["--base-url", url, "--dataset", "file", str(write_jsonl(tmp_path / "w.jsonl", ["ok"] * 4)),
+                 "--num-prompts", "4", "--temperature", "0.7", "--result-json", str(ours), "--save-result",
+                 "--result-dir", str(tmp_path / "vllm"), "--result-filename", "run.json",
+                 "--percentile-metrics", "ttft,itl,e2el", "--metric-percentiles", "50,99"])
+    assert code == 0 and {b["temperature"] for b in app.state.bodies} == {0.7}
+    flat = json.loads((tmp_path / "vllm" / "run.json").read_text())
+    summary = json.loads(ours.read_text())["phases"][0]["summary"]
+    assert flat["completed"] == 4 and flat["failed"] == 0 and flat["model_id"] is None
+    assert flat["mean_ttft_ms"] == pytest.approx(summary["ttft_s"]["mean"] * 1000)
+    assert flat["median_itl_ms"] == pytest.approx(summary["itl_s"]["median"] * 1000)
+    assert {"p50_ttft_ms", "p99_ttft_ms", "p99_itl_ms", "p50_e2el_ms", "std_e2el_ms"} <= set(flat)
+    assert not any(k.endswith("_tpot_ms") for k in flat)
+    for bad in (["--percentile-metrics", "ttft,speed"], ["--metric-percentiles", "x"], ["--result-dir", "d"]):
+        assert main(["--base-url", url, "--input-len", "4", "--output-len", "2", *bad]) == 2
