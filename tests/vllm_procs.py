@@ -10,6 +10,9 @@ import time
 # tokens (a 500-token prompt takes four steps), the CPU backend's smallest block size
 ENGINE = dict(dtype="float32", max_model_len=1024, block_size=32, max_num_batched_tokens=128, max_num_seqs=16)
 KV_BYTES = 128 << 20
+# the decode side waits for the prefill side to join its link while that side builds its vLLM
+# engine (tens of seconds on a busy box): a bound on a hang, not an expectation of speed
+PAIR_TIMEOUT_S = 300.0
 
 
 def engine_config(model: str, **overrides):
@@ -58,7 +61,7 @@ def produce(model: str, port: int, prompts: list[list[int]], skips, landed, resu
     from engine.vllm_backend.engine import VllmEngine
 
     engine = VllmEngine(engine_config(model), disaggregated=True)
-    sender = GlooSender(connect_pair("127.0.0.1", port, PREFILL_RANK))
+    sender = GlooSender(connect_pair("127.0.0.1", port, PREFILL_RANK, timeout_s=PAIR_TIMEOUT_S))
     skip = skips.get(timeout=120)
     sink = _Held(sender, skip, landed, len(engine.bridge.kv_layers))
     engine.set_kv_sink(sink)
@@ -88,7 +91,8 @@ def consume(model: str, ports, skips, prompts: list[list[int]], max_tokens: int,
     engine = VllmEngine(engine_config(model), disaggregated=True)
     port, fd = listen("127.0.0.1")
     ports.put(port)
-    receiver = GlooReceiver(connect_pair("127.0.0.1", port, DECODE_RANK, listen_fd=fd), engine.info.kv_block_shape,
+    receiver = GlooReceiver(connect_pair("127.0.0.1", port, DECODE_RANK, timeout_s=PAIR_TIMEOUT_S, listen_fd=fd),
+                            engine.info.kv_block_shape,
                             getattr(torch, engine.info.kv_dtype))
     for i, prompt in enumerate(prompts):
         engine.reserve_prefilled(str(i), prompt, SamplingParams(temperature=0, max_tokens=max_tokens))
