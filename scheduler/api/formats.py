@@ -111,8 +111,7 @@ class CompletionShape(Shape):
         """The prompt text and logprob entries that lead choice `index` (empty without echo)."""
         if self.echo is None:
             return "", []
-        text, ids = self.echo[index // self.n]
-        return text, acc.prompt_logprobs or []
+        return self.echo[index // self.n][0], acc.prompt_logprobs or []
 
     def _shown(self, event: ChoiceEvent) -> ChoiceEvent:
         return event if not self.echo_only else ChoiceEvent(event.index, "", [], event.finish_reason and "length",
@@ -167,18 +166,17 @@ class ChatShape(Shape):
     def __init__(self, *args, plan: ToolPlan = ToolPlan(), **kw):
         super().__init__(*args, **kw)
         self.plan = plan
-        self.opened: set[int] = set()  # choices whose first chunk (the role) went out
         self.tool_streams = {i: ToolStream(plan) for i in range(len(self.choices))} if plan.active else {}
         self.forced_ids: dict[int, str] = {}
 
     def chunk(self, event: ChoiceEvent) -> dict | None:
-        self.add(event)
+        acc = self.add(event)
         delta, finish = self._delta(event)
         if not delta and finish is None and not event.logprobs:
             return None
         extra = {}
-        if event.index not in self.opened:  # the role goes out with the choice's first content, as vLLM's
-            self.opened.add(event.index)
+        if not acc.opened:  # the role goes out with the choice's first content, as vLLM's
+            acc.opened = True
             delta = {"role": "assistant", **delta}
             extra = self._prompt_field(self.choices[event.index]) if event.index == 0 else {}
         return {**self.envelope(self.chunk_name, [self.with_timings({
