@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 
 from bench.datasets import WORKLOADS, DatasetSpec
 from bench.metrics import SLO
+from engine.cli_help import DefaultsHelpFormatter
 
 DATASETS = ("random", "shift", *WORKLOADS, "file")
 ENDPOINTS = ("completions", "chat", "/v1/completions", "/v1/chat/completions")
@@ -55,7 +56,7 @@ class BenchConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="pdserve bench",
+        prog="pdserve bench", formatter_class=DefaultsHelpFormatter,
         description="SLO-aware load test of OpenAI-compatible servers (pdserve, vLLM, SGLang): "
                     "streaming requests with gamma/Poisson arrivals; TTFT, TPOT, ITL, E2EL, SLO "
                     "attainment and goodput, per target, with rate sweeps and goodput search.")

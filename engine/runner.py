@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,10 @@ class ModelRunner:
         max_len = config.max_model_len or min(model_cfg.max_position_embeddings, MAX_DEFAULT_LEN)
         if model_cfg.sliding_window:
             max_len = min(max_len, model_cfg.sliding_window)
+        log.info("loading %s (%s, %s, max_model_len %d)", model_path, self.dtype, self.device, max_len)
+        started = time.perf_counter()
         self.model = load_model(source, self.dtype, self.device, max_len)
+        log.info("weights loaded in %.1f s", time.perf_counter() - started)
         self.block_size = config.block_size
         per_block = KVCache.bytes_per_block(model_cfg.num_layers, config.block_size,
                                             model_cfg.num_kv_heads, model_cfg.head_dim, self.dtype)
@@ -113,11 +117,14 @@ class ModelRunner:
             if buckets is None:
                 buckets = self.memory.buckets(self.model.packable_bytes())
             if buckets:
+                started = time.perf_counter()
                 self.model.pack_weights(buckets)
+                log.info("packed GEMM weights for batch sizes %s in %.1f s", list(buckets), time.perf_counter() - started)
         self.memory.gemm_buckets = buckets if packed_gemm.available(self.device, self.dtype) else ()
         num_blocks = config.num_kv_blocks or max(1, (config.kv_cache_bytes or self.memory.kv_bytes()) // per_block)
         self.kv_cache = KVCache(model_cfg.num_layers, num_blocks, config.block_size,
                                 model_cfg.num_kv_heads, model_cfg.head_dim, self.dtype, self.device)
+        log.info("KV cache: %d blocks of %d tokens (%d MiB)", num_blocks, config.block_size, num_blocks * per_block >> 20)
         self.backend = select_backend(config.attention_backend, self.device, config.block_size)
         self.sampler = Sampler(self.device, config.seed, Grammars(model_path, model_cfg.vocab_size, model_cfg.eos_token_ids))
         self.info = RunnerInfo(model_cfg, max_len, num_blocks)

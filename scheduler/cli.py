@@ -8,6 +8,7 @@ import argparse
 import logging
 import sys
 
+from engine.cli_help import DefaultsHelpFormatter
 from engine.config import EngineBackend, EngineConfig, Role
 from scheduler.config import ServeConfig, ServeMode, add_dataclass_args, from_args
 
@@ -23,7 +24,9 @@ def build_server(engine_config: EngineConfig, config: ServeConfig = ServeConfig(
     from scheduler.metrics import ServerMetrics
     from scheduler.tokenizer import Tokenizer
 
+    log.info("loading the tokenizer of %s", engine_config.model)
     tokenizer = Tokenizer.load(resolve_model_path(engine_config.model))  # fails fast on a bad --model
+    log.info("starting the %s engine (%s)", engine_config.engine, config.mode)
     if config.mode == ServeMode.SEMI_PD:
         from engine.worker.semi_pd import SemiPD
         loop = SemiPD(engine_config, config.semi_pd_prefill_share, config.split_controller_or_none(),
@@ -58,7 +61,10 @@ def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
     from scheduler.metrics import ServerMetrics
     from scheduler.tokenizer import Tokenizer
 
+    log.info("loading the tokenizer of %s", engine_config.model)
     tokenizer = Tokenizer.load(resolve_model_path(engine_config.model))  # fails fast on a bad --model
+    log.info("starting the Ray cluster: %d prefill and %d decode workers (%s engine)", config.prefill_workers,
+             config.decode_workers, engine_config.engine)
     spec = ClusterSpec(config.prefill_workers, config.decode_workers, config.ray_address, config.policy,
                        config.worker, policy_config=config.policy_config, controller=config.role_controller_or_none())
     cluster = Cluster(spec, engine_config).start()
@@ -113,11 +119,13 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # every logger o
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving")
+    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving",
+                                     formatter_class=DefaultsHelpFormatter)
     from scheduler.api.utility import pdserve_version
     parser.add_argument("--version", action="version", version=f"pdserve {pdserve_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    p_serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                             formatter_class=DefaultsHelpFormatter)
     add_dataclass_args(p_serve, ServeConfig)
     add_dataclass_args(p_serve, EngineConfig)
     sub.add_parser("bench", help="load-test OpenAI-compatible servers under latency SLOs (see `pdserve bench -h`)")

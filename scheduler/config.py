@@ -140,7 +140,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         base = next((a for a in args if a is not type(None)), hint)
         flag = "--" + name.replace("_", "-")
         default = None if f.default is MISSING else f.default
-        doc = field_help(owner)[f.name]
+        doc = field_help(owner)[f.name].replace("%", "%%")  # argparse formats help with %
         if base is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=doc)
         elif isinstance(base, type) and issubclass(base, enum.Enum):

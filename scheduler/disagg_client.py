@@ -95,11 +95,9 @@ class DisaggClient(EngineClient):
                    params: SamplingParams) -> AsyncIterator[StepOutput]:
         await self._refresh_view()
         loads = {w: v.load for w, v in self.router.views.items()}  # before this route is charged to them
-        target = self.router.route(len(prompt_token_ids), prompt_token_ids)
+        target = self.router.route(len(prompt_token_ids), prompt_token_ids, local=params.prompt_logprobs is not None)
         if target is None:
             raise Overloaded(f"{self.router.why_no_route()}; retry later")
-        if params.prompt_logprobs is not None and target.prefill_id:  # they come from the forward over the prompt:
-            target = replace(target, prefill_id="", prefill_address="")  # the decode worker computes it itself
         prefiller = loads[target.prefill_id or target.decode_id]
         if params.kv_prediction and prefiller.kv_prediction_cost <= 0:
             raise RequestError("kv_prediction: the workers have no KV predictor (start them with --kv-predictor DIR)",

@@ -11,6 +11,8 @@ each one they use is served.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from scheduler.config import ServeConfig
 from scheduler.router import WorkerView
@@ -62,16 +64,9 @@ class ServerMetrics:
                              worker, registry=r),
             "used": Gauge("pdserve_worker_kv_blocks_used", "KV-cache blocks in use", worker, registry=r),
             "total": Gauge("pdserve_worker_kv_blocks_total", "KV-cache blocks in all", worker, registry=r),
-            "weight_bytes": Gauge("pdserve_worker_weight_bytes_read", "Weight bytes the worker's steps read since it "
-                                  "started (cumulative; kind: dense, or expert: each expert once per layer run that "
-                                  "routed a token to it)", [*worker, "kind"], registry=r),
-            "predicted": Gauge("pdserve_worker_predicted_prefills", "Prompts the worker prefilled from a KV "
-                               "predictor's KV since it started (cumulative)", worker, registry=r),
             "lent": Gauge("pdserve_worker_lent", "1 while the mixed-pool policy lends the worker to the pool "
                           "labelled (it runs both phases)", worker, registry=r),
         }
-        self.role_moves = Gauge("pdserve_controller_role_moves", "Workers the role controller moved into each pool "
-                                "since the scheduler started (cumulative)", ["pool"], registry=r)
         self.controller_latency = Gauge("pdserve_controller_window_seconds", "The role (or semi-PD split) "
                                         "controller's last windowed p90 of TTFT and TPOT", ["metric"], registry=r)
         self.controller_verdict = Gauge("pdserve_controller_verdict", "1 for the last verdict of the role "
@@ -79,8 +74,8 @@ class ServerMetrics:
                                         "need-decode, few-samples, off)", ["verdict"], registry=r)
         self.split_share = Gauge("pdserve_semi_pd_share_percent", "Semi-PD: each stream's share of the device "
                                  "(CPU: of the torch threads; GPU: of the SMs)", ["phase"], registry=r)
-        self.local_prefills = Gauge("pdserve_local_prefills", "Requests this front door routed to be prefilled on "
-                                    "their decode worker (cumulative)", registry=r)
+        self.cumulative = _Cumulative()  # counts workers and the scheduler keep, as counters
+        r.register(self.cumulative)
 
     def observe_phases(self, timings: dict[str, float]) -> None:
         for name, value in timings.items():
@@ -115,13 +110,8 @@ class ServerMetrics:
             g["pending"].labels(*key).set(load.pending_prefill_tokens)
             g["used"].labels(*key).set(w.num_total_blocks - load.num_free_blocks)
             g["total"].labels(*key).set(w.num_total_blocks)
-            g["weight_bytes"].labels(*key, "dense").set(load.weight_bytes_dense)
-            g["weight_bytes"].labels(*key, "expert").set(load.weight_bytes_expert)
-            g["predicted"].labels(*key).set(load.num_predicted_prefills)
             if w.worker_id in lent:
                 g["lent"].labels(lent[w.worker_id], w.worker_id).set(1)
-        for pool, n in control.get("moves", {}).items():
-            self.role_moves.labels(pool).set(n)
         for metric in ("ttft", "tpot"):
             if control.get(f"{metric}_s") is not None:
                 self.controller_latency.labels(metric).set(control[f"{metric}_s"])
@@ -130,5 +120,35 @@ class ServerMetrics:
         if "prefill_share" in control:
             self.split_share.labels("prefill").set(control["prefill_share"])
             self.split_share.labels("decode").set(100 - control["prefill_share"])
-        self.local_prefills.set(control.get("local_prefills", 0))
+        self.cumulative.workers, self.cumulative.control = workers, control
         return generate_latest(self.registry)
+
+
+class _Cumulative(Collector):
+    """Counts since a worker (or the scheduler, or this front door) started, read at scrape time
+    from `workers` and `control` (what `render` was given). A restarted worker starts again
+    from 0: a counter reset, which rate() and increase() allow for."""
+
+    def __init__(self) -> None:
+        self.workers: list[WorkerView] = []
+        self.control: dict = {}
+
+    def collect(self):
+        worker = ["pool", "worker"]
+        weight = CounterMetricFamily("pdserve_worker_weight_bytes_read", "Weight bytes the worker's steps read "
+                                     "(kind: dense, or expert: each expert once per layer run that routed a token "
+                                     "to it)", labels=[*worker, "kind"])
+        predicted = CounterMetricFamily("pdserve_worker_predicted_prefills", "Prompts the worker prefilled from a "
+                                        "KV predictor's KV", labels=worker)
+        moves = CounterMetricFamily("pdserve_controller_role_moves", "Workers the role controller moved into each "
+                                    "pool", labels=["pool"])
+        local = CounterMetricFamily("pdserve_local_prefills", "Requests this front door routed to be prefilled on "
+                                    "their decode worker", value=self.control.get("local_prefills", 0))
+        for w in self.workers:
+            key, load = [w.role, w.worker_id], w.load
+            weight.add_metric([*key, "dense"], load.weight_bytes_dense)
+            weight.add_metric([*key, "expert"], load.weight_bytes_expert)
+            predicted.add_metric(key, load.num_predicted_prefills)
+        for pool, n in self.control.get("moves", {}).items():
+            moves.add_metric([pool], n)
+        yield from (weight, predicted, moves, local)

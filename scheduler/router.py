@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 from engine.kv.prefix_hash import prompt_block_hashes
-from scheduler.policies import DEFAULT_POLICY, POLICIES, PREFIX_POLICIES, Ask, PolicyConfig, WorkerLoad, least_loaded_prefill
+from scheduler.policies import DEFAULT_POLICY, POLICIES, PREFIX_POLICIES, Ask, PolicyConfig, Route, WorkerLoad, least_loaded_prefill
 
 
 @dataclass(frozen=True)
@@ -107,9 +107,12 @@ class Router:
         self.views[worker_id] = replace(view, load=replace(view.load, alive=alive))
         return True
 
-    def route(self, num_prompt_tokens: int, prompt_token_ids: list[int] | None = None) -> Target | None:
+    def route(self, num_prompt_tokens: int, prompt_token_ids: list[int] | None = None,
+              local: bool = False) -> Target | None:
         """A (prefill, decode) pair for the prompt, or None (no route now). The prefix-aware
-        policies need the token ids; the others only their count."""
+        policies need the token ids; the others only their count. local: the decode worker
+        must compute the whole prompt itself (its prompt logprobs come from that forward; no
+        cached prefix counts)."""
         prefill, decode = self._loads("prefill"), self._loads("decode")
         hashes, cached = [], {}
         if self.policy_name in PREFIX_POLICIES and prompt_token_ids:
@@ -120,6 +123,8 @@ class Router:
         route = self._policy(prefill, decode, Ask(num_prompt_tokens, cached))
         if route is None:
             return None
+        if local:
+            route, cached = Route(None, route.decode_id), {}
         d = self.views[route.decode_id]
         uncached = num_prompt_tokens - cached.get(d.worker_id, 0)
         if hashes:

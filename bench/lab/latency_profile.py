@@ -28,6 +28,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
+from engine.cli_help import DefaultsHelpFormatter
 from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 from scheduler.planner.latency import DecodeSample, PrefillSample, Profile, fit_model
@@ -161,7 +162,8 @@ def profile(config: EngineConfig, shape: dict, console: Console | None = None) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pdserve profile", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="pdserve profile", description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="model folder or .gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from engine.cli_help import DefaultsHelpFormatter
 from engine.kvpred.predictor import EVERY_OTHER_LAYER, KVPredictor
 from engine.kvpred.train import TrainConfig, Trainer, read_texts, token_windows
 from engine.models.loader import load_model, open_weights
@@ -26,9 +27,11 @@ from engine.models.registry import resolve_model_path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdserve kvpred", description="KV prediction: train a predictor")
+    parser = argparse.ArgumentParser(prog="pdserve kvpred", description="KV prediction: train a predictor",
+                                     formatter_class=DefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train an auxiliary model and K/V maps for a base model (the base frozen)")
+    t = sub.add_parser("train", formatter_class=DefaultsHelpFormatter,
+                       help="train an auxiliary model and K/V maps for a base model (the base frozen)")
     t.add_argument("--base", default=None, help="the base model (HF folder or .gguf); default: pdserve's default")
     t.add_argument("--aux", default=EVERY_OTHER_LAYER,
                    help="every-other-layer (the base's even layers, initialised from it) or a smaller model's path")
@@ -41,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=50)
     t.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all cores)")
     t.add_argument("--seed", type=int, default=0)
-    e = sub.add_parser("eval", help="TTFT, FLOPs and quality of predicted prefill against the base and two "
+    e = sub.add_parser("eval", formatter_class=DefaultsHelpFormatter, help="TTFT, FLOPs and quality of predicted prefill against the base and two "
                                     "baselines of the same cost (the auxiliary model alone, a truncated prompt)")
     e.add_argument("--predictor", required=True, help="a folder written by pdserve kvpred train")
     e.add_argument("--data", nargs="+", required=True, help="held-out plain-text or JSONL files, or folders")

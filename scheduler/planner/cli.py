@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.datasets import WORKLOADS
+from engine.cli_help import DefaultsHelpFormatter
 from scheduler.planner.latency import Profile
 from scheduler.planner.plan import Placement, PlanConfig, Planner
 
@@ -36,7 +37,8 @@ def load_profile(name: str) -> Profile:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pdserve plan", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="pdserve plan", description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--profile", required=True, help="profile JSON path or shipped name (scheduler/planner/profiles)")
     p.add_argument("--slo-ttft-ms", type=float, required=True)
     p.add_argument("--slo-tpot-ms", type=float, required=True)

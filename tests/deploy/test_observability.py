@@ -103,8 +103,8 @@ def test_worker_gauges_follow_the_view_and_drop_gone_workers():
     assert got[("pdserve_worker_kv_blocks_total", "decode", "decode-0", None)] == 100
     assert got[("pdserve_worker_running_requests", "decode", "decode-0", None)] == 5
     assert got[("pdserve_worker_waiting_requests", "prefill", "prefill-0", None)] == 2
-    assert got[("pdserve_worker_weight_bytes_read", "prefill", "prefill-0", "dense")] == 7
-    assert got[("pdserve_worker_weight_bytes_read", "prefill", "prefill-0", "expert")] == 11
+    assert got[("pdserve_worker_weight_bytes_read_total", "prefill", "prefill-0", "dense")] == 7
+    assert got[("pdserve_worker_weight_bytes_read_total", "prefill", "prefill-0", "expert")] == 11
     assert not any(worker == "decode-0" for _, _, worker, _ in samples([prefill]))
 
 

@@ -256,7 +256,7 @@ def test_http_kv_prediction_field_slo_policy_and_metrics(tiny_dirs, tmp_path):
             return r.json()["choices"][0]["text"]
 
         def predicted():
-            return metric_sum(server.url, "pdserve_worker_predicted_prefills")
+            return metric_sum(server.url, "pdserve_worker_predicted_prefills_total")
 
         full = complete(kv_prediction=False)  # also measures the engine's prefill speed
         assert predicted() == 0 and server.engine.stats().prefill_s_per_token > 0

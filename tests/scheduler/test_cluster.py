@@ -320,7 +320,7 @@ def test_conditional_prefix_and_role_controller_live(ray_local, tiny_llama, expe
         assert text(server, second) == text(tiny_server, second)
         # keep requests coming until the controller has moved a decode worker (2 windows of TTFT misses)
         deadline = time.monotonic() + 60
-        while _metric(server, "pdserve_controller_role_moves").get((("pool", "prefill"),), 0) < 1:
+        while _metric(server, "pdserve_controller_role_moves_total").get((("pool", "prefill"),), 0) < 1:
             status = ray_local.get(server.cluster.scheduler.control_status.remote())
             assert time.monotonic() < deadline, f"the role controller did not move a worker: {status}"
             assert all_in_parallel(lambda p: text(server, p), prompts() * 2, workers=16) == expected * 2
@@ -368,7 +368,7 @@ def test_kv_prediction_on_the_prefill_worker_equals_colocated(ray_local, tiny_ll
         r = complete(server, prompt)  # unset: 100 tokens miss a 1 ms TTFT SLO
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == predicted, r.text
         def counted() -> dict:
-            return {dict(k)["pool"]: v for k, v in _metric(server, "pdserve_worker_predicted_prefills").items()}
+            return {dict(k)["pool"]: v for k, v in _metric(server, "pdserve_worker_predicted_prefills_total").items()}
         wait_for(lambda: counted() == {"prefill": 2, "decode": 0}, f"2 predicted prefills counted ({counted()})", 5)
         assert_clean(server)
     finally:

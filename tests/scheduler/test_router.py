@@ -158,6 +158,19 @@ def test_local_prefill_targets_and_pool_moves():
     assert router.route(150, [7] * 150).local  # no prefill pool left: the decode worker prefills
 
 
+def test_a_route_asked_local_charges_the_decode_worker_the_whole_prompt():
+    """Prompt logprobs come from the forward over the prompt: its decode worker computes all of
+    it, and only it is charged (no prefill worker's queue grows)."""
+    router = Router("prefix")
+    router.update([view("p0", "prefill"), view("d0", "decode")])
+    assert router.route(64, [5] * 64).prefill_id == "p0"  # d0 now likely caches these 4 blocks
+    pending = router.views["p0"].load.pending_prefill_tokens
+    target = router.route(64, [5] * 64, local=True)
+    assert target.local and target.decode_id == "d0" and router.num_local == 1
+    assert router.views["d0"].load.pending_prefill_tokens == 64  # no cached prefix counts
+    assert router.views["p0"].load.pending_prefill_tokens == pending
+
+
 def test_the_scheduler_runs_the_role_controller_and_reports_its_moves():
     from scheduler.controller import ControllerConfig, RoleController
 

@@ -103,3 +103,39 @@ def test_serve_flags_are_checked_before_the_model_loads(capsys):
         busy.listen()
         assert main(["serve", "--mode", "colocated", "--port", str(busy.getsockname()[1])]) == 2
     assert "Address already in use" in capsys.readouterr().err
+
+
+def _command_parsers():
+    """(name, parser) of every `pdserve` command."""
+    import argparse
+
+    from bench.config import build_parser as bench_parser
+    from bench.lab.latency_profile import build_parser as profile_parser
+    from engine.kvpred.cli import build_parser as kvpred_parser
+    from scheduler.cli import build_parser
+    from scheduler.planner.cli import build_parser as plan_parser
+    def subs(parser):
+        return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    yield "serve", subs(build_parser())["serve"]
+    yield "bench", bench_parser()
+    yield "plan", plan_parser()
+    yield "profile", profile_parser()
+    for name, parser in subs(kvpred_parser()).items():
+        yield f"kvpred {name}", parser
+
+
+def test_every_command_help_shows_each_default(capsys):
+    import argparse
+
+    from scheduler.cli import main
+    checked = 0
+    for name, parser in _command_parsers():
+        with pytest.raises(SystemExit) as e:
+            main(name.split() + ["--help"])
+        assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: pdserve"), name
+        for action in parser._actions:
+            if (action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS)
+                    and not isinstance(action, argparse._HelpAction)):
+                assert "default" in parser._get_formatter()._format_action(action), (name, action.option_strings)
+                checked += 1
+    assert checked > 60
