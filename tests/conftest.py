@@ -116,3 +116,21 @@ def vllm_reference(tiny_vllm, vllm_prompts) -> list[list[int]]:
     finally:
         proc.join(30)
         assert proc.exitcode == 0, proc.exitcode
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(tmp_path_factory) -> Path:
+    """The default model as transformers reads its GGUF file (fp32), saved once as an HF folder:
+    transformers' GGUF reader takes ~40 s on two cores, its own folders a second."""
+    import transformers
+    from safetensors.torch import save_file
+
+    from engine.models.registry import default_model_path
+    path = default_model_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    out = tmp_path_factory.mktemp("smollm2-hf")
+    hf.config.save_pretrained(out)  # save_pretrained refuses a model read from GGUF: its tensors as they are
+    tied = hf.config.tie_word_embeddings
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items() if not (tied and k == "lm_head.weight")},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

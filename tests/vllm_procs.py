@@ -3,12 +3,17 @@ in a worker; importable)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
 # the tiny vLLM test model's engine settings: fp32 (tie-free greedy), chunked prefill of 128
 # tokens (a 500-token prompt takes four steps), the CPU backend's smallest block size
 ENGINE = dict(dtype="float32", max_model_len=1024, block_size=32, max_num_batched_tokens=128, max_num_seqs=16)
+# eager, in the served engines and the reference alike: compiling the model costs each vLLM
+# engine ~40 s of two cores, and the connector's layer hooks run inside vLLM's attention op
+# either way
+EAGER = {"enforce_eager": True}
 KV_BYTES = 128 << 20
 # the decode side waits for the prefill side to join its link while that side builds its vLLM
 # engine (tens of seconds on a busy box): a bound on a hang, not an expectation of speed
@@ -17,7 +22,7 @@ PAIR_TIMEOUT_S = 300.0
 
 def engine_config(model: str, **overrides):
     from engine.config import EngineConfig
-    kw = dict(ENGINE, kv_cache_memory=str(KV_BYTES))
+    kw = dict(ENGINE, kv_cache_memory=str(KV_BYTES), vllm_engine_args=json.dumps(EAGER))
     kw.update(overrides)
     return EngineConfig(engine="vllm", model=model, served_model_name="tiny", **kw)
 
@@ -26,7 +31,7 @@ def reference(model: str, prompts: list[list[int]], max_tokens: int, results) ->
     """vLLM's own offline `LLM.generate`, greedy, with the same engine settings."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
-    llm = LLM(model=model, enable_chunked_prefill=True, kv_cache_memory_bytes=KV_BYTES, **ENGINE)
+    llm = LLM(model=model, enable_chunked_prefill=True, kv_cache_memory_bytes=KV_BYTES, **ENGINE, **EAGER)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=max_tokens),
                         use_tqdm=False)
     results.put([list(o.outputs[0].token_ids) for o in outs])

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         actor_rate = args.route_calls / (time.perf_counter() - start)
         router = Router("jsq")
         router.update(ray.get(scheduler.snapshot.remote()))
-        n = 200_000
+        n = 10 * args.route_calls
         start = time.perf_counter()
         for _ in range(n):
             router.route(args.prompt_len)

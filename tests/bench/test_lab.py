@@ -25,8 +25,17 @@ def test_every_lab_module_imports():
 def test_scheduler_overhead_runs(tmp_path):
     out = tmp_path / "overhead.json"
     run = subprocess.run([sys.executable, "-m", "bench.lab.scheduler_overhead", "--requests", "20", "--warmup", "5",
-                          "--route-calls", "100", "--result-json", str(out)],
+                          "--route-calls", "100", "--prefill-workers", "1", "--decode-workers", "1", "--result-json", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["overhead_ms"]) == {"p50", "p99"} and result["routes_per_s"]["router_replica"] > 0
+
+
+@pytest.mark.slow
+def test_structured_overhead_runs():
+    run = subprocess.run([sys.executable, "-m", "bench.lab.structured_overhead", "--batch", "1", "--tokens", "6",
+                          "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert result["decode_steps_timed"] >= 1 and "grammar cost per step (ms)" in result["decode_step_ms"]

@@ -16,6 +16,7 @@ from helpers import LiveServer, assert_no_leak, hf_greedy, run_to_end
 
 pytestmark = pytest.mark.slow
 
+NUM_TOKENS = 24
 PROMPTS = [
     "The capital of France is",
     "def quicksort(arr):",
@@ -34,17 +35,16 @@ def tokenizer():
     return Tokenizer.load(default_model_path())
 
 
-def test_greedy_matches_hf_on_real_weights(tokenizer):
+def test_greedy_matches_hf_on_real_weights(tokenizer, smollm2_hf):
     import transformers
-    path = default_model_path()
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     assert max(len(p) for p in prompts) > 200 and min(len(p) for p in prompts) <= 2
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    expected = hf_greedy(hf, prompts, 32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32)
+    expected = hf_greedy(hf, prompts, NUM_TOKENS)
     del hf
     from engine.engine import Engine
     engine = Engine(EngineConfig(dtype="float32", max_model_len=1024, num_kv_blocks=256))
-    out = run_to_end(engine, prompts, SamplingParams(temperature=0, max_tokens=32, min_tokens=32))
+    out = run_to_end(engine, prompts, SamplingParams(temperature=0, max_tokens=NUM_TOKENS, min_tokens=NUM_TOKENS))
     assert [out[str(i)] for i in range(len(prompts))] == expected
     assert_no_leak(engine)
 

@@ -213,20 +213,18 @@ def test_never_supported_fields_refused_and_unknown_ones_logged_once(server, mod
     assert 'pdserve_request_unknown_fields_total{field="temprature"} 3.0' in text
 
 
-def test_echo_with_logprobs_equals_a_forward_over_the_prompt(server, client, model):
+def test_echo_with_logprobs_equals_a_forward_over_the_prompt(server, client, model, smollm2_hf):
     """What loglikelihood harnesses send: echo + logprobs (max_tokens 0 or more)."""
     import torch
     import transformers
 
-    from engine.models.registry import default_model_path
     prompt = "The capital of France is Paris, and the capital of Italy is"
     out = client.completions.create(model=model, prompt=prompt, max_tokens=0, temperature=0, echo=True, logprobs=1)
     choice = out.choices[0]
     assert choice.text == prompt and choice.logprobs.token_logprobs[0] is None
     ids = httpx.post(server.url + "/tokenize", json={"prompt": prompt}).json()["tokens"]
     assert len(choice.logprobs.tokens) == len(ids) and "".join(choice.logprobs.tokens) == prompt
-    path = default_model_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32)
     with torch.inference_mode():
         ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)
     del hf
