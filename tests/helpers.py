@@ -212,8 +212,8 @@ def serving(app, limits=None):
 
 class FakeEngineClient(EngineClient):
     """The front door's engine with no model behind it: every sample of a request streams
-    max_tokens tokens (the prompt's ids, cycled) while `release` is set; clear it and nothing
-    finishes until it is set again. It records what it was asked to check and abort, and
+    max_tokens tokens (the prompt's ids, cycled; or `script`, then stop) while `release` is
+    set; clear it and nothing finishes until it is set again. It records what it was asked to check and abort, and
     which requests are streaming."""
 
     def __init__(self, max_model_len: int = 256, vocab_size: int = 512):
@@ -227,6 +227,7 @@ class FakeEngineClient(EngineClient):
         self.stall_at: int | None = None  # every sample waits at this token for `unstall`
         self.unstall = threading.Event()
         self.down: str | None = None  # why it cannot serve (/health answers 503), None: it can
+        self.script: list[int] | None = None  # what every sample generates, when set
 
     def check(self, prompt_token_ids, params) -> None:
         self.checked.append(list(prompt_token_ids))
@@ -237,14 +238,15 @@ class FakeEngineClient(EngineClient):
             raise self.refuse
         self.active.add(request_id)
         try:
-            num = params.max_tokens or 1
+            script = self.script
+            num = len(script) if script else params.max_tokens or 1
             for i in range(num):
                 for index in range(params.n):
                     while not self.release.is_set() or (i == self.stall_at and not self.unstall.is_set()):
                         await asyncio.sleep(0.005)  # held on purpose
                     last = i == num - 1
-                    yield StepOutput(request_id, index, [prompt_token_ids[i % len(prompt_token_ids)]],
-                                     finish_reason="length" if last else None,
+                    token = script[i] if script else prompt_token_ids[i % len(prompt_token_ids)]
+                    yield StepOutput(request_id, index, [token], finish_reason=("stop" if script else "length") if last else None,
                                      num_prompt_tokens=len(prompt_token_ids))
         finally:
             self.active.discard(request_id)

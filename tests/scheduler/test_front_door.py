@@ -1,6 +1,7 @@
 """The HTTP front door over a fake engine client (no model): each prompt is checked once
 before any response starts, a client that goes away aborts its request whether it streams or
-not, and stop strings end a sample in the engine."""
+not, stop strings end a sample in the engine, and a tool call written in the model's own format
+(scripted) comes back as OpenAI tool_calls, streamed and whole."""
 
 import httpx
 import pytest
@@ -120,3 +121,35 @@ def test_the_role_chunk_goes_out_with_the_first_content(front_door):
     deltas = [e["choices"][0]["delta"] for e in events]
     assert deltas[0]["role"] == "assistant" and deltas[0].get("content")  # no content-less role chunk first
     assert all("role" not in d for d in deltas[1:])
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+CALLS = {"hermes": 'Let me look.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+         "llama3_json": '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}'}
+
+
+@pytest.mark.parametrize("parser", sorted(CALLS))
+def test_an_auto_tool_call_the_model_writes_comes_back_as_tool_calls(tiny_llama, parser):
+    """tool_choice auto: the model's own call format, parsed, streamed as OpenAI tool_calls
+    deltas and whole, with finish_reason tool_calls."""
+    import json
+    fake, tokenizer = FakeEngineClient(), Tokenizer.load(tiny_llama)
+    fake.script = tokenizer.encode(CALLS[parser])
+    body = {"messages": [{"role": "user", "content": "weather in Paris?"}], "tools": WEATHER, "max_tokens": 64}
+    with serving(build_app(ServerState(fake, tokenizer, "fake", tool_call_parser=parser))) as url:
+        whole = httpx.post(url + "/v1/chat/completions", json=body, timeout=30).json()["choices"][0]
+        with httpx.stream("POST", url + "/v1/chat/completions", json=dict(body, stream=True), timeout=30) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert whole["finish_reason"] == "tool_calls"
+    (call,) = whole["message"]["tool_calls"]
+    assert call["type"] == "function" and call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    assert (whole["message"]["content"] or "") == ("Let me look." if parser == "hermes" else "")
+    deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
+    pieces = [t for d in deltas for t in d.get("tool_calls", [])]
+    assert pieces[0]["id"] and pieces[0]["function"]["name"] == "get_weather" and pieces[0]["index"] == 0
+    assert json.loads("".join(p["function"].get("arguments", "") for p in pieces)) == {"city": "Paris"}
+    assert "".join(d.get("content") or "" for d in deltas) == (whole["message"]["content"] or "")
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "tool_calls"
+    assert not fake.active
