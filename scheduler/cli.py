@@ -24,8 +24,9 @@ def build_server(engine_config: EngineConfig, config: ServeConfig = ServeConfig(
     from scheduler.metrics import ServerMetrics
     from scheduler.tokenizer import Tokenizer
 
-    log.info("loading the tokenizer of %s", engine_config.model)
-    tokenizer = Tokenizer.load(resolve_model_path(engine_config.model))  # fails fast on a bad --model
+    model_path = resolve_model_path(engine_config.model)  # fails fast on a bad --model
+    log.info("loading the tokenizer of %s", model_path)
+    tokenizer = Tokenizer.load(model_path)
     log.info("starting the %s engine (%s)", engine_config.engine, config.mode)
     if config.mode == ServeMode.SEMI_PD:
         from engine.worker.semi_pd import SemiPD
@@ -61,8 +62,9 @@ def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
     from scheduler.metrics import ServerMetrics
     from scheduler.tokenizer import Tokenizer
 
-    log.info("loading the tokenizer of %s", engine_config.model)
-    tokenizer = Tokenizer.load(resolve_model_path(engine_config.model))  # fails fast on a bad --model
+    model_path = resolve_model_path(engine_config.model)  # fails fast on a bad --model
+    log.info("loading the tokenizer of %s", model_path)
+    tokenizer = Tokenizer.load(model_path)
     log.info("starting the Ray cluster: %d prefill and %d decode workers (%s engine)", config.prefill_workers,
              config.decode_workers, engine_config.engine)
     spec = ClusterSpec(config.prefill_workers, config.decode_workers, config.ray_address, config.policy,
