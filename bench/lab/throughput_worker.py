@@ -54,8 +54,11 @@ def make_hf(args):
 
 
 def make_vllm(args):
+    """vLLM as it runs best on CPU: its engine core in a process of its own (where vLLM sets up
+    OpenMP: libgomp, threads pinned to VLLM_CPU_OMP_THREADS_BIND) and the model compiled,
+    unless --eager."""
     from vllm import LLM, SamplingParams, TokensPrompt
-    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=2048, enforce_eager=True,
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=2048, enforce_eager=args.eager,
               enable_prefix_caching=False, max_num_seqs=64, max_num_batched_tokens=4096)
 
     def generate(batch, n_tokens):
@@ -85,6 +88,7 @@ def main() -> None:
     ap.add_argument("--prefill-batch", type=int, default=8)
     ap.add_argument("--prefill-len", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--eager", action="store_true", help="vLLM: no torch.compile (a quick run)")
     args = ap.parse_args()
     generate = {"pdserve": make_pdserve, "hf": make_hf, "vllm": make_vllm}[args.system](args)
     generate(prompts(2, 16, 0), 4)  # warm-up

@@ -39,3 +39,25 @@ def test_structured_overhead_runs():
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout)
     assert result["decode_steps_timed"] >= 1 and "grammar cost per step (ms)" in result["decode_step_ms"]
+
+
+@pytest.mark.slow
+def test_engine_throughput_runs_every_system(smollm2_hf, tmp_path):
+    out = tmp_path / "throughput.json"
+    run = subprocess.run([sys.executable, "-m", "bench.lab.engine_throughput", "--quick", "--hf-folder", str(smollm2_hf),
+                          "--vllm-dtypes", "float32", "--result-json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results) == {"pdserve", "hf-fp32", "vllm-fp32"}
+    assert all(r["decode_tok_s"]["2"] > 0 and r["prefill_tok_s"] > 0 for r in results.values())
+    assert "decode tok/s, batch 2" in run.stdout
+
+
+@pytest.mark.slow
+def test_decode_profile_runs():
+    run = subprocess.run([sys.executable, "-m", "bench.lab.decode_profile", "--batch", "2", "--context", "8",
+                          "--steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert result["per_step_ms"]["matmul"] > 0 and "python and dispatch (wall - ops)" in result["per_step_ms"]
