@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass
 
 from bench.datasets import WORKLOADS, DatasetSpec
 from bench.metrics import SLO
-from engine.cli_help import DefaultsHelpFormatter
 
 DATASETS = ("random", "shift", *WORKLOADS, "file")
 ENDPOINTS = ("completions", "chat", "/v1/completions", "/v1/chat/completions")
@@ -56,7 +55,7 @@ class BenchConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="pdserve bench", formatter_class=DefaultsHelpFormatter,
+        prog="pdserve bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="SLO-aware load test of OpenAI-compatible servers (pdserve, vLLM, SGLang): "
                     "streaming requests with gamma/Poisson arrivals; TTFT, TPOT, ITL, E2EL, SLO "
                     "attainment and goodput, per target, with rate sweeps and goodput search.")
@@ -76,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--max-concurrency", type=int, help="at most this many requests in flight")
     load.add_argument("--num-prompts", type=int, default=100, help="measured requests per phase")
     load.add_argument("--duration-s", type=float, help="stop sending a phase's requests after this long")
-    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--seed", type=int, default=0, help="seed of the arrivals and the prompts")
     load.add_argument("--warmup", "--num-warmups", type=int, default=0,
                       help="per target, first replay this many of the workload's requests (cycling), not "
                            "counted: servers that specialise kernels by shape reach their steady state")
@@ -103,12 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slo-tpot-ms", type=float)
     s.add_argument("--slo-e2el-ms", type=float)
     s.add_argument("--goodput", nargs="+", metavar="KEY:MS", help="the same SLOs as ttft:X tpot:Y e2el:Z")
-    s.add_argument("--attainment-target", type=float, default=0.9)
+    s.add_argument("--attainment-target", type=float, default=0.9,
+                   help="fraction of requests that must meet the SLOs for a rate to count as sustained (goodput)")
     sw = p.add_argument_group("sweeps")
     sw.add_argument("--sweep-rates", help="comma-separated request rates, each a phase per target")
     sw.add_argument("--find-goodput", action="store_true",
                     help="bisect the rate (from --request-rate) for the highest one meeting the target")
-    sw.add_argument("--max-search-phases", type=int, default=8)
+    sw.add_argument("--max-search-phases", type=int, default=8, help="--find-goodput: at most this many phases")
     o = p.add_argument_group("output")
     o.add_argument("--result-json", help="write the summary and every per-request record here")
     o.add_argument("--plot-dir", help="write PNG plots here")

@@ -4,6 +4,7 @@ or followed to the end, and a worker hung then killed under load."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -74,6 +75,15 @@ def stream_and_cut(server: LiveServer, prompt: list[int], max_tokens: int, cut_a
             if events >= cut_after_events or time.monotonic() - start > cut_after_s:
                 return "cut"
     return "ended"
+
+
+def certain_outcomes(jobs: list[tuple]) -> tuple[int, int]:
+    """How many of stream_and_cut's jobs must end "cut" (cut at the first line: after 0 events
+    or 0 s) and how many must end "done" (never cut: more events than any stream has, no time
+    limit), however fast the server is."""
+    cut = sum(1 for _, _, events, seconds in jobs if events == 0 or seconds == 0)
+    done = sum(1 for _, max_tokens, events, seconds in jobs if events > max_tokens + 3 and seconds == math.inf)
+    return cut, done
 
 
 def stream_all(server: LiveServer, prompt: list[int], max_tokens: int, first: threading.Event,

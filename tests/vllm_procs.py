@@ -121,3 +121,31 @@ def consume(model: str, ports, skips, prompts: list[list[int]], max_tokens: int,
             tokens[int(out.request_id)] += out.new_token_ids
     results.put(("consumed", [tokens[i] for i in range(len(prompts))], arrivals, engine.stats().num_kv_blocks_used,
                  engine.num_requests()))
+
+
+def fewer_threads_than_cores(model: str, results) -> None:
+    """An engine of one torch thread on a machine of more cores, stepped on a thread of its own
+    (as the engine loop does): that thread's OpenMP count starts at the core count."""
+    import threading
+
+    import torch
+
+    from engine.sampling_params import SamplingParams
+    from engine.vllm_backend.engine import VllmEngine
+    torch.set_num_threads(1)
+    engine = VllmEngine(engine_config(model, num_threads=1))
+    engine.add_request("r", [5, 6, 7, 8, 9], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    tokens, errors = [], []
+
+    def run():
+        try:
+            while engine.has_work():
+                for out in engine.step():
+                    tokens.extend(out.new_token_ids)
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            errors.append(repr(e))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(120)
+    results.put((tokens, errors, os.cpu_count()))

@@ -24,6 +24,7 @@ Disaggregated (a worker of either pool serves both roles), pdserve's connector
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -69,6 +70,8 @@ class VllmEngine:
             if config.num_threads:
                 torch.set_num_threads(config.num_threads)
             os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+        self._num_threads = torch.get_num_threads() if on_cpu else 0
+        self._step_thread: int | None = None
         kw = engine_args(config, str(hf_folder(config.model)), on_cpu)
         if disaggregated:
             kw["kv_transfer_config"] = dict(CONNECTOR, kv_connector_extra_config={"bridge": self.bridge.key})
@@ -173,6 +176,13 @@ class VllmEngine:
         return len(self._requests) + len(leftover)
 
     def step(self) -> list[StepOutput]:
+        if self._num_threads and self._step_thread != threading.get_ident():
+            # OpenMP's thread count is per thread, and a new thread starts at the core count until
+            # torch's first parallel op there sets it: vLLM's CPU attention plans a step with one
+            # count and checks it runs with the same, so the stepping thread gets the engine's now
+            # (torch's own setter: vLLM replaces torch.set_num_threads with a no-op once it runs)
+            torch._C.set_num_threads(self._num_threads)
+            self._step_thread = threading.get_ident()
         started = time.monotonic()
         results = self.llm.step()
         now = time.monotonic()

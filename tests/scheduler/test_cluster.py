@@ -3,6 +3,7 @@ greedy outputs equal HF (hence colocated) in 1P1D and 2P2D, per-phase timings, r
 aborts leave no block behind, and killed workers fail only their own requests, fast."""
 
 import json
+import math
 import os
 import random
 import signal
@@ -23,6 +24,7 @@ from cluster_helpers import (
     TIMEOUT_S,
     all_in_parallel,
     assert_clean,
+    certain_outcomes,
     complete,
     hang_then_kill,
     rejoined,
@@ -173,9 +175,10 @@ def test_serves_every_metric_the_dashboard_and_alerts_read(p1d1):
 def test_200_random_aborts_leave_no_block_behind(p2d2, expected):
     rng = random.Random(0)
     jobs = [([rng.randrange(3, 500) for _ in range(rng.choice((1, 7, 40, 120, 200)))], rng.randrange(1, 48),
-             rng.choice((0, 1, 2, 5, 20, 1000)), rng.choice((0.0, 0.005, 0.02, 0.1, 10.0))) for _ in range(200)]
+             rng.choice((0, 1, 2, 5, 20, 1000)), rng.choice((0.0, 0.005, 0.02, 0.1, math.inf))) for _ in range(200)]
     outcomes = all_in_parallel(lambda job: stream_and_cut(p2d2, *job), jobs, workers=24)
-    assert outcomes.count("cut") > 50 and outcomes.count("done") > 10
+    cut, done = certain_outcomes(jobs)
+    assert cut > 50 and done > 5 and outcomes.count("cut") >= cut and outcomes.count("done") >= done
     assert_clean(p2d2, timeout_s=15)
     assert text(p2d2, prompts()[-1]) == expected[-1]  # the server still serves, correctly
     assert_clean(p2d2)

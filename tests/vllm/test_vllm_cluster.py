@@ -6,6 +6,7 @@ own streams, a killed prefill worker's requests fail clearly, and both rejoin.""
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -23,6 +24,7 @@ from cluster_helpers import (
     TIMEOUT_S,
     all_in_parallel,
     assert_clean,
+    certain_outcomes,
     complete,
     hang_then_kill,
     rejoined,
@@ -94,9 +96,10 @@ def test_bad_input_is_refused_at_the_front_door(p1d2, path, body):
 def test_100_cut_streams_leave_no_block_on_either_engine(p1d2, vllm_prompts, expected):
     rng = random.Random(1)
     jobs = [([rng.randrange(3, 500) for _ in range(rng.choice((1, 7, 40, 130, 300)))], rng.randrange(1, 40),
-             rng.choice((0, 1, 2, 5, 1000)), rng.choice((0.0, 0.005, 0.05, 10.0))) for _ in range(100)]
+             rng.choice((0, 1, 2, 5, 1000)), rng.choice((0.0, 0.005, 0.05, math.inf))) for _ in range(100)]
     outcomes = all_in_parallel(lambda job: stream_and_cut(p1d2, *job), jobs, workers=16)
-    assert outcomes.count("cut") > 20 and outcomes.count("done") > 5
+    cut, done = certain_outcomes(jobs)
+    assert cut > 20 and done > 3 and outcomes.count("cut") >= cut and outcomes.count("done") >= done
     assert_clean(p1d2, timeout_s=20)  # read from vLLM's block pool and its scheduler on every worker
     assert _text(p1d2, vllm_prompts[-1]) == expected[-1]
     assert_clean(p1d2)

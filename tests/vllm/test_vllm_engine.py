@@ -131,3 +131,17 @@ def test_disaggregated_layer_by_layer(tiny_vllm, vllm_prompts, vllm_reference):
     steps = {rid for rid, layer, _ in sent if layer == 0}
     assert len(steps) == len(vllm_prompts)
     assert max(layer for _, layer, _ in arrivals) == num_layers - 1
+
+
+def test_an_engine_with_fewer_threads_than_cores_steps_on_another_thread(tiny_vllm):
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=vllm_procs.fewer_threads_than_cores, args=(str(tiny_vllm), results))
+    proc.start()
+    try:
+        tokens, errors, cores = results.get(timeout=300)
+    finally:
+        proc.join(60)
+        if proc.exitcode is None:
+            proc.kill()
+    assert not errors and len(tokens) == 4, (errors, cores)
