@@ -22,6 +22,17 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """A test that sets torch's thread count (an engine of --num-threads 1 in this process)
+    leaves the next test the count it found. torch's own setter: vLLM makes
+    torch.set_num_threads a no-op once an engine of it runs in the process."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch._C.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     """One tiny random model per supported architecture, built lazily."""
