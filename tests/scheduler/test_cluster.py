@@ -332,7 +332,10 @@ def test_conditional_prefix_and_role_controller_live(ray_local, tiny_llama, expe
         moved = next(w for w, pool in pools.items() if pool == "prefill" and w.startswith("decode"))
         up = _metric(server, "pdserve_worker_up")
         assert up[(("pool", "prefill"), ("worker", moved))] == 1
-        assert _metric(server, "pdserve_controller_verdict") == {(("verdict", "need-prefill"),): 1}
+        # the last window's verdict: the move's (need-prefill), or a later window's (few requests
+        # once the loop above stopped), whichever window ended last
+        (verdict,) = _metric(server, "pdserve_controller_verdict").items()
+        assert verdict[1] == 1 and dict(verdict[0])["verdict"] in ("need-prefill", "few-samples")
         assert all_in_parallel(lambda p: text(server, p), prompts()) == expected
         assert_clean(server)
     finally:
