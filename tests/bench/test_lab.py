@@ -32,12 +32,16 @@ def test_scheduler_overhead_runs(tmp_path):
     assert set(result["overhead_ms"]) == {"p50", "p99"} and result["routes_per_s"]["router_replica"] > 0
 
 
+def _lab_json(module: str, *args: str) -> dict:
+    """A lab script's JSON report on stdout."""
+    run = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout)
+
+
 @pytest.mark.slow
 def test_structured_overhead_runs():
-    run = subprocess.run([sys.executable, "-m", "bench.lab.structured_overhead", "--batch", "1", "--tokens", "6",
-                          "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout)
+    result = _lab_json("bench.lab.structured_overhead", "--batch", "1", "--tokens", "6", "--repeats", "1")
     assert result["decode_steps_timed"] >= 1 and "grammar cost per step (ms)" in result["decode_step_ms"]
 
 
@@ -56,8 +60,5 @@ def test_engine_throughput_runs_every_system(smollm2_hf, tmp_path):
 
 @pytest.mark.slow
 def test_decode_profile_runs():
-    run = subprocess.run([sys.executable, "-m", "bench.lab.decode_profile", "--batch", "2", "--context", "8",
-                          "--steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout)
+    result = _lab_json("bench.lab.decode_profile", "--batch", "2", "--context", "8", "--steps", "2")
     assert result["per_step_ms"]["matmul"] > 0 and "python and dispatch (wall - ops)" in result["per_step_ms"]
