@@ -4,7 +4,6 @@ in helpers.py)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -132,23 +131,7 @@ def vllm_reference(tiny_vllm, vllm_prompts) -> list[list[int]]:
 
 @pytest.fixture(scope="session")
 def smollm2_hf(tmp_path_factory) -> Path:
-    """The default model as transformers reads its GGUF file (fp32), saved once as an HF folder
-    with pdserve's tokenizer of the same file: transformers' GGUF reader takes ~40 s on two
-    cores, its own folders a second."""
-    import transformers
-    from safetensors.torch import save_file
-
-    from engine.models.registry import default_model_path, derived_dir
-    from scheduler.tokenizer import Tokenizer
-    path = default_model_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    out = tmp_path_factory.mktemp("smollm2-hf")
-    del hf.config.quantization_config  # the tensors are plain fp32 now (vLLM would read this as GGUF)
-    hf.config.save_pretrained(out)  # save_pretrained refuses a model read from GGUF: its tensors as they are
-    tied = hf.config.tie_word_embeddings
-    save_file({k: v.contiguous() for k, v in hf.state_dict().items() if not (tied and k == "lm_head.weight")},
-              str(out / "model.safetensors"), metadata={"format": "pt"})
-    Tokenizer.load(path)  # derives the tokenizer from the same file (cached), copied beside the weights
-    for f in derived_dir(path, "tokenizers").iterdir():
-        shutil.copy(f, out / f.name)
-    return out
+    """The default model as transformers reads its GGUF file (fp32), saved once as an HF folder:
+    transformers' GGUF reader takes ~40 s on two cores, its own folders a second."""
+    from bench.lab.engine_throughput import write_hf_folder
+    return write_hf_folder(tmp_path_factory.mktemp("smollm2-hf"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,18 +45,32 @@ def hf_folder(vllm_dir: Path | None, given: Path | None = None) -> str:
         return str(vllm_dir / "smollm2")
     out = Path(tempfile.gettempdir()) / "pdserve-smollm2-hf"
     if not (out / "config.json").exists():
-        import torch
-        import transformers
-
-        from engine.models.registry import default_model_path
-        path = default_model_path()
-        tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
+        write_hf_folder(out)
     return str(out)
+
+
+def write_hf_folder(out: Path) -> Path:
+    """The default model as transformers reads its GGUF file (fp32), written to out as an HF
+    folder with pdserve's tokenizer of the same file. transformers' own save_pretrained
+    refuses a model read from GGUF, so its tensors are written as they are."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    from engine.models.registry import default_model_path, derived_dir
+    from scheduler.tokenizer import Tokenizer
+    path = default_model_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    del hf.config.quantization_config  # the tensors are plain fp32 now (vLLM would read this as GGUF)
+    hf.config.save_pretrained(out)
+    tied = hf.config.tie_word_embeddings
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items() if not (tied and k == "lm_head.weight")},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    Tokenizer.load(path)  # derives the tokenizer from the same file (cached)
+    for f in derived_dir(path, "tokenizers").iterdir():
+        shutil.copy(f, out / f.name)
+    return out
 
 
 QUICK = ["--batch-sizes", "1,2", "--output-len", "4", "--prefill-batch", "2", "--prefill-len", "16", "--repeats", "1"]
