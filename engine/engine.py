@@ -283,7 +283,7 @@ class Engine:
             if row in result.errors:
                 self._finish(request, RequestStatus.FINISHED_ABORTED)
                 outputs.append(StepOutput(request.parent_id, request.index, [], finish_reason="error",
-                                          error=result.errors[row]))
+                                          error=result.errors[row], error_status=400 if row in result.refused else 500))
                 continue
             status = request.append_token(token)
             if status is None and row in result.completed:

@@ -29,3 +29,10 @@ class Overloaded(RequestError):
 
 class EngineError(RuntimeError):
     """The engine failed while running a request (HTTP 500 / an error event)."""
+
+    status_code = 500
+
+
+def failure(message: str, status: int) -> RequestError | EngineError:
+    """The typed error for a request that failed with `status` (a 4xx: its own parameters)."""
+    return RequestError(message) if 400 <= status < 500 else EngineError(message)

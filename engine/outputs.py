@@ -76,6 +76,7 @@ class StepOutput:
     num_cached_tokens: int = 0
     timeline: Timeline | None = None
     error: str | None = None
+    error_status: int = 500  # with error: 400 when the request's own parameters caused it
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # with the first token, when asked for (first: None)
 
     @property

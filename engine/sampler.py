@@ -6,7 +6,8 @@ tokens; a structured-output row is masked to what its grammar allows (engine/gra
 and its grammar then advances by the token drawn; greedy rows take the argmax;
 the rest are scaled by temperature, filtered by top_k, top_p and min_p, and drawn with
 the request's own generator (seeded per request, so a seed reproduces its output
-whatever else shares the batch).
+whatever else shares the batch). A row whose own filters and constraint leave no token at
+all (bad_words over every choice of a guided_choice, say) is refused, not drawn from nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 class SampleResult:
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
-    errors: dict[int, str] = field(default_factory=dict)  # row -> why that row's set-up failed (its token is void)
+    errors: dict[int, str] = field(default_factory=dict)  # row -> why that row failed (its token is void)
+    refused: set[int] = field(default_factory=set)  # rows of `errors` failed by their own parameters (HTTP 400)
     completed: set[int] = field(default_factory=set)  # rows whose grammar is complete with this token: they stop
 
 
@@ -88,6 +90,15 @@ class Sampler:
                 matchers.pop(row, None)
         if matchers:
             apply_bitmasks(logits, matchers)
+        refused = set()
+        if matchers or any(p.shapes_logits for p in params):
+            for row in torch.isneginf(logits).all(dim=-1).nonzero().flatten().tolist():
+                if row not in errors:
+                    refused.add(row)
+                    errors[row] = ("no token is left to sample: the request's allowed_token_ids, bad_words, "
+                                   "min_tokens and output constraint together allow none")
+                    matchers.pop(row, None)
+                    generators.pop(row, None)
         tokens = logits.argmax(dim=-1)
         random_rows = list(generators)
         if random_rows:
@@ -114,7 +125,7 @@ class Sampler:
                     vals, ids = raw_logprobs[row].topk(p.logprobs)
                     top = list(zip(ids.tolist(), vals.tolist()))
                 out[row] = TokenLogprobs(tok, float(raw_logprobs[row, tok]), top)
-        return SampleResult(token_ids, out, errors, completed)
+        return SampleResult(token_ids, out, errors, refused=refused, completed=completed)
 
     @staticmethod
     def _prepare_row(row: torch.Tensor, request: Request) -> None:

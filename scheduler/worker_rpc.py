@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from engine.errors import EngineError
+from engine.errors import EngineError, failure
 from engine.outputs import StepOutput
 from engine.sampling_params import SamplingParams
 from engine.worker import wire
@@ -68,7 +68,7 @@ class StreamClient:
         try:
             async for delta in call:
                 if delta.finish_reason == "error":
-                    raise EngineError(delta.error)
+                    raise failure(delta.error, delta.error_status or 500)
                 yield wire.delta_to_output(delta)
         except grpc.aio.AioRpcError as e:
             if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):

@@ -190,7 +190,9 @@ class DecodeRole:
             return
         error = future.exception()
         if error is not None:
-            self.loop.call(lambda engine: self._fail(engine, request_id, EngineError(f"prefill failed: {error}")))
+            if not isinstance(error, RequestError):
+                error = EngineError(f"prefill failed: {error}")
+            self.loop.call(lambda engine: self._fail(engine, request_id, error))
             return
         out = future.result()
         logprob = out.new_logprobs[0] if out.new_logprobs else None

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from engine.errors import EngineError, RequestError
+from engine.errors import EngineError, RequestError, failure
 from engine.interface import WorkerEngine
 from engine.outputs import EngineStats, StepOutput
 from engine.sampling_params import SamplingParams
@@ -161,7 +161,7 @@ class EngineLoop:
                 if out.error is not None:  # this request alone failed in the step: all its samples end
                     self.engine.abort(out.request_id)
                     self._sinks.pop(out.request_id, None)
-                    sink(EngineError(out.error))
+                    sink(failure(out.error, out.error_status))
                 else:
                     sink(out)
             for out in outputs:  # only once every sample's output of the step is out

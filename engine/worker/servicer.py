@@ -79,7 +79,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 return
             if isinstance(item, Exception):
                 finished = True
-                yield pb.TokenDelta(request_id=rid, finish_reason="error", error=str(item))
+                yield pb.TokenDelta(request_id=rid, finish_reason="error", error=str(item),
+                                    error_status=getattr(item, "status_code", 500))
                 return
             finished = item.finished
             yield wire.output_to_delta(item)

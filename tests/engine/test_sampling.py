@@ -113,11 +113,16 @@ def test_bad_sampling_params_raise(kw):
         SamplingParams(**kw)
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=1.0, seed=2**64),                 # overflows manual_seed
-                                 dict(min_tokens=2, stop_token_ids=[1_000_000])])  # beyond the vocabulary
-def test_a_request_failing_its_sampling_set_up_fails_alone(llm, bad):
-    """Values the front door refuses, forced past validation: the step goes on for the
-    others, whose output is what it is without the bad request in the batch."""
+@pytest.mark.parametrize("bad, why, status", [
+    (dict(temperature=1.0, seed=2**64), "sampling set-up failed", 500),                 # overflows manual_seed
+    (dict(min_tokens=2, stop_token_ids=[1_000_000]), "sampling set-up failed", 500),  # beyond the vocabulary
+    (dict(allowed_token_ids=[5], bad_words_ids=[[5]]), "no token is left", 400),       # filters that leave nothing
+    (dict(temperature=1.0, seed=1, allowed_token_ids=[5], bad_words_ids=[[5]]), "no token is left", 400),
+])
+def test_a_request_failing_its_sampling_set_up_fails_alone(llm, bad, why, status):
+    """Values the front door refuses, forced past validation, and filters that leave no token:
+    the step goes on for the others, whose output is what it is without the bad request in the
+    batch; a request whose own parameters leave nothing to sample fails as its own fault."""
     engine = llm.engine
     good = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
             SamplingParams(temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)]
@@ -131,9 +136,9 @@ def test_a_request_failing_its_sampling_set_up_fails_alone(llm, bad):
     while engine.has_unfinished():
         for out in engine.step():
             if out.error is not None:
-                errors.append((out.request_id, out.error))
+                errors.append((out.request_id, out.error, out.error_status))
             else:
                 tokens[out.request_id] += out.new_token_ids
-    assert [rid for rid, _ in errors] == ["bad"] and "sampling set-up failed" in errors[0][1]
+    assert [(rid, status) for rid, _, status in errors] == [("bad", status)] and why in errors[0][1], errors
     assert [tokens["good0"], tokens["good1"]] == alone
     assert_no_leak(engine)

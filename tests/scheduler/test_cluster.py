@@ -142,6 +142,10 @@ def test_bad_input_is_refused_at_the_front_door(p1d1):
                          ({"stop_token_ids": [2**31]}, "stop_token_ids")):
         r = complete(p1d1, prompts()[0], 4, **extra)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    # only the end-of-text token allowed, which min_tokens masks: found by the prefill worker's
+    # first draw, and the request's own fault
+    r = complete(p1d1, prompts()[0], 4, allowed_token_ids=[2])
+    assert r.status_code == 400 and "no token is left" in r.json()["error"]["message"], r.text
     assert text(p1d1, prompts()[1])  # still serving
 
 

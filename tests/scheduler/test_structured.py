@@ -116,6 +116,18 @@ def test_bad_constraints_are_400s_naming_the_problem(server, model, body, param)
     assert r.json()["error"]["param"] == param and isinstance(r.json()["error"]["code"], str)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_constraint_its_own_filters_leave_no_token_for_is_a_400(server, model, stream):
+    """Token 0 is the end-of-text token, which the choice's grammar does not allow first."""
+    body = {"model": model, "prompt": "Pick:", "max_tokens": 4, "guided_choice": ["yes"], "allowed_token_ids": [0],
+            "stream": stream}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert "no token is left" in r.json()["error"]["message"]
+    ok = httpx.post(server.url + "/v1/completions", json={**body, "allowed_token_ids": None, "stream": False}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "yes"
+
+
 def test_named_and_required_tool_choice(client, model):
     out = client.chat.completions.create(model=model, messages=ASK, max_tokens=48, temperature=0, tools=[WEATHER],
                                          tool_choice={"type": "function", "function": {"name": "get_weather"}})

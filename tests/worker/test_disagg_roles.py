@@ -8,7 +8,7 @@ import pytest
 
 from engine.config import EngineConfig, WorkerOptions
 from engine.engine import Engine, StepOutput
-from engine.errors import EngineError, Overloaded
+from engine.errors import EngineError, Overloaded, RequestError
 from engine.sampling_params import SamplingParams
 from engine.transfer.base import KVSink
 from engine.worker.decode_role import DecodeRole
@@ -115,6 +115,17 @@ def test_a_failed_prefill_fails_only_its_request(pair, references):
     decode.generate("bad", prompts()[1], GREEDY, broken, bad)
     good = submit(prefill, decode, "good", prompts()[0])
     assert bad.done.wait(10) and isinstance(bad.error, EngineError) and "prefill worker died" in str(bad.error)
+    assert good.done.wait(30) and good.tokens == references("llama")[0]
+
+
+def test_a_request_whose_own_filters_leave_no_token_is_refused_not_failed(pair, references):
+    """Its prefill's first draw has nothing to sample: the client gets the request's fault (a 400),
+    not the engine's, and the request beside it runs on."""
+    prefill, decode = pair()
+    bad = submit(prefill, decode, "bad", prompts()[1],
+                 SamplingParams(temperature=0, max_tokens=4, allowed_token_ids=[5], bad_words_ids=[[5]]))
+    good = submit(prefill, decode, "good", prompts()[0])
+    assert bad.done.wait(30) and isinstance(bad.error, RequestError) and "no token is left" in str(bad.error)
     assert good.done.wait(30) and good.tokens == references("llama")[0]
 
 
