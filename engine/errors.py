@@ -36,3 +36,8 @@ class EngineError(RuntimeError):
 def failure(message: str, status: int) -> RequestError | EngineError:
     """The typed error for a request that failed with `status` (a 4xx: its own parameters)."""
     return RequestError(message) if 400 <= status < 500 else EngineError(message)
+
+
+def error_status(e: Exception) -> int:
+    """The HTTP status a request failed by `e` is answered with (500 for anything untyped)."""
+    return e.status_code if isinstance(e, (RequestError, EngineError)) else 500

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from engine.config import WorkerOptions
-from engine.errors import RequestError
+from engine.errors import RequestError, error_status
 from engine.transfer.gloo import PREFILL_RANK, GlooSender, connect_pair
 from engine.worker import wire
 from engine.worker.decode_role import DecodeRole
@@ -80,7 +80,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             if isinstance(item, Exception):
                 finished = True
                 yield pb.TokenDelta(request_id=rid, finish_reason="error", error=str(item),
-                                    error_status=getattr(item, "status_code", 500))
+                                    error_status=error_status(item))
                 return
             finished = item.finished
             yield wire.output_to_delta(item)

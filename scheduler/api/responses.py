@@ -19,7 +19,7 @@ from contextlib import aclosing
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from engine.errors import EngineError, Overloaded, RequestError
+from engine.errors import EngineError, Overloaded, error_status
 from scheduler.aio import until
 from scheduler.api import formats
 from scheduler.api.errors import error_body
@@ -38,10 +38,6 @@ class WorkerTimeout(EngineError):
     """The engine sent nothing for the stream idle timeout."""
 
     status_code = 504
-
-
-def error_status(e: Exception) -> int:
-    return getattr(e, "status_code", 500) if isinstance(e, (RequestError, EngineError)) else 500
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:

@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 
-from engine.errors import EngineError, Overloaded, RequestError
+from engine.errors import EngineError, Overloaded, RequestError, error_status
 from engine.sampling_params import SamplingParams
 from scheduler.api import formats
 from scheduler.api.errors import Unauthorized
@@ -31,7 +31,7 @@ from scheduler.api.generation import generate_events, merge
 from scheduler.api.limits import BodyLimit, FrontDoorLimits
 from scheduler.api.openapi import document_errors
 from scheduler.api.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
-from scheduler.api.responses import ShuttingDown, bounded, error_response, error_status, respond
+from scheduler.api.responses import ShuttingDown, bounded, error_response, respond
 from scheduler.api.tools import plan_tools, template_messages
 from scheduler.api.utility import add_utility_routes, check_model
 from scheduler.engine_client import EngineClient
