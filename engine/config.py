@@ -41,6 +41,12 @@ class EngineBackend(enum.StrEnum):
     VLLM = "vllm"
 
 
+class Switch(enum.StrEnum):
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
 class Dtype(enum.StrEnum):
     AUTO = "auto"
     FLOAT32 = "float32"
@@ -87,8 +93,8 @@ class EngineConfig:
     """Reuse full KV blocks across requests sharing a prompt prefix."""
     attention_backend: AttentionBackendName = AttentionBackendName.AUTO
     """Attention backend: auto (flash-attn on GPU when importable, else torch), torch, flash."""
-    cpu_gemm_buckets: str = "auto"
-    """CPU fp32 only: batch sizes for which every weight keeps an extra MKL-packed copy (faster decode GEMM for up to that many rows; about 1.4x the weights each), e.g. 8,32; empty: none; auto: 8,32 as --memory-budget allows (none on a prefill worker, which decodes little)."""
+    cpu_weight_packing: Switch = Switch.AUTO
+    """CPU: every projection weight keeps a oneDNN-packed copy (faster matmuls at every batch size; about the weights' size again): auto (when the dtype runs packed on this CPU and --memory-budget leaves room for it beside one sequence's KV), on, off."""
     num_threads: int | None = None
     """Torch intra-op threads on CPU (--engine vllm: its OpenMP threads); default: all cores this process may use."""
     seed: int = 0
@@ -98,7 +104,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name, kind in (("engine", EngineBackend), ("dtype", Dtype), ("prefill_schedule", PrefillSchedule),
-                           ("attention_backend", AttentionBackendName)):
+                           ("attention_backend", AttentionBackendName), ("cpu_weight_packing", Switch)):
             object.__setattr__(self, name, as_enum(kind, getattr(self, name), name))
         if self.engine == EngineBackend.VLLM:
             from engine.vllm_backend.args import check_vllm_config
@@ -115,20 +121,7 @@ class EngineConfig:
             raise ValueError("token_budget must be positive")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError("num_kv_blocks must be positive")
-        self.kv_cache_bytes, self.memory_budget_bytes, self.gemm_buckets  # validate
-
-    @property
-    def gemm_buckets(self) -> tuple[int, ...] | None:
-        """None: auto."""
-        if self.cpu_gemm_buckets.strip() == "auto":
-            return None
-        try:
-            buckets = tuple(int(b) for b in self.cpu_gemm_buckets.split(",") if b.strip())
-        except ValueError:
-            raise ValueError(f"cpu_gemm_buckets must be comma-separated integers, not {self.cpu_gemm_buckets!r}")
-        if any(b < 2 for b in buckets):
-            raise ValueError("cpu_gemm_buckets must be integers >= 2")
-        return buckets
+        self.kv_cache_bytes, self.memory_budget_bytes  # validate
 
     @property
     def kv_cache_bytes(self) -> int | None:

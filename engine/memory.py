@@ -3,9 +3,9 @@
 `--memory-budget auto` is a share of the memory available when the process starts: the
 smaller of the machine's available memory and what its cgroup (a container's limit) leaves.
 A local cluster divides its budget evenly among the workers it starts on this machine. From
-the budget the runner derives, when they are left on auto, the CPU packed-GEMM copies it
-keeps (each costs about PACK_COPY_FACTOR times the packed weights, measured) and the KV
-cache (what is left once the weights and copies are resident, at most AUTO_KV_MAX_BYTES).
+the budget the runner derives, when they are left on auto, whether it keeps a CPU packed
+copy of the weights (about PACK_COPY_FACTOR times the weights it copies, measured) and the KV
+cache (what is left once the weights and the copy are resident, at most AUTO_KV_MAX_BYTES).
 Torch-free.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 AUTO_SHARE = 0.7  # of the memory available at start
 AUTO_KV_MAX_BYTES = 1 << 30
-PACK_COPY_FACTOR = 1.4  # resident bytes of one MKL-packed copy per packed weight byte (SmolLM2: 703 MB for 513 MB)
+PACK_COPY_FACTOR = 1.05  # resident bytes of the oneDNN-packed copy per weight byte it copies (1.03 measured)
 
 
 def available_bytes() -> int:

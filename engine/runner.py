@@ -19,7 +19,7 @@ import torch
 from engine.attention import BatchLayout, select_backend
 from engine.attention.base import slots_for
 from engine.batcher import ScheduledSeq, StepPlan
-from engine.config import EngineConfig
+from engine.config import EngineConfig, Switch
 from engine.grammar import Grammars
 from engine.kv.cache import KVCache
 from engine.memory import AUTO_KV_MAX_BYTES, PACK_COPY_FACTOR, auto_budget, process_rss
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_DEFAULT_LEN = 8192
-AUTO_BUCKETS = (8, 32)  # packed GEMM copies on auto, as the memory budget allows
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,14 +66,11 @@ class MemoryPlan:
     budget: int
     min_kv: int  # KV for one max_model_len sequence
     kv_on_host: bool = True  # the budget is host memory: a GPU's KV cache is not taken from it
-    gemm_buckets: tuple[int, ...] = ()
+    packed_weights: bool = False
 
-    def buckets(self, packable_bytes: int) -> tuple[int, ...]:
-        """AUTO_BUCKETS, fewer (the largest kept) or none, as the budget leaves room for
-        their copies beside one sequence's KV."""
-        room = self.budget - process_rss() - self.min_kv
-        copies = max(0, min(len(AUTO_BUCKETS), int(room // (PACK_COPY_FACTOR * packable_bytes))))
-        return AUTO_BUCKETS[len(AUTO_BUCKETS) - copies:]
+    def fits_packed_copy(self, packable_bytes: int) -> bool:
+        """Whether the budget leaves room for a packed copy of the weights beside one sequence's KV."""
+        return self.budget - process_rss() - self.min_kv >= PACK_COPY_FACTOR * packable_bytes
 
     def kv_bytes(self) -> int:
         """What the budget leaves now, within [one sequence, AUTO_KV_MAX_BYTES] (on a GPU:
@@ -112,15 +108,7 @@ class ModelRunner:
                                             model_cfg.num_kv_heads, model_cfg.head_dim, self.dtype)
         self.memory = MemoryPlan(config.memory_budget_bytes or auto_budget(), -(-max_len // config.block_size) * per_block,
                                  kv_on_host=self.device.type == "cpu")
-        buckets = config.gemm_buckets
-        if packed_gemm.available(self.device, self.dtype):
-            if buckets is None:
-                buckets = self.memory.buckets(self.model.packable_bytes())
-            if buckets:
-                started = time.perf_counter()
-                self.model.pack_weights(buckets)
-                log.info("packed GEMM weights for batch sizes %s in %.1f s", list(buckets), time.perf_counter() - started)
-        self.memory.gemm_buckets = buckets if packed_gemm.available(self.device, self.dtype) else ()
+        self._pack_weights(config.cpu_weight_packing)
         num_blocks = config.num_kv_blocks or max(1, (config.kv_cache_bytes or self.memory.kv_bytes()) // per_block)
         self.kv_cache = KVCache(model_cfg.num_layers, num_blocks, config.block_size,
                                 model_cfg.num_kv_heads, model_cfg.head_dim, self.dtype, self.device)
@@ -132,6 +120,21 @@ class ModelRunner:
         self.weight_reads = WeightReads()  # since start: dense and expert weight bytes the steps read
         self.split: ComputeSplit | None = None  # semi-PD: this runner's share of the device
         self.phase = ""
+
+    def _pack_weights(self, packing: Switch) -> None:
+        if packing == Switch.OFF or self.device.type != "cpu":
+            return
+        if not packed_gemm.available(self.device, self.dtype):
+            if packing == Switch.ON:
+                raise ValueError(f"--cpu-weight-packing on: oneDNN cannot run {self.dtype} matmuls on this CPU")
+            return
+        if packing == Switch.AUTO and not self.memory.fits_packed_copy(self.model.packable_bytes()):
+            log.info("no packed weights: --memory-budget leaves no room for them beside one sequence's KV")
+            return
+        started = time.perf_counter()
+        self.model.pack_weights()
+        self.memory.packed_weights = True
+        log.info("packed weights for oneDNN in %.1f s", time.perf_counter() - started)
 
     def share(self, split: ComputeSplit, phase: str) -> "ModelRunner":
         """Semi-PD: this runner runs `phase` on its share of `split`, and the returned sibling

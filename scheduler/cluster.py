@@ -117,8 +117,6 @@ class Cluster:
                 cores = (None if spec.ray_address or use_gpu
                          else [(bundle_index * threads + c) % (os.cpu_count() or 1) for c in range(threads)])
                 runtime_env = {"env_vars": worker_env(threads, cores, cpu=not use_gpu)}
-            elif role == Role.PREFILL and config.gemm_buckets is None and not self._lends_prefill_workers():
-                config = replace(config, cpu_gemm_buckets="")  # prefill steps are too wide for the packed GEMM
             self.workers[worker_id] = actor.options(runtime_env=runtime_env,
                 name=None, num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=-1,
                 max_task_retries=0, max_concurrency=4,
@@ -129,10 +127,6 @@ class Cluster:
         log.info("%d prefill and %d decode workers up in %.1f s (%s)", spec.num_prefill, spec.num_decode,
                  time.monotonic() - started, "one GPU each" if use_gpu else f"{threads} CPU threads each")
         return self
-
-    def _lends_prefill_workers(self) -> bool:
-        """Whether a prefill worker may come to decode (the role controller, the mixed pool)."""
-        return self.spec.controller is not None or self.spec.policy == "mixed"
 
     def limits(self) -> tuple[int, int]:
         """(max_model_len, vocab_size) of the served model."""

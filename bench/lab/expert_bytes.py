@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt = torch.randint(3, 4096, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
         for schedule in ("chunked", "layered"):
             engine = Engine(EngineConfig(model=str(model), prefill_schedule=schedule, token_budget=args.token_budget,
-                                         max_num_batched_tokens=8192, cpu_gemm_buckets="", kv_cache_memory="256MiB"))
+                                         max_num_batched_tokens=8192, cpu_weight_packing="off", kv_cache_memory="256MiB"))
             engine.add_request("long", prompt, SamplingParams(temperature=0, max_tokens=1))
             steps, t0 = 0, time.perf_counter()
             while engine.has_unfinished():

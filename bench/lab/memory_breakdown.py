@@ -1,7 +1,7 @@
 """Where an engine's resident memory goes: torch, weights, packed-GEMM copies, KV cache.
 
     python bench/lab/memory_breakdown.py                       # the default model, defaults
-    python bench/lab/memory_breakdown.py --cpu-gemm-buckets "" # without the packed copies
+    python bench/lab/memory_breakdown.py --cpu-weight-packing off  # without the packed copy
 
 Builds the engine step by step in this process and prints its RSS after each, then after
 64 prompts of 890 tokens (every KV block written at least once with the default 1 GiB).
@@ -25,7 +25,7 @@ def mb(n: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None)
-    parser.add_argument("--cpu-gemm-buckets", default="auto")
+    parser.add_argument("--cpu-weight-packing", default="auto")
     parser.add_argument("--kv-cache-memory", default="auto")
     args = parser.parse_args(argv)
     print(f"python                  {mb(process_rss()):6d} MB")
@@ -34,12 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     from engine.config import EngineConfig
     from engine.engine import Engine
     from engine.sampling_params import SamplingParams
-    engine = Engine(EngineConfig(model=args.model, cpu_gemm_buckets=args.cpu_gemm_buckets,
+    engine = Engine(EngineConfig(model=args.model, cpu_weight_packing=args.cpu_weight_packing,
                                  kv_cache_memory=args.kv_cache_memory))
     runner = engine.runner
     weights = sum(t.numel() * t.element_size() for t in runner.model.state_dict().values())
-    print(f"engine built            {mb(process_rss()):6d} MB  (weights {mb(weights)} MB, packed copies for "
-          f"{runner.memory.gemm_buckets or 'none'} of {mb(runner.model.packable_bytes())} MB each, "
+    print(f"engine built            {mb(process_rss()):6d} MB  (weights {mb(weights)} MB, packed copy "
+          f"{'of ' + str(mb(runner.model.packable_bytes())) + ' MB' if runner.memory.packed_weights else 'none'}, "
           f"KV {mb(runner.kv_cache.tensor.numel() * runner.kv_cache.tensor.element_size())} MB reserved)")
     for i in range(64):
         engine.add_request(str(i), list(range(10 + i, 900 + i)), SamplingParams(max_tokens=8, ignore_eos=True))

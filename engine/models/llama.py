@@ -88,9 +88,7 @@ class Dense(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            out = self.packed.matmul(x, self.bias)
-            if out is not None:
-                return out
+            return self.packed.matmul(x, self.bias)
         if self.bias is None:
             return torch.mm(x, self.weight)
         return torch.addmm(self.bias, x, self.weight)
@@ -175,25 +173,23 @@ class LlamaModel(nn.Module):
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.logits_packed is not None:
-            out = self.logits_packed.matmul(h)
-            if out is not None:
-                return out.float()
+            return self.logits_packed.matmul(h).float()
         return F.linear(h, self._logits_weight()).float()
 
     def _logits_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def packable_bytes(self) -> int:
-        """Bytes of the weights `pack_weights` makes a copy of per bucket."""
+        """Bytes of the weights `pack_weights` makes a copy of."""
         weights = [m.weight for m in self.modules() if isinstance(m, Dense)] + [self._logits_weight()]
         return sum(w.numel() * w.element_size() for w in weights)
 
-    def pack_weights(self, buckets: tuple[int, ...]) -> None:
-        """Adds MKL-packed copies of every projection for small CPU batches (see packed_gemm)."""
+    def pack_weights(self) -> None:
+        """Adds a oneDNN-packed copy of every projection and of the logits' weight (see packed_gemm)."""
         for module in self.modules():
             if isinstance(module, Dense):
-                module.packed = PackedWeight(module.weight.t(), buckets)
-        self.logits_packed = PackedWeight(self._logits_weight(), buckets)
+                module.packed = PackedWeight(module.weight.t())
+        self.logits_packed = PackedWeight(self._logits_weight())
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.final_norm(self.run_layers(self.embed(input_ids), ctx))

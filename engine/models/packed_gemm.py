@@ -1,36 +1,39 @@
-"""MKL-packed fp32 GEMM for small CPU batches (decode).
+"""oneDNN-packed weights for CPU matmuls.
 
-MKL's packed SGEMM (the kernel torch's inductor uses for frozen fp32 linears) ran 1.5-2x
-faster than plain SGEMM on our CPU for 8-32 rows, but only when the row count equals the
-one the weight was packed for; any other count falls back to the slow path. So a weight
-keeps one packed copy per bucket, inputs are zero-padded up to the smallest bucket that
-holds them, and 1 row (a GEMV, already bandwidth-bound) or more rows than the largest
-bucket (prefill) use plain mm. Costs one extra copy of the weights per bucket.
+oneDNN's matmul on a weight reordered once into its own blocked layout (the kernel torch's
+inductor uses for frozen linears) ran 1.2-2.3x faster than torch.mm / F.linear (MKL) on our
+CPUs at every row count served, 1 (decode) to thousands (prefill), and one packed copy
+serves them all (measured in bench/lab/gemm_paths.py). The plain weight stays beside it
+(state dicts, the KV predictor). A dtype oneDNN cannot run on this CPU (bfloat16 without
+AVX-512 or AVX-NE-CONVERT) is not packed.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.nn.functional as F
+
+PACK_ROWS_HINT = 32  # the row count oneDNN picks the blocked layout for; any count runs on it
 
 
+@functools.cache
 def available(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype == torch.float32 and torch._C.has_mkl
+    """Whether oneDNN runs packed matmuls of this dtype here (tried once, checked against mm)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    w, x = torch.randn(24, 16).to(dtype), torch.randn(3, 16).to(dtype)
+    try:
+        out = PackedWeight(w).matmul(x)
+    except RuntimeError:
+        return False
+    return torch.allclose(out.float(), (x.float() @ w.float().t()), atol=0.1, rtol=0.05)
 
 
 class PackedWeight:
-    def __init__(self, weight_out_in: torch.Tensor, buckets: tuple[int, ...]):
-        self.origin = weight_out_in
-        self.buckets = tuple(sorted(buckets))
-        contiguous = weight_out_in.contiguous()
-        self.packs = {m: torch.ops.mkl._mkl_reorder_linear_weight(contiguous, m) for m in self.buckets}
+    def __init__(self, weight_out_in: torch.Tensor):
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight_out_in.contiguous(), PACK_ROWS_HINT)
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-        """x @ W.T (+ bias) through a packed copy, or None when no bucket suits x's rows."""
-        rows = x.shape[0]
-        if rows < 2 or rows > self.buckets[-1]:
-            return None
-        bucket = next(b for b in self.buckets if b >= rows)
-        padded = x if bucket == rows else F.pad(x, (0, 0, 0, bucket - rows))
-        out = torch.ops.mkl._mkl_linear(padded, self.packs[bucket], self.origin, bias, bucket)
-        return out if bucket == rows else out[:rows]
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W.T (+ bias)."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")

@@ -69,12 +69,12 @@ def user_args(config: EngineConfig) -> dict[str, Any]:
 
 def check_vllm_config(config: EngineConfig) -> None:
     """Raises ValueError for a configuration vLLM's engine cannot run as asked."""
-    from engine.config import AttentionBackendName, PrefillSchedule
+    from engine.config import AttentionBackendName, PrefillSchedule, Switch
     user_args(config)
     ours_only = [flag for flag, default, value in (
         ("--prefill-schedule layered", False, config.prefill_schedule == PrefillSchedule.LAYERED),
         ("--attention-backend", AttentionBackendName.AUTO, config.attention_backend),
-        ("--cpu-gemm-buckets", "auto", config.cpu_gemm_buckets.strip()),
+        ("--cpu-weight-packing", Switch.AUTO, config.cpu_weight_packing),
         ("--memory-budget", "auto", config.memory_budget.strip()),
         ("--kv-predictor", None, config.kv_predictor)) if value != default]
     if ours_only:

@@ -31,7 +31,7 @@ def test_vllm_engine_args_pass_through_and_unknown_keys_are_named():
 
 @pytest.mark.parametrize("field,value,flag", [("prefill_schedule", "layered", "--prefill-schedule layered"),
                                               ("attention_backend", "torch", "--attention-backend"),
-                                              ("cpu_gemm_buckets", "8", "--cpu-gemm-buckets"),
+                                              ("cpu_weight_packing", "off", "--cpu-weight-packing"),
                                               ("kv_predictor", "/p", "--kv-predictor")])
 def test_our_engines_own_options_are_refused_with_vllm(field, value, flag):
     with pytest.raises(ValueError, match=f"{flag}.*pdserve's own engine only"):
