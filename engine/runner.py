@@ -221,9 +221,8 @@ class ModelRunner:
                     request.prompt_logprobs.append(TokenLogprobs(tok, val, top))
 
     def _context(self, positions: torch.Tensor, layout: BatchLayout) -> ForwardContext:
-        cos, sin = self.model.rotary.tables(positions, self.dtype)
-        return ForwardContext(positions, cos, sin, self.kv_cache, self.backend, self.backend.prepare(layout, self.device),
-                              self.weight_reads)
+        return ForwardContext(positions, self.model.rotary.cos_sin(self.dtype), self.kv_cache, self.backend,
+                              self.backend.prepare(layout, self.device), self.weight_reads)
 
     def _layered(self, plan: StepPlan, layer_done: Callable[[int], None] | None
                  ) -> tuple[torch.Tensor, BatchLayout]:

@@ -62,7 +62,8 @@ def forward_dense(model: LlamaModel, input_ids: torch.Tensor, start: int = 0, pr
     positions = torch.arange(start, start + input_ids.shape[0], device=input_ids.device)
     cos, sin = model.rotary.tables(positions, dtype)
     backend = DenseAttention()
-    ctx = ForwardContext(positions, cos, sin, DenseKV(prefix), backend, (cos, sin))  # type: ignore[arg-type]
+    ctx = ForwardContext(positions, model.rotary.cos_sin(dtype), DenseKV(prefix), backend,  # type: ignore[arg-type]
+                         (cos, sin))
     hidden = model.final_norm(model.run_layers(model.embed(input_ids), ctx))
     return hidden, backend.captured
 

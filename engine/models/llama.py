@@ -18,6 +18,7 @@ from torch import nn
 
 from engine.attention.base import AttentionBackend
 from engine.kv.cache import KVCache
+from engine.models import cpu_kernels as kernels
 from engine.models.config import ModelConfig
 from engine.models.moe import SparseMoE, WeightReads
 from engine.models.packed_gemm import PackedWeight
@@ -28,8 +29,7 @@ class ForwardContext:
     """What every layer of one step needs: built once per step by the runner."""
 
     positions: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
+    cos_sin: torch.Tensor  # the rotary table in the model's dtype (Rotary.cos_sin)
     kv_cache: KVCache
     backend: AttentionBackend
     attn_meta: Any
@@ -65,6 +65,14 @@ class Rotary:
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(cfg))
         emb = torch.cat([freqs, freqs], dim=-1).to(device)
         self.cos, self.sin = emb.cos(), emb.sin()
+        self._cos_sin: dict[torch.dtype, torch.Tensor] = {}
+
+    def cos_sin(self, dtype: torch.dtype) -> torch.Tensor:
+        """[max_len, head_dim]: cos of the head_dim / 2 frequencies, then their sin (cpu_kernels.rotary)."""
+        if dtype not in self._cos_sin:
+            half = self.cos.shape[-1] // 2
+            self._cos_sin[dtype] = torch.cat([self.cos[:, :half], self.sin[:, :half]], dim=-1).to(dtype)
+        return self._cos_sin[dtype]
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin rows for a step's positions, shaped to broadcast over heads."""
@@ -125,24 +133,24 @@ class DecoderLayer(nn.Module):
         self.dense_bytes = sum(p.numel() * p.element_size() for p in self.parameters() if p not in expert_params)
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """May update h in place (fused kernels): the caller hands over the hidden states it passes."""
         n = h.shape[0]
-        q, k, v = self.qkv_proj(self.input_layernorm(h)).split(self.sizes, dim=-1)
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        q, k, v = self.qkv_proj(kernels.rms_norm(h, norm1.weight, norm1.eps)).split(self.sizes, dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = Rotary.apply(q, ctx.cos, ctx.sin), Rotary.apply(k, ctx.cos, ctx.sin)
+        q, k = kernels.rotary(ctx.positions, q, k, ctx.cos_sin)
         k_cache, v_cache = ctx.kv_cache.layer(self.layer_idx)
         attn = ctx.backend.forward(q, k, v.contiguous(), k_cache, v_cache, ctx.attn_meta)
-        h = h + self.o_proj(attn.reshape(n, -1))
+        x, h = kernels.add_rms_norm(self.o_proj(attn.reshape(n, -1)), h, norm2.weight, norm2.eps)
         if ctx.reads is not None:
             ctx.reads.dense_bytes += self.dense_bytes
-        x = self.post_attention_layernorm(h)
         if self.moe is not None:
-            return h + self.moe(x, ctx.reads)
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return h + self.down_proj(F.silu(gate) * up)
+            return kernels.add(h, self.moe(x, ctx.reads))
+        return kernels.add(h, self.down_proj(kernels.silu_mul(self.gate_up_proj(x))))
 
 
 class LlamaModel(nn.Module):
@@ -164,12 +172,13 @@ class LlamaModel(nn.Module):
         return self.embed_tokens(input_ids)
 
     def run_layers(self, h: torch.Tensor, ctx: ForwardContext, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Layers [start, end) over h, which they may update in place."""
         for layer in self.layers[start:end]:
             h = layer(h, ctx)
         return h
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
-        return self.norm(h)
+        return kernels.rms_norm(h, self.norm.weight, self.norm.eps)
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.logits_packed is not None:
