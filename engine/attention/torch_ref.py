@@ -32,7 +32,8 @@ class PrefillSeq:
 class DecodeGroup:
     tokens: torch.Tensor          # [B] positions of the group's queries in the packed batch
     blocks: torch.Tensor          # [B, N] block ids, padded to the group's longest context's N blocks
-    mask: torch.Tensor | None     # [B, 1, 1, N * block_size], None when no row is padded
+    max_len: int                  # the group's longest context
+    mask: torch.Tensor | None     # [B, 1, 1, max_len], None when every row is that long
 
 
 @dataclass
@@ -40,6 +41,7 @@ class TorchMeta:
     slot_mapping: torch.Tensor
     decodes: list[DecodeGroup]
     prefills: list[PrefillSeq]
+    whole_batch: bool = False     # one decode group holding every token of the step, in order
 
 
 # Padding a group may carry before a separate SDPA call is cheaper: one call's overhead on
@@ -82,18 +84,17 @@ class TorchAttention(AttentionBackend):
                 mask = (torch.arange(blocks.numel() * bs, device=device)[None, :]
                         <= torch.arange(q_len, device=device)[:, None] + offset)
             prefills.append(PrefillSeq(layout.query_start[i], q_len, blocks, mask))
+        whole_batch = not prefills and len(groups) == 1 and groups[0] == list(range(layout.num_seqs))
         return TorchMeta(layout.slot_mapping, [_decode_group(layout, [decodes[j] for j in g], device)
-                                               for g in groups], prefills)
+                                               for g in groups], prefills, whole_batch)
 
     def forward(self, q, k, v, k_cache, v_cache, meta: TorchMeta) -> torch.Tensor:
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.whole_batch:
+            return _decode(q, k_cache, v_cache, meta.decodes[0])
         out = torch.empty_like(q)
         for g in meta.decodes:
-            qd = q.index_select(0, g.tokens).unsqueeze(2)                     # [B, H, 1, D]
-            kd = _gather(k_cache, g.blocks).transpose(1, 2)                   # [B, KVH, N * block_size, D]
-            vd = _gather(v_cache, g.blocks).transpose(1, 2)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask, enable_gqa=True)
-            out.index_copy_(0, g.tokens, od.squeeze(2))
+            out.index_copy_(0, g.tokens, _decode(q.index_select(0, g.tokens), k_cache, v_cache, g))
         for p in meta.prefills:
             # 4-D inputs: with 3-D ones SDPA's GQA path falls back to the slow math kernel on CPU
             sl = slice(p.token_start, p.token_start + p.q_len)
@@ -108,6 +109,13 @@ class TorchAttention(AttentionBackend):
         return out
 
 
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: DecodeGroup) -> torch.Tensor:
+    """The group's queries [B, H, D] attending to their contexts -> [B, H, D]."""
+    kd = _gather(k_cache, g.blocks)[:, :g.max_len].transpose(1, 2)         # [B, KVH, max_len, D]
+    vd = _gather(v_cache, g.blocks)[:, :g.max_len].transpose(1, 2)
+    return F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=g.mask, enable_gqa=True).squeeze(2)
+
+
 def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """[B, N] block ids of a layer's cache [num_blocks, block_size, KVH, D] -> [B, N * block_size, KVH, D]."""
     return cache.index_select(0, blocks.flatten()).view(blocks.shape[0], -1, *cache.shape[2:])
@@ -116,10 +124,12 @@ def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 def _decode_group(layout: BatchLayout, seqs: list[int], device: torch.device) -> DecodeGroup:
     bs = layout.block_size
     lens = [layout.seq_lens[i] for i in seqs]
-    num_blocks = -(-max(lens) // bs)
+    max_len = max(lens)
+    num_blocks = -(-max_len // bs)
     table = [layout.block_ids[i][:-(-n // bs)] for i, n in zip(seqs, lens)]
     blocks = torch.tensor([ids + [0] * (num_blocks - len(ids)) for ids in table], dtype=torch.long)
     mask = None
-    if any(n != num_blocks * bs for n in lens):
-        mask = (torch.arange(num_blocks * bs)[None, :] < torch.tensor(lens)[:, None])[:, None, None, :].to(device)
-    return DecodeGroup(torch.tensor([layout.query_start[i] for i in seqs], device=device), blocks.to(device), mask)
+    if min(lens) != max_len:
+        mask = (torch.arange(max_len)[None, :] < torch.tensor(lens)[:, None])[:, None, None, :].to(device)
+    return DecodeGroup(torch.tensor([layout.query_start[i] for i in seqs], device=device), blocks.to(device),
+                       max_len, mask)
