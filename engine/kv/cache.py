@@ -29,6 +29,7 @@ class KVCache:
             self.tensor = torch.frombuffer(self._map, dtype=dtype).view(shape)
         else:
             self.tensor = torch.zeros(shape, dtype=dtype, device=device)
+        self._layers = [(kv[0], kv[1]) for kv in self.tensor]  # views, made once: every step asks for them
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -38,8 +39,7 @@ class KVCache:
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one layer as [num_blocks, block_size, num_kv_heads, head_dim] views."""
-        kv = self.tensor[layer_idx]
-        return kv[0], kv[1]
+        return self._layers[layer_idx]
 
     def export_blocks(self, layer_idx: int, block_ids: Sequence[int]) -> torch.Tensor:
         """Packs one layer's K and V for the given blocks: [2, len(block_ids), block_size, h, d]."""
