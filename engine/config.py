@@ -68,7 +68,7 @@ class EngineConfig:
     served_model_name: str | None = None
     """Model name clients must use; default: the model folder or file name."""
     dtype: Dtype = Dtype.AUTO
-    """Weights and activations dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."""
+    """Weights, activations and KV cache dtype: auto (bfloat16 on GPU and on CPUs with bfloat16 instructions, AVX-512 BF16 or AMX; float32 on other CPUs), float32, bfloat16, float16."""
     device: str = "auto"
     """Device to run on: auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
     max_model_len: int | None = None

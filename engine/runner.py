@@ -45,9 +45,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+    """auto: bfloat16 on a GPU, and on a CPU with bfloat16 dot-product instructions (AVX-512 BF16
+    or AMX) where oneDNN runs packed bfloat16 matmuls; float32 on other CPUs, where bfloat16 is
+    converted in software and runs slower than float32 (docs/results.md)."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type != "cpu":
+        return torch.bfloat16
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native and packed_gemm.available(device, torch.bfloat16) else torch.float32
 
 
 @dataclass(frozen=True)

@@ -363,3 +363,27 @@ def unchecked(params, **fields):
     for name, value in fields.items():
         object.__setattr__(params, name, value)
     return params
+
+
+def divergences_beyond_ties(reference, low_precision, prompts: list[list[int]], got: list[list[int]],
+                            expected: list[list[int]]) -> list[str]:
+    """Greedy outputs of two different low-precision computations may part where two tokens
+    tie to within their rounding. For each prompt whose `got` parts from `expected` (the
+    `low_precision` model's own greedy output), the `reference` model (the same weights in
+    float32) scores both tokens at the first differing position: a gap wider than twice the
+    low-precision model's own largest logit error there (against the reference: two roundings,
+    each about that large) is a real difference. Returns those, described."""
+    bad = []
+    for i, (prompt, ours, theirs) in enumerate(zip(prompts, got, expected)):
+        j = next((j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        if j is None:
+            continue
+        context = torch.tensor([prompt + ours[:j]])
+        with torch.no_grad():
+            exact = reference(context).logits[0, -1].float()
+            rounded = low_precision(context).logits[0, -1].float()
+        gap, error = abs(float(exact[ours[j]] - exact[theirs[j]])), float((rounded - exact).abs().max())
+        if gap > 2 * error:
+            bad.append(f"prompt {i} token {j}: {ours[j]} vs {theirs[j]}, logit gap {gap:.4f} beyond twice the "
+                       f"low-precision model's own error {error:.4f}")
+    return bad

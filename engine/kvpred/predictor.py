@@ -27,6 +27,7 @@ from engine.models.llama import LlamaModel, Rotary
 from engine.models.loader import load_model, open_weights
 
 EVERY_OTHER_LAYER = "every-other-layer"
+WEIGHT_LAYOUT = "out-in"  # how the auxiliary model's projection weights are saved: torch's [out, in]
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class KVPredictor(nn.Module):
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(folder / "predictor.safetensors.tmp"))
         (folder / "predictor.safetensors.tmp").replace(folder / "predictor.safetensors")
-        meta = {**asdict(self.info), **(extra or {})}
+        meta = {**asdict(self.info), "weight_layout": WEIGHT_LAYOUT, **(extra or {})}
         (folder / "kvpred.json").write_text(json.dumps(meta, indent=1) + "\n")
 
     @classmethod
@@ -109,6 +110,9 @@ class KVPredictor(nn.Module):
         if not (folder / "kvpred.json").is_file():
             raise ValueError(f"{folder} holds no KV predictor (no kvpred.json): train one with pdserve kvpred train")
         meta = json.loads((folder / "kvpred.json").read_text())
+        if meta.pop("weight_layout", None) != WEIGHT_LAYOUT:
+            raise ValueError(f"{folder} holds a KV predictor saved by an older pdserve (projection weights "
+                             "stored [in, out]): train it again with pdserve kvpred train")
         fields = {f: meta.pop(f) for f in PredictorInfo.__dataclass_fields__}
         aux_raw = dict(fields["aux_config"])
         aux_raw["rope_scaling"] = tuple(tuple(p) for p in aux_raw["rope_scaling"]) if aux_raw["rope_scaling"] else None

@@ -85,21 +85,19 @@ class Rotary:
 
 
 class Dense(nn.Module):
-    """A linear layer whose weight is stored [in, out]: MKL's small-batch GEMM is 10-20 %
-    faster on that layout than on torch's [out, in] (measured on our CPU, batch 1-32)."""
+    """A linear layer, weight [out, in] as torch's own, run through its oneDNN-packed copy where
+    the runner made one (engine/models/packed_gemm.py)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed: PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return self.packed.matmul(x, self.bias)
-        if self.bias is None:
-            return torch.mm(x, self.weight)
-        return torch.addmm(self.bias, x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -197,7 +195,7 @@ class LlamaModel(nn.Module):
         """Adds a oneDNN-packed copy of every projection and of the logits' weight (see packed_gemm)."""
         for module in self.modules():
             if isinstance(module, Dense):
-                module.packed = PackedWeight(module.weight.t())
+                module.packed = PackedWeight(module.weight)
         self.logits_packed = PackedWeight(self._logits_weight())
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

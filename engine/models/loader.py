@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from engine.models.config import ModelConfig
-from engine.models.llama import Dense, LlamaModel, Rotary
+from engine.models.llama import LlamaModel, Rotary
 from engine.models.registry import derived_dir, publish
 
 _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -71,7 +71,6 @@ def load_model(source: WeightSource, dtype: torch.dtype, device: torch.device, m
 
 def _assign(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]], dtype, device) -> None:
     params = dict(model.named_parameters())
-    stored_in_out = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Dense)}
     pending: dict[str, dict[int, torch.Tensor]] = {}
     loaded: set[str] = set()
     for name, tensor in tensors:
@@ -94,8 +93,6 @@ def _assign(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]], dtyp
             continue
         if name not in params:
             raise ValueError(f"unexpected weight {name}")
-        if name in stored_in_out:
-            tensor = tensor.t()  # HF stores [out, in]
         with torch.no_grad():
             params[name].copy_(tensor.to(device=device, dtype=dtype))
         loaded.add(name)

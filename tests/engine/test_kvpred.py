@@ -2,6 +2,8 @@
 predictor reproduces the base's greedy tokens (keys rotated at the right positions), GQA
 shapes, a short training run lowers the loss, checkpoints resume."""
 
+import json
+
 import pytest
 import torch
 
@@ -82,6 +84,11 @@ def test_save_and_load_round_trip(tiny_dirs, tmp_path):
     other = base_model(tiny_dirs["qwen3"])
     with pytest.raises(ValueError, match="does not hold a predictor"):
         KVPredictor.load(tmp_path / "p", other.cfg)
+    meta_file = tmp_path / "p" / "kvpred.json"
+    old = {k: v for k, v in json.loads(meta_file.read_text()).items() if k != "weight_layout"}
+    meta_file.write_text(json.dumps(old))  # as an older pdserve saved it, weights [in, out]
+    with pytest.raises(ValueError, match="saved by an older pdserve"):
+        KVPredictor.load(tmp_path / "p", base.cfg)
 
 
 def test_a_short_training_run_lowers_the_loss_and_resumes(tiny_dirs, tmp_path):
