@@ -25,7 +25,7 @@ for name in $which; do
     *) echo "unknown policy $name" >&2; exit 2 ;;
   esac
   $bin/pdserve serve --mode disagg --prefill-workers 1 --decode-workers 2 --num-threads 1 --port $port \
-    --cpu-gemm-buckets "" --kv-cache-memory 384MiB --max-model-len 2048 --log-level warning "${slo[@]}" "${extra[@]}" & pids+=($!)
+    --cpu-weight-packing off --kv-cache-memory 384MiB --max-model-len 2048 --log-level warning "${slo[@]}" "${extra[@]}" & pids+=($!)
   wait_up $port  # one at a time: four clusters starting at once would time each other out
   targets+=(--target "$name=http://127.0.0.1:$port"); port=$((port + 1))
 done
