@@ -128,11 +128,12 @@ class ModelRunner:
         self.phase = ""
 
     def _pack_weights(self, packing: Switch) -> None:
-        if packing == Switch.OFF or self.device.type != "cpu":
+        if packing == Switch.OFF:
             return
         if not packed_gemm.available(self.device, self.dtype):
             if packing == Switch.ON:
-                raise ValueError(f"--cpu-weight-packing on: oneDNN cannot run {self.dtype} matmuls on this CPU")
+                raise ValueError(f"--cpu-weight-packing on: oneDNN cannot run {self.dtype} matmuls on {self.device} "
+                                 "here (it packs CPU weights only, bfloat16 where the CPU has AVX-512)")
             return
         if packing == Switch.AUTO and not self.memory.fits_packed_copy(self.model.packable_bytes()):
             log.info("no packed weights: --memory-budget leaves no room for them beside one sequence's KV")

@@ -37,3 +37,12 @@ def test_explicit_values_win_and_auto_reads_the_machine(tiny_llama, make_engine)
     assert engine.runner.memory.packed_weights and engine.num_kv_blocks == (4 << 20) // per_block
     assert not make_engine(model=str(tiny_llama), max_model_len=256, cpu_weight_packing="off").runner.memory.packed_weights
     assert 0 < available_bytes() and process_rss() > 0
+
+
+@pytest.mark.skipif(packed_gemm.available(torch.device("cpu"), torch.bfloat16), reason="this CPU packs bfloat16")
+def test_packing_asked_for_where_onednn_cannot_run_the_dtype_is_refused(tiny_llama):
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    with pytest.raises(ValueError, match="--cpu-weight-packing on: oneDNN cannot run torch.bfloat16"):
+        Engine(EngineConfig(model=str(tiny_llama), max_model_len=256, num_kv_blocks=64, dtype="bfloat16",
+                            cpu_weight_packing="on"))
