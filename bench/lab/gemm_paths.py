@@ -6,7 +6,7 @@ weights (so they stream from memory as in a real step), per row count.
 
 Shapes default to SmolLM2-135M (30 layers: qkv 576x832, o 576x576, gate/up 576x3072,
 down 1536x576; the tied logits 576x49152). Prints ms per pass over the layers and for the
-logits, per path.
+logits, per path, as JSON (each row count's figures go to stderr as they come).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -53,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
                                     lambda: F.linear(h, logits_w)),
                  "oneDNN packed once": (lambda: [p.matmul(x) for layer in onednn for x, p in zip(xs, layer)],
                                         lambda: onednn_logits.matmul(h))}
-        mkl = None
         if 1 < rows <= 64 and torch._C.has_mkl:  # MKL's packed SGEMM runs only the row count it was packed for
             mkl = [[torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w in layer] for layer in weights]
             mkl_logits = torch.ops.mkl._mkl_reorder_linear_weight(logits_w, rows)
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         report["ms"][rows] = {name: {"layers": round(timed_ms(run_layers, args.repeats), 2),
                                      "logits": round(timed_ms(run_logits, args.repeats), 2)}
                               for name, (run_layers, run_logits) in paths.items()}
-        del mkl
-        print(rows, "rows:", json.dumps(report["ms"][rows]), flush=True)
+        print(rows, "rows:", json.dumps(report["ms"][rows]), file=sys.stderr, flush=True)
     print(json.dumps(report))
     return 0
 

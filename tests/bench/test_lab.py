@@ -59,6 +59,11 @@ def test_engine_throughput_runs_every_system(smollm2_hf, tmp_path):
 
 
 @pytest.mark.slow
+def test_gemm_paths_runs():
+    result = _lab_json("bench.lab.gemm_paths", "--rows", "1,8", "--layers", "1", "--vocab", "64", "--repeats", "1")
+    assert {"F.linear (MKL)", "oneDNN packed once"} <= set(result["ms"]["8"])
+
+
 def test_decode_profile_runs():
     result = _lab_json("bench.lab.decode_profile", "--batch", "2", "--context", "8", "--steps", "2")
     assert result["per_step_ms"]["matmul"] > 0 and "python and dispatch (wall - ops)" in result["per_step_ms"]
