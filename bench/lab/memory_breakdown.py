@@ -1,4 +1,4 @@
-"""Where an engine's resident memory goes: torch, weights, packed-GEMM copies, KV cache.
+"""Where an engine's resident memory goes: torch, weights, the packed weights, KV cache.
 
     python bench/lab/memory_breakdown.py                       # the default model, defaults
     python bench/lab/memory_breakdown.py --cpu-weight-packing off  # without the packed copy
