@@ -80,8 +80,9 @@ class Rotary:
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        """x rotated by full-width cos/sin rows (`tables`: each frequency's value twice)."""
+        half = x.shape[-1] // 2
+        return kernels.rotate(x, cos[..., :half], sin[..., :half])
 
 
 class Dense(nn.Module):
