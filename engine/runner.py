@@ -116,10 +116,12 @@ class ModelRunner:
                                  kv_on_host=self.device.type == "cpu")
         self._pack_weights(config.cpu_weight_packing)
         num_blocks = config.num_kv_blocks or max(1, (config.kv_cache_bytes or self.memory.kv_bytes()) // per_block)
-        self.kv_cache = KVCache(model_cfg.num_layers, num_blocks, config.block_size,
-                                model_cfg.num_kv_heads, model_cfg.head_dim, self.dtype, self.device)
-        log.info("KV cache: %d blocks of %d tokens (%d MiB)", num_blocks, config.block_size, num_blocks * per_block >> 20)
-        self.backend = select_backend(config.attention_backend, self.device, config.block_size)
+        self.backend = select_backend(config.attention_backend, self.device, config.block_size, model_cfg.num_heads,
+                                      model_cfg.num_kv_heads, model_cfg.head_dim, self.dtype)
+        self.kv_cache = KVCache(model_cfg.num_layers, num_blocks, config.block_size, model_cfg.num_kv_heads,
+                                model_cfg.head_dim, self.dtype, self.device, self.backend.kv_layout)
+        log.info("KV cache: %d blocks of %d tokens (%d MiB), %s attention", num_blocks, config.block_size,
+                 num_blocks * per_block >> 20, self.backend.name)
         self.sampler = Sampler(self.device, config.seed, Grammars(model_path, model_cfg.vocab_size, model_cfg.eos_token_ids))
         self.info = RunnerInfo(model_cfg, max_len, num_blocks)
         self._cohort_hidden: dict[str, torch.Tensor] = {}  # layered prefill: per request, between steps

@@ -37,7 +37,7 @@ def build_model(out: Path, arch: str = "llama", seed: int = 0, **overrides) -> P
     import torch
     import transformers
     common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     common.update(overrides)
     if arch == "llama":
@@ -52,7 +52,7 @@ def build_model(out: Path, arch: str = "llama", seed: int = 0, **overrides) -> P
         cfg = transformers.Qwen2Config(**common)
         cls = transformers.Qwen2ForCausalLM
     elif arch == "qwen3":
-        cfg = transformers.Qwen3Config(head_dim=32, **{**common, "tie_word_embeddings": True})
+        cfg = transformers.Qwen3Config(**{**common, "tie_word_embeddings": True, "head_dim": 64})
         cls = transformers.Qwen3ForCausalLM
     elif arch == "mistral":
         cfg = transformers.MistralConfig(sliding_window=None, **common)
@@ -66,7 +66,7 @@ def build_model(out: Path, arch: str = "llama", seed: int = 0, **overrides) -> P
         cls = transformers.Qwen2MoeForCausalLM
     elif arch == "qwen3_moe":  # q/k norm, top-2 renormalised, layer 1 dense (mlp_only_layers)
         cfg = transformers.Qwen3MoeConfig(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                                          norm_topk_prob=True, mlp_only_layers=[1], head_dim=32, **common)
+                                          norm_topk_prob=True, mlp_only_layers=[1], **common)
         cls = transformers.Qwen3MoeForCausalLM
     else:
         raise ValueError(arch)

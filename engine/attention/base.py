@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from engine.kv.cache import KVLayout
+
 
 @dataclass
 class BatchLayout:
@@ -35,6 +37,7 @@ class BatchLayout:
 
 class AttentionBackend(abc.ABC):
     name: str
+    kv_layout: KVLayout = KVLayout.TOKEN_MAJOR  # the order inside a KV-cache block it reads
 
     @abc.abstractmethod
     def prepare(self, layout: BatchLayout, device: torch.device) -> Any:
@@ -43,7 +46,7 @@ class AttentionBackend(abc.ABC):
     @abc.abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: Any) -> torch.Tensor:
-        """q [T, H, D], k/v [T, KVH, D]; caches [num_blocks, block_size, KVH, D]. Returns [T, H, D]."""
+        """q [T, H, D], k/v [T, KVH, D]; caches as `KVCache.layer` gives them. Returns [T, H, D]."""
 
 
 def slots_for(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:

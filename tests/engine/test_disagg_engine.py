@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from engine.config import DEFAULT_BLOCK_SIZE
 from engine.sampling_params import SamplingParams
 from engine.transfer.loopback import LoopbackSink
 
@@ -37,7 +38,7 @@ def run_1p1d(prefill, decode, prompt_list, params):
 def test_1p1d_equals_colocated_and_hf(prefill_setting, tiny_llama, references, make_engine, monkeypatch):
     from engine import batcher
     monkeypatch.setattr(batcher, "_GROUPS", ((16, 1), (64, 2), (128, 3)))  # a layered cohort in 3 groups
-    block_size = prefill_setting.get("block_size", 16)
+    block_size = prefill_setting.get("block_size", DEFAULT_BLOCK_SIZE)
     prefill = make_engine(model=str(tiny_llama), **prefill_setting)
     decode = make_engine(model=str(tiny_llama), block_size=block_size)
     sink = LoopbackSink(decode)
@@ -82,7 +83,7 @@ def test_abort_while_waiting_for_kv_frees_blocks_and_drops_late_chunks(tiny_llam
     prefill.set_kv_sink(LoopbackSink(decode))
     p = prompts()[-1]
     assert decode.reserve_prefilled("r", p, GREEDY) is not None
-    assert decode.kv.num_used_blocks == -(-len(p) // 16)
+    assert decode.kv.num_used_blocks == -(-len(p) // DEFAULT_BLOCK_SIZE)
     decode.abort("r")
     assert decode.kv.num_used_blocks == 0
     prefill.add_request("r", p, SamplingParams(temperature=0, max_tokens=1))
@@ -94,7 +95,7 @@ def test_abort_while_waiting_for_kv_frees_blocks_and_drops_late_chunks(tiny_llam
 
 
 def test_no_room_to_reserve_changes_nothing(tiny_llama, make_engine):
-    decode = make_engine(model=str(tiny_llama), num_kv_blocks=32, max_model_len=256)
+    decode = make_engine(model=str(tiny_llama), num_kv_blocks=32, max_model_len=256, block_size=16)
     p = prompts()[-1]  # 13 blocks
     assert decode.reserve_prefilled("a", p, GREEDY) is not None and decode.reserve_prefilled("b", p, GREEDY) is not None
     assert decode.reserve_prefilled("c", p, GREEDY) is None
@@ -112,17 +113,17 @@ def test_a_prefix_cached_on_the_decode_side_is_not_sent_again(tiny_llama, make_e
 
     class Held(LoopbackSink):  # what the decode worker tells the prefill worker it holds
         def blocks_held(self, request_id):
-            return decode.requests[request_id][0].num_cached_tokens // 16
+            return decode.requests[request_id][0].num_cached_tokens // DEFAULT_BLOCK_SIZE
 
     sink = Held(decode)
     prefill.set_kv_sink(sink)
-    shared = prompts()[-1][:50]  # 3 full blocks and 2 tokens
+    shared = prompts()[-1][:3 * DEFAULT_BLOCK_SIZE + 2]  # 3 full blocks and 2 tokens
     first, second = shared + [7, 8, 9], shared + [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26]
     got = run_1p1d(prefill, decode, [first], GREEDY)
     assert decode.kv.num_used_blocks == 0  # finished, its blocks stay cached (free, evictable)
     sink.chunks.clear()
     assert decode.reserve_prefilled("1", second, GREEDY) is not None
-    assert decode.requests["1"][0].num_cached_tokens == 48
+    assert decode.requests["1"][0].num_cached_tokens == 3 * DEFAULT_BLOCK_SIZE
     prefill.add_request("1", second, SamplingParams(temperature=0, max_tokens=1))
     out = []
     while prefill.has_unfinished() or decode.has_unfinished():

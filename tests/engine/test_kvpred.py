@@ -267,7 +267,7 @@ def test_http_kv_prediction_field_slo_policy_and_metrics(tiny_dirs, tmp_path):
 
         full = complete(kv_prediction=False)  # also measures the engine's prefill speed
         assert predicted() == 0 and server.engine.stats().prefill_s_per_token > 0
-        assert 0.3 < server.engine.stats().kv_prediction_cost < 0.7
+        assert 0.3 < server.engine.stats().kv_prediction_cost < 0.75
         by_predictor = complete(kv_prediction=True)
         assert by_predictor != full and predicted() == 1
         assert complete() == by_predictor and predicted() == 2  # unset: 60 tokens miss a 1 ms SLO

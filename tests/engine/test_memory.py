@@ -15,7 +15,7 @@ def test_a_tight_budget_keeps_no_packed_copy_and_one_sequence_of_kv(tiny_llama, 
     engine = make_engine(model=str(tiny_llama), max_model_len=256, num_kv_blocks=None,
                          memory_budget="1MiB")  # less than the process holds already
     plan = engine.runner.memory
-    assert not plan.packed_weights and engine.num_kv_blocks == 256 // 16  # one sequence, whatever the budget says
+    assert not plan.packed_weights and engine.num_kv_blocks == 256 // engine.runner.block_size  # one sequence, whatever the budget says
     assert engine.runner.model.logits_packed is None
 
 
@@ -24,7 +24,7 @@ def test_a_roomy_budget_packs_the_weights_and_caps_the_kv(tiny_llama, make_engin
     engine = make_engine(model=str(tiny_llama), max_model_len=256, num_kv_blocks=None, memory_budget="64GiB")
     assert engine.runner.memory.packed_weights and engine.runner.model.logits_packed is not None
     cfg = engine.model_config
-    per_block = KVCache.bytes_per_block(cfg.num_layers, 16, cfg.num_kv_heads, cfg.head_dim, torch.float32)
+    per_block = KVCache.bytes_per_block(cfg.num_layers, engine.runner.block_size, cfg.num_kv_heads, cfg.head_dim, torch.float32)
     assert engine.num_kv_blocks == AUTO_KV_MAX_BYTES // per_block
 
 
@@ -33,7 +33,7 @@ def test_explicit_values_win_and_auto_reads_the_machine(tiny_llama, make_engine)
     engine = make_engine(model=str(tiny_llama), max_model_len=256, num_kv_blocks=None, memory_budget="1MiB",
                          cpu_weight_packing="on", kv_cache_memory="4MiB")
     cfg = engine.model_config
-    per_block = KVCache.bytes_per_block(cfg.num_layers, 16, cfg.num_kv_heads, cfg.head_dim, torch.float32)
+    per_block = KVCache.bytes_per_block(cfg.num_layers, engine.runner.block_size, cfg.num_kv_heads, cfg.head_dim, torch.float32)
     assert engine.runner.memory.packed_weights and engine.num_kv_blocks == (4 << 20) // per_block
     assert not make_engine(model=str(tiny_llama), max_model_len=256, cpu_weight_packing="off").runner.memory.packed_weights
     assert 0 < available_bytes() and process_rss() > 0

@@ -2,6 +2,7 @@
 
 import pytest
 
+from engine.config import DEFAULT_BLOCK_SIZE
 from engine.sampling_params import SamplingParams
 
 from helpers import run_to_end
@@ -17,7 +18,7 @@ def test_greedy_matches_hf(arch, tiny_dirs, references, make_engine):
 
 @pytest.mark.parametrize("setting", [
     dict(max_num_batched_tokens=24),              # prompts chunked, decodes interleaved
-    dict(num_kv_blocks=40, max_model_len=256),    # blocks run out: preemption by recompute
+    dict(num_kv_blocks=640 // DEFAULT_BLOCK_SIZE, max_model_len=256),  # blocks run out: preemption by recompute
     dict(max_num_seqs=2),                         # requests queue for a batch slot
     dict(block_size=8, enable_prefix_caching=False),
 ])
@@ -28,7 +29,7 @@ def test_batching_never_changes_outputs(setting, tiny_llama, references, make_en
 
 
 def test_preemption_happens_under_a_small_cache(tiny_llama, make_engine):
-    engine = make_engine(model=str(tiny_llama), num_kv_blocks=40, max_model_len=256)
+    engine = make_engine(model=str(tiny_llama), num_kv_blocks=640 // DEFAULT_BLOCK_SIZE, max_model_len=256)
     for i, p in enumerate(prompts()):
         engine.add_request(str(i), p, GREEDY)
     requests = [r for children in engine.requests.values() for r in children]

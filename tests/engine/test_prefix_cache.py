@@ -2,6 +2,7 @@
 
 import torch
 
+from engine.config import DEFAULT_BLOCK_SIZE as BS
 from engine.sampling_params import SamplingParams
 
 from helpers import run_to_end
@@ -25,13 +26,13 @@ def test_shared_long_prefix_reuses_blocks_with_identical_output(tiny_llama, make
     while engine.has_unfinished():
         out += [t for o in engine.step() for t in o.new_token_ids]
     assert out == expected
-    assert request.num_cached_tokens == 144  # 9 full blocks of 16 of the 150-token prefix
-    assert engine.kv.stats.hit_tokens - hits_before == 144
+    assert request.num_cached_tokens == 150 // BS * BS  # the full blocks of the 150-token prefix
+    assert engine.kv.stats.hit_tokens - hits_before == 150 // BS * BS
 
 
 def test_parallel_samples_share_the_prompt_blocks(tiny_llama, make_engine):
     engine = make_engine(model=str(tiny_llama))
-    prompt = list(range(3, 3 + 70))  # 4 full blocks + 6
+    prompt = list(range(3, 3 + 4 * BS + 6))  # 4 full blocks + 6
     engine.add_request("n", prompt, SamplingParams(n=4, temperature=1.0, seed=1, max_tokens=8, ignore_eos=True))
     engine.step()
     children = engine.requests["n"]
@@ -48,7 +49,7 @@ def test_the_router_names_blocks_as_the_engine_caches_them(tiny_llama, make_engi
     prompt's full blocks are the KV manager's, for every block but the one with the last token."""
     from engine.kv.prefix_hash import prompt_block_hashes
     engine = make_engine(model=str(tiny_llama))
-    prompt = list(range(5, 5 + 16 * 3 + 1))  # three full blocks and one token
+    prompt = list(range(5, 5 + BS * 3 + 1))  # three full blocks and one token
     run_to_end(engine, [prompt], SamplingParams(temperature=0, max_tokens=1))
-    assert len(prompt_block_hashes(prompt, 16)) == 3
-    assert all(h in engine.kv.pool.cached for h in prompt_block_hashes(prompt, 16))
+    assert len(prompt_block_hashes(prompt, BS)) == 3
+    assert all(h in engine.kv.pool.cached for h in prompt_block_hashes(prompt, BS))

@@ -28,7 +28,7 @@ def test_output_shape(llm):
     out = greedy(llm)
     assert out.prompt_token_ids == llm.tokenizer.encode(PROMPT)
     assert len(out.token_ids) == 20 and out.finish_reason == "length"
-    assert out.text == llm.tokenizer.decode(out.token_ids)
+    assert out.text == llm.tokenizer.decode(out.token_ids).rstrip("\ufffd")  # an unfinished UTF-8 tail is held back
     token_prompt = llm.generate([out.prompt_token_ids], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
     assert token_prompt.token_ids == out.token_ids
 

@@ -59,7 +59,7 @@ def test_disaggregated_lifecycle_adds_the_exposed_transfer():
 
 def test_no_decode_worker_with_room_refuses_like_the_live_503():
     # 8 blocks of 16 tokens: one 100-token prompt (7 blocks) at a time
-    first, second = Simulator(MODEL, SimConfig(num_blocks=8)).run([SimRequest(0.0, 100, 3), SimRequest(0.0, 100, 3)])
+    first, second = Simulator(MODEL, SimConfig(num_blocks=8, block_size=16)).run([SimRequest(0.0, 100, 3), SimRequest(0.0, 100, 3)])
     assert first.ok and first.output_tokens == 3
     assert not second.ok and second.error == "no route"
 

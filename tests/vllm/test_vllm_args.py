@@ -39,7 +39,7 @@ def test_our_engines_own_options_are_refused_with_vllm(field, value, flag):
 
 
 def test_our_engine_keeps_its_block_size_default():
-    assert EngineConfig().block_size == 16 and EngineConfig(engine="vllm").block_size is None
+    assert EngineConfig().block_size == 32 and EngineConfig(engine="vllm").block_size is None
 
 
 def test_semi_pd_with_vllm_is_refused_before_anything_starts():

@@ -6,7 +6,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from engine.config import EngineConfig, WorkerOptions
+from engine.config import DEFAULT_BLOCK_SIZE, EngineConfig, WorkerOptions
 from engine.engine import Engine, StepOutput
 from engine.errors import EngineError, Overloaded, RequestError
 from engine.sampling_params import SamplingParams
@@ -66,8 +66,8 @@ def test_disaggregated_roles_equal_hf(pair, references):
 
 
 def test_requests_wait_for_blocks_then_run_and_a_full_queue_refuses(pair, references):
-    prefill, decode = pair(decode_blocks=32, max_pending=1)
-    long_prompt = prompts()[-1]  # 200 tokens + 32 out: 15 blocks, so two fit in 32
+    prefill, decode = pair(decode_blocks=512 // DEFAULT_BLOCK_SIZE, max_pending=1)
+    long_prompt = prompts()[-1]  # 200 tokens + 32 out: 232 of 512 tokens' blocks, so two fit
     sinks = []
     for i in range(3):  # the third waits for blocks in the queue
         sinks.append(submit(prefill, decode, str(i), long_prompt))
@@ -93,8 +93,8 @@ def test_a_burst_of_arrivals_is_not_a_full_queue(pair):
 
 
 def test_arrivals_beyond_the_bound_are_refused_once_blocks_run_out(pair):
-    prefill, decode = pair(decode_blocks=32, max_pending=1)
-    long_prompt = prompts()[-1]  # 15 blocks each: two fit
+    prefill, decode = pair(decode_blocks=512 // DEFAULT_BLOCK_SIZE, max_pending=1)
+    long_prompt = prompts()[-1]  # 232 of 512 tokens' blocks each: two fit
     with stalled(decode.loop):
         sinks = [submit(prefill, decode, str(i), long_prompt) for i in range(5)]
     for s in sinks:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine import batcher as batcher_mod
-from engine.config import EngineConfig
+from engine.config import DEFAULT_BLOCK_SIZE, EngineConfig
 from engine.errors import RequestError
 from engine.sampling_params import SamplingParams
 from engine.split import ComputeSplit
@@ -68,7 +68,7 @@ def generate(worker, prompt_list, params, every_s: float = 0.0) -> dict[str, lis
     dict(prefill_schedule="whole"),
     dict(prefill_schedule="chunked", token_budget=24),
     dict(prefill_schedule="layered"),
-    dict(prefill_schedule="chunked", num_kv_blocks=40, max_model_len=256),  # decode-side preemption
+    dict(prefill_schedule="chunked", num_kv_blocks=640 // DEFAULT_BLOCK_SIZE, max_model_len=256),  # decode-side preemption
 ])
 @pytest.mark.parametrize("every_s", [0.0, 0.05])
 def test_semi_pd_matches_hf(setting, every_s, tiny_llama, references, monkeypatch):
@@ -108,7 +108,7 @@ def test_abort_mid_prefill_keeps_blocks_until_the_prefill_stream_lets_go(tiny_ll
     worker.prefill.call(lambda _: gate.wait(TIMEOUT_S))  # the prefill thread is busy (a long step)
     ended: queue.Queue = queue.Queue()
     worker.submit("a", prompts()[-1], GREEDY, ended.put)
-    wait_for(lambda: worker.lent.num_used_blocks == 13, "the prompt's blocks to be lent")
+    wait_for(lambda: worker.lent.num_used_blocks == -(-200 // DEFAULT_BLOCK_SIZE), "the prompt's blocks to be lent")
     blocks = list(worker.lent._loans["a"].block_ids)
     worker.abort("a")
     wait_for(lambda: not worker.engine.has_unfinished(), "the decode side to end the request")
@@ -215,7 +215,8 @@ def test_the_wait_for_blocks_follows_its_flag(tiny_llama):
     from engine.config import WorkerOptions
     from scheduler.cli import build_server
     from scheduler.config import ServeConfig
-    config = EngineConfig(model=str(tiny_llama), num_kv_blocks=26, max_model_len=256, num_threads=2)
+    config = EngineConfig(model=str(tiny_llama), num_kv_blocks=2 * -(-202 // DEFAULT_BLOCK_SIZE), max_model_len=256,
+                          num_threads=2)
     _, semi = build_server(config, ServeConfig(mode="semi-pd", worker=WorkerOptions(max_waiting_for_blocks=3)))
     ended: queue.Queue = queue.Queue()
     try:
