@@ -15,7 +15,7 @@ import time
 
 CLASSES = {  # the op names' classes, first match wins
     "matmul": ("mkl", "mm", "addmm", "linear", "matmul", "bmm"),
-    "attention": ("scaled_dot_product", "flash_attention", "softmax"),
+    "attention": ("scaled_dot_product", "flash_attention", "softmax", "cpu_attention", "cpu_attn", "scheduler_metadata"),
     "sampling": ("argmax", "topk", "sort", "multinomial", "log_softmax", "cumsum"),
     "copy/index": ("index", "copy", "cat", "to_copy", "pad", "gather", "scatter", "clone", "contiguous", "fill"),
     "element-wise": ("rms_norm", "silu", "mul", "add", "sub", "div", "pow", "rsqrt", "mean", "sum", "neg", "exp",
@@ -24,7 +24,7 @@ CLASSES = {  # the op names' classes, first match wins
 
 
 def op_class(name: str) -> str:
-    op = name.removeprefix("aten::").removeprefix("mkl::").lower()
+    op = name.removeprefix("aten::").removeprefix("mkl::").removeprefix("_C::").lower()
     for cls, keys in CLASSES.items():
         if any(op == k or op.startswith(k + "_") or op.startswith("_" + k) or k in op for k in keys):
             return cls
