@@ -115,12 +115,14 @@ class Batcher:
         self.token_budget = token_budget or max_num_batched_tokens  # chunked: tokens per step
         self.num_layers = num_layers
         self.waiting: deque[Request] = deque()
+        self._waiting_tokens = 0  # prompt tokens of the waiting requests left to compute
         self.running: list[Request] = []
         self.cohort: Cohort | None = None
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
+        self._waiting_tokens += _pending(request)
 
     def add_running(self, request: Request) -> None:
         """A request whose prompt KV was computed elsewhere joins the decodes."""
@@ -136,8 +138,8 @@ class Batcher:
         """Prompt tokens queued, admitted or in the cohort, not yet computed (the load the
         engine reports, and the simulator's workers with it)."""
         cohort = [s.request for s in self.cohort.seqs] if self.cohort else []
-        return sum(max(0, r.num_prompt_tokens - r.num_computed_tokens)
-                   for r in (*self.waiting, *self.running, *cohort))
+        return self._waiting_tokens + sum(_pending(r) for r in (*self.running, *cohort)
+                                          if r.num_computed_tokens < len(r.prompt_token_ids))
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
@@ -187,6 +189,7 @@ class Batcher:
 
     def _admit(self, request: Request, num_cached: int) -> None:
         self.waiting.popleft()
+        self._waiting_tokens -= _pending(request)
         request.num_computed_tokens = num_cached
         if request.status is RequestStatus.WAITING:
             request.num_cached_tokens = num_cached
@@ -236,6 +239,7 @@ class Batcher:
             self.running.remove(request)
         elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(request)
+            self._waiting_tokens -= _pending(request)
         self.kv.free(request)
         request.status = status
         request.timeline.finish_s = time.monotonic()
@@ -246,3 +250,9 @@ class Batcher:
         request.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
+        self._waiting_tokens += _pending(request)
+
+
+def _pending(request: Request) -> int:
+    """Prompt tokens of a request not computed yet (none move while it waits)."""
+    return max(0, request.num_prompt_tokens - request.num_computed_tokens)

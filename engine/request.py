@@ -90,12 +90,13 @@ class Request:
 
     def append_token(self, token_id: int) -> RequestStatus | None:
         """Adds a sampled token; returns the finished status it causes, if any."""
-        self.all_token_ids.append(token_id)
-        n = self.num_output_tokens
-        if n >= self.params.min_tokens:
-            if not self.params.ignore_eos and token_id in self.eos_token_ids:
+        ids, params = self.all_token_ids, self.params  # (once per token per request: kept lean)
+        ids.append(token_id)
+        n = len(ids) - len(self.prompt_token_ids)
+        if n >= params.min_tokens:
+            if not params.ignore_eos and token_id in self.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
-            if token_id in self.params.stop_token_ids:
+            if token_id in params.stop_token_ids:
                 return RequestStatus.FINISHED_STOPPED
         if n >= self.max_tokens:
             return RequestStatus.FINISHED_LENGTH

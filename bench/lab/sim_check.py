@@ -13,68 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from bench.config import parse_slo
-from bench.metrics import SLO, RequestRecord, summarize
 from scheduler.planner.cli import load_profile
-from scheduler.planner.latency import Profile
-from scheduler.planner.simulator import SimConfig, SimRequest, Simulator
+from scheduler.planner.simulator import SimConfig
+from scheduler.planner.verify import Row, compare
 from scheduler.policies import POLICIES
-
-
-@dataclass(frozen=True)
-class Row:
-    target: str
-    rate: str
-    num_requests: int
-    live_ttft_p90_s: float | None
-    sim_ttft_p90_s: float | None
-    live_tpot_p90_s: float | None
-    sim_tpot_p90_s: float | None
-    live_attainment: float | None
-    sim_attainment: float | None
-
-    @property
-    def ttft_error(self) -> float | None:
-        return _relative(self.sim_ttft_p90_s, self.live_ttft_p90_s)
-
-    @property
-    def tpot_error(self) -> float | None:
-        return _relative(self.sim_tpot_p90_s, self.live_tpot_p90_s)
-
-    @property
-    def attainment_points(self) -> float | None:
-        if self.sim_attainment is None or self.live_attainment is None:
-            return None
-        return 100 * (self.sim_attainment - self.live_attainment)
-
-
-def _relative(predicted: float | None, measured: float | None) -> float | None:
-    return None if predicted is None or not measured else (predicted - measured) / measured
-
-
-def replayed(records: list[RequestRecord]) -> list[SimRequest]:
-    """The phase's requests as the simulator's input: their send times, the prompt tokens the
-    server counted and the tokens it produced (a failed request: one)."""
-    return [SimRequest(r.send_s, max(1, r.prompt_tokens), max(1, r.output_tokens))
-            for r in sorted(records, key=lambda r: r.send_s)]
-
-
-def compare(phases: list[dict], config: SimConfig, profile: Profile, slo: SLO, target: str | None) -> list[Row]:
-    rows = []
-    for phase in phases:
-        if target is not None and phase["target"] != target:
-            continue
-        live = [RequestRecord(**r) for r in phase["records"]]
-        measured = summarize(live, phase["duration_s"], slo)
-        simulated_records = Simulator(profile.latency, config).run(replayed(live))
-        span = max((r.chunk_s[-1] for r in simulated_records if r.chunk_s), default=0.0)
-        predicted = summarize(simulated_records, span - min(r.send_s for r in live), slo)
-        rows.append(Row(phase["target"], phase["rate"], len(live), measured.ttft_s.p90, predicted.ttft_s.p90,
-                        measured.tpot_s.p90, predicted.tpot_s.p90, measured.attainment, predicted.attainment))
-    return rows
 
 
 def _pct(x: float | None) -> str:

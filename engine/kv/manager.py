@@ -55,6 +55,10 @@ class KVCacheManager:
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         total = self.blocks_needed(num_computed + num_new_tokens)
         need = total - len(request.block_ids) - len(computed_blocks)
+        if need <= 0 and not computed_blocks and (  # a decode within its last block: nothing to do
+                not self.enable_prefix_caching or request.kv_predicted
+                or (num_computed + num_new_tokens) // self.block_size <= request.num_registered_blocks):
+            return True
         if need > self.pool.num_free - self.pool.num_evictable(computed_blocks):
             return False
         self.pool.take(computed_blocks)

@@ -1,9 +1,12 @@
 """`pdserve plan`: prints the recommended prefill and decode workers for a workload, rate and
 SLOs, the predicted attainment and per-device goodput against colocated serving, and the
-`pdserve serve` flags and Helm values that deploy it (scheduler/planner/plan.py).
+`pdserve serve` flags and Helm values that deploy it (scheduler/planner/plan.py). With
+--verify, on a profile of this machine, it then serves the plan here, loads it with
+`pdserve bench` at the planned rate and prints predicted against measured
+(scheduler/planner/verify.py).
 
     pdserve plan --profile llama-8b-h100-derived --slo-ttft-ms 250 --slo-tpot-ms 100 \\
-        --workload chatbot --rate 20 --gpus 8 [--gpus-per-node 8] [--interconnect-gbps 400]
+        --workload chatbot --rate 20 --gpus 8 [--gpus-per-node 8] [--interconnect-gbps 400] [--jobs N]
 """
 
 from __future__ import annotations
@@ -11,16 +14,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bench.datasets import WORKLOADS
 from engine.cli_help import DefaultsHelpFormatter
 from scheduler.planner.latency import Profile
 from scheduler.planner.plan import Placement, PlanConfig, Planner
+from scheduler.planner.search import Progress as OnProgress
+from scheduler.planner.search import Searches
 
 PROFILES = Path(__file__).resolve().parent / "profiles"
 
@@ -54,7 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-duration-s", type=float, default=30.0, help="seconds of arrivals per simulation, at least")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--compare-gpus", default="", help="also print per-device goodput at these sizes, e.g. 8,32,128")
+    p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                   help="processes the goodput searches run in (the plan is the same for any number)")
     p.add_argument("--json", default=None, help="write the plan as JSON here")
+    v = p.add_argument_group("verify", "serve the plan on this machine and measure it (a profile of this machine)")
+    v.add_argument("--verify", action="store_true", help="serve the recommended deployment here, load it with "
+                   "pdserve bench at the planned rate and print predicted against measured")
+    v.add_argument("--verify-requests", type=int, default=64, help="requests the verifying bench sends")
+    v.add_argument("--verify-margin", type=float, default=0.05,
+                   help="exit non-zero when the measured attainment is below the target by more than this")
+    v.add_argument("--verify-serve-args", default="", help="more pdserve serve flags for the verifying server, "
+                   "e.g. '--model /path' (the profile's own model by default)")
+    v.add_argument("--verify-timeout-s", type=float, default=900.0, help="bound on the whole verification")
     return p
 
 
@@ -63,14 +84,25 @@ def plan(args: argparse.Namespace, console: Console) -> dict:
     config = PlanConfig(args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000, workload=args.workload, rate=args.rate,
                         gpus=args.gpus, gpus_per_node=args.gpus_per_node, interconnect_gbps=args.interconnect_gbps,
                         attainment=args.attainment, num_requests=args.num_requests, min_duration_s=args.min_duration_s,
-                        input_len=args.input_len, output_len=args.output_len, max_model_len=args.max_model_len)
+                        input_len=args.input_len, output_len=args.output_len, max_model_len=args.max_model_len,
+                        jobs=args.jobs)
+    if args.jobs < 1:
+        raise ValueError("--jobs must be at least 1")
     if args.gpus < 2:
         raise ValueError("--gpus must be at least 2 (one prefill and one decode worker)")
+    if args.verify and not profile.device.startswith("cpu"):
+        raise ValueError(f"--verify serves the plan on this machine: it needs a profile measured here (a CPU "
+                         f"profile; {profile.model} is a {profile.device} profile)")
     planner = Planner(profile, config)
-    with console.status("simulating one prefill, one decode and one colocated instance"):
-        intra = planner.goodput(profile.transfer_gbps)
-        # KV across nodes: once, for every size that spans more than one node
-        inter = planner.goodput(args.interconnect_gbps, intra) if max(_sizes(args)) > args.gpus_per_node else intra
+    # KV across nodes: searched too when a size spans more than one node
+    links = [profile.transfer_gbps] + ([args.interconnect_gbps] if max(_sizes(args)) > args.gpus_per_node else [])
+    started = time.perf_counter()
+    with _progress(console) as on_progress, Searches(planner, args.jobs, on_progress) as searches:
+        found = planner.goodputs(links, searches)
+    intra, inter = found[profile.transfer_gbps], found[links[-1]]
+    if not console.is_terminal:
+        console.print(f"goodput searches: {searches.num_simulations} simulations in "
+                      f"{time.perf_counter() - started:.1f} s ({args.jobs} job{'s' if args.jobs > 1 else ''})")
     for phase in ("prefill", "decode"):
         if not getattr(intra, phase):
             raise ValueError(f"one {phase} instance cannot meet the SLOs for {args.attainment:.0%} of requests even "
@@ -101,7 +133,30 @@ def plan(args: argparse.Namespace, console: Console) -> dict:
         "per_gpu_goodput": {str(n): _per_gpu(planner, n, intra, inter) for n in _sizes(args)},
     }
     _print(console, result, args, profile)
+    if args.verify:
+        from scheduler.planner.verify import print_verification, verify
+        v = verify(prefill, decode, rate, predicted, profile, planner.sim, planner.slo, args, console)
+        print_verification(v, console)
+        r = v.row
+        result["verify"] = {"rate": v.rate, "requests": r.num_requests, "passed": v.passed, "margin": v.margin,
+                            "attainment": {"predicted": r.sim_attainment, "measured": r.live_attainment},
+                            "ttft_p90_s": {"predicted": r.sim_ttft_p90_s, "measured": r.live_ttft_p90_s},
+                            "tpot_p90_s": {"predicted": r.sim_tpot_p90_s, "measured": r.live_tpot_p90_s}}
     return result
+
+
+@contextmanager
+def _progress(console: Console) -> Iterator[OnProgress | None]:
+    """A live bar of searches and simulations on a terminal; nothing elsewhere (the plan
+    prints a summary line instead)."""
+    if not console.is_terminal:
+        yield None
+        return
+    columns = (SpinnerColumn(), TextColumn("goodput searches"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[sims]} simulations"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("search", total=None, sims=0)
+        yield lambda sims, done, total: bar.update(task, completed=done, total=total, sims=sims)
 
 
 def _sizes(args: argparse.Namespace) -> list[int]:
@@ -163,12 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         result = plan(args, console)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as e:
         print(f"pdserve plan: error: {e}", file=sys.stderr)
         return 2
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    return 0
+    return 1 if not result.get("verify", {}).get("passed", True) else 0
 
 
 if __name__ == "__main__":

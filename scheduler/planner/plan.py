@@ -10,7 +10,10 @@ DistServe's placement search (../shared/TECHNIQUES.md), over the simulator
    token) and one colocated instance (both judged; under each prefill schedule of
    COLOCATED_SCHEDULES, the best kept) are simulated on the workload's lengths
    with Poisson arrivals, at least `min_duration_s` of them; the highest rate at which
-   `attainment` of requests meet their SLOs is bisected.
+   `attainment` of requests meet their SLOs is bisected between 0 and twice the instance's
+   analytic capacity (`capacity`), and a simulation stops as soon as more requests have
+   missed an SLO than the target allows. The searches run side by side in processes
+   (scheduler/planner/search.py).
 3. For N devices, the prefill:decode split maximising min(p * goodput_p, d * goodput_d) is
    chosen, either within each node (KV over NVLink, the unit replicated per node) or across
    the cluster (KV over the inter-node network), whichever carries more.
@@ -23,14 +26,15 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from bench.arrivals import arrival_times
 from bench.datasets import WORKLOADS
 from bench.metrics import SLO, summarize
 from scheduler.planner.latency import Fit, LatencyModel, Profile
-from scheduler.planner.simulator import SimConfig, SimRequest, Simulator
+from scheduler.planner.search import Search, Searches
+from scheduler.planner.simulator import SimConfig, SimRequest, Simulator, StopEarly
 
 FULL_CHECK_MAX_INSTANCES = 16
 # the prefill schedules a colocated instance is simulated under (--prefill-schedule, --token-budget)
@@ -54,6 +58,7 @@ class PlanConfig:
     output_len: float | None = None
     max_model_len: int = 8192
     seed: int = 0
+    jobs: int = 1  # processes the searches run in
 
 
 @dataclass(frozen=True)
@@ -141,23 +146,66 @@ class Planner:
         return self.profile.transfer_s_per_token(gbps) if gbps else 0.0
 
     def attainment(self, kind: str, rate: float, transfer_gbps: float | None = None,
-                   prefill_goodput: float = 0.0, schedule: str = "chunked") -> float:
-        """Attainment of one instance of kind (prefill, decode, colocated under schedule) at rate."""
+                   prefill_goodput: float = 0.0, schedule: str = "chunked", early: bool = False) -> float:
+        """Attainment of one instance of kind (prefill, decode, colocated under schedule) at rate.
+        early: the simulation stops once it is certain whether the attainment target is met
+        (then 0.0 for a miss, a lower bound at or above the target for a pass)."""
         requests, sim = workload_requests(self.config, rate), self.sim
         transfer = self.transfer_s_per_token(transfer_gbps)
         if kind == "prefill":  # one-token requests: TTFT only, the transfer counted in full
             requests = [replace(r, output_len=1) for r in requests]
-            sim = replace(sim, transfer_s_per_token=transfer, num_blocks=sim.num_blocks * 64)
+            # room for every admitted prompt at once: a prefill instance never waits for blocks
+            room = sim.max_num_seqs * -(-self.config.max_model_len // sim.block_size)
+            sim = replace(sim, transfer_s_per_token=transfer, num_blocks=max(sim.num_blocks, room))
         elif kind == "decode":  # enough prefill instances that prompts never queue for one
             sim = replace(sim, num_prefill=max(1, math.ceil(2 * rate / prefill_goodput)), transfer_s_per_token=transfer)
         else:
             sim = self._colocated(schedule)
-        records = Simulator(self.latency, sim).run(requests)
-        return summarize(records, requests[-1].arrival_s, self.slo).attainment if keeps_up(requests, records) else 0.0
+        simulator = Simulator(self.latency, sim)
+        if early:
+            stop = StopEarly(self.slo.ttft_ms, self.slo.tpot_ms, self.config.attainment,
+                             lambda records: keeps_up(requests, records), requests[-1].arrival_s)
+            simulator.run(requests, stop)
+            if simulator.verdict is not None:  # a lower bound of the attainment when it passed
+                return simulator.num_met / len(requests) if simulator.verdict else 0.0
+            records = simulator.records
+        else:
+            records = simulator.run(requests)
+        if not keeps_up(requests, records):
+            return 0.0
+        return summarize(records, requests[-1].arrival_s, self.slo).attainment
 
-    def max_rate(self, meets: Callable[[float], bool], iterations: int = 7) -> float:
-        """The highest rate that meets (doubling up, then bisecting)."""
-        lo, hi = 0.0, 0.5
+    def capacity(self, s: Search) -> float:
+        """Requests/s one instance of the search's kind completes at most, from the latency
+        model alone: prompts packed into full steps, decodes at the largest batch the slots
+        and KV allow (an estimate: the search brackets twice it, and widens if it was low)."""
+        sample = workload_requests(self.config, 1.0)
+        prompt = sum(r.prompt_len for r in sample) / len(sample)
+        output = sum(r.output_len for r in sample) / len(sample)
+        lat, sim = self.latency, self.sim
+        per_step = max(1, int(sim.max_num_batched_tokens // prompt))
+        prefill_rps = per_step / max(lat.prefill_s([int(prompt)] * per_step), 1e-9)
+        if s.kind == "prefill":
+            return prefill_rps
+        batch = int(max(1, min(sim.max_num_seqs, sim.num_blocks * sim.block_size // (prompt + output))))
+        decode_rps = batch / max(lat.decode_s([int(prompt + output / 2)] * batch), 1e-9) / max(output, 1.0)
+        if s.kind == "decode":
+            return decode_rps
+        return 1 / (1 / prefill_rps + 1 / decode_rps)
+
+    def search(self, s: Search, tick: Callable[[], None] = lambda: None) -> float:
+        """The goodput of one instance for a search (calls tick once per simulation)."""
+        target = self.config.attainment
+
+        def meets(rate: float) -> bool:
+            tick()
+            return self.attainment(s.kind, rate, s.gbps, s.prefill_goodput, s.schedule, early=True) >= target
+        return self.max_rate(meets, hi=2 * self.capacity(s))
+
+    def max_rate(self, meets: Callable[[float], bool], iterations: int = 7, hi: float = 0.5) -> float:
+        """The highest rate that meets: hi doubles while it meets, then the range below it is
+        bisected."""
+        lo = 0.0
         while meets(hi):
             lo, hi = hi, hi * 2
             if hi > 1e5:
@@ -167,19 +215,22 @@ class Planner:
             lo, hi = (mid, hi) if meets(mid) else (lo, mid)
         return lo
 
-    def goodput(self, transfer_gbps: float | None, colocated: Goodput | None = None) -> Goodput:
-        """One instance's goodput per kind; the colocated figures are taken from `colocated`
-        when given (they do not depend on the KV link)."""
-        target = self.config.attainment
-        prefill = self.max_rate(lambda r: self.attainment("prefill", r, transfer_gbps) >= target)
-        decode = self.max_rate(lambda r: self.attainment("decode", r, transfer_gbps, prefill) >= target) \
-            if prefill > 0 else 0.0  # no prefill instance to feed it
-        if colocated is not None:
-            return replace(colocated, prefill=prefill, decode=decode)
-        by_schedule = {name: self.max_rate(lambda r, s=name: self.attainment("colocated", r, schedule=s) >= target)
-                       for name in COLOCATED_SCHEDULES}
+    def goodputs(self, links: Sequence[float | None], searches: Searches) -> dict[float | None, Goodput]:
+        """One instance's goodput per kind over each KV link (colocated, which has none, once)."""
+        links = list(dict.fromkeys(links))
+        first = [Search("prefill", g) for g in links] + [Search("colocated", schedule=n) for n in COLOCATED_SCHEDULES]
+        rates = searches.run(first)
+        prefill = dict(zip(links, rates))
+        by_schedule = dict(zip(COLOCATED_SCHEDULES, rates[len(links):]))
+        fed = [g for g in links if prefill[g] > 0]  # no prefill instance to feed decode otherwise
+        decode = dict(zip(fed, searches.run([Search("decode", g, prefill_goodput=prefill[g]) for g in fed])))
         best = max(by_schedule, key=lambda name: (by_schedule[name], name == "chunked"))
-        return Goodput(prefill, decode, by_schedule[best], best, by_schedule)
+        return {g: Goodput(prefill[g], decode.get(g, 0.0), by_schedule[best], best, by_schedule) for g in links}
+
+    def goodput(self, transfer_gbps: float | None) -> Goodput:
+        """goodputs for one link, in this process."""
+        with Searches(self, 1) as searches:
+            return self.goodputs([transfer_gbps], searches)[transfer_gbps]
 
     def _colocated(self, schedule: str, instances: int = 1) -> SimConfig:
         name, budget = COLOCATED_SCHEDULES[schedule]

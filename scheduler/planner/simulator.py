@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bench.metrics import RequestRecord
@@ -41,6 +43,21 @@ class SimRequest:
     arrival_s: float
     prompt_len: int
     output_len: int
+
+
+@dataclass(frozen=True)
+class StopEarly:
+    """Stop a run as soon as its verdict is certain: whether at least `attainment` of all
+    requests meet both SLOs (judged as bench.metrics.SLO judges them: the first token within
+    ttft_ms of arrival, the mean time per output token within tpot_ms; no route misses) and
+    the run keeps pace (`keeps_pace(records)`, judged once the clock passes `pace_known_s`,
+    when every token it counts has been emitted). It fails once the misses leave fewer than
+    the target to meet it; it passes once the pace is kept and enough have met them."""
+    ttft_ms: float
+    tpot_ms: float
+    attainment: float
+    keeps_pace: Callable[[list[RequestRecord]], bool] | None = None
+    pace_known_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -93,20 +110,59 @@ class Simulator:
         self._events: list = []
         self._order = itertools.count()
         self.now = 0.0
+        self.num_events = 0
 
-    def run(self, requests: list[SimRequest]) -> list[RequestRecord]:
+    def run(self, requests: list[SimRequest], stop: StopEarly | None = None) -> list[RequestRecord]:
+        """Each request's record; with stop, the run may end once its verdict is certain
+        (`verdict`: True passed, False failed, None ran to the end), its records then unfinished."""
         records = [RequestRecord(send_s=r.arrival_s, prompt_tokens=r.prompt_len, index=i)
                    for i, r in enumerate(requests)]
+        self.records = records
         self._records = {str(i): record for i, record in enumerate(records)}
+        self._output_len = {str(i): r.output_len for i, r in enumerate(requests)}
         self._decode_side: dict[str, tuple[Request, Request, _Worker]] = {}  # id -> (prefill twin, request, decode)
+        self._stop, self._missed_ids, self._num_met, self.verdict = stop, set(), 0, None
+        self._pace_kept = stop is not None and stop.keeps_pace is None
+        pace_at = stop.pace_known_s if stop is not None and stop.keeps_pace is not None else math.inf
         for i, r in enumerate(requests):
             self._at(r.arrival_s, self._arrive, i, r)
-        while self._events:
-            self.now, _, fn, args = heapq.heappop(self._events)
+        events = self._events
+        while events:
+            self.now, _, fn, args = heapq.heappop(events)
+            if self.now > pace_at:
+                pace_at = math.inf
+                if not stop.keeps_pace(records):
+                    self._decide(False)
+                    break
+                self._pace_kept = True
+                self._check_met()
+                if self.verdict is not None:
+                    break
+            self.num_events += 1
             fn(*args)
-        for w in self.workers:
-            assert not w.batcher.num_unfinished and not w.kv.num_used_blocks, f"{w.worker_id} did not drain"
+        if self.verdict is None:
+            for w in self.workers:
+                assert not w.batcher.num_unfinished and not w.kv.num_used_blocks, f"{w.worker_id} did not drain"
         return records
+
+    @property
+    def num_met(self) -> int:
+        """With stop: requests that have met both SLOs so far."""
+        return self._num_met
+
+    def _decide(self, verdict: bool) -> None:
+        self.verdict = verdict
+        self._events.clear()
+
+    def _missed(self, request_id: str) -> None:
+        self._missed_ids.add(request_id)
+        num = len(self._records)
+        if (num - len(self._missed_ids)) / num < self._stop.attainment:
+            self._decide(False)
+
+    def _check_met(self) -> None:
+        if self._pace_kept and self._num_met / len(self._records) >= self._stop.attainment:
+            self._decide(True)
 
     # events
 
@@ -128,6 +184,8 @@ class Simulator:
         target = self.router.route(r.prompt_len, prompt)
         if target is None:
             record.ok, record.error = False, "no route"
+            if self._stop:
+                self._missed(str(index))
             return
         by_id = {w.worker_id: w for w in self.workers}
         decode = by_id[target.decode_id]
@@ -175,8 +233,13 @@ class Simulator:
         plan = worker.batcher.schedule()
         if not plan.seqs and plan.cohort is None:
             return
-        chunks = [(s.start, s.num_new_tokens) for s in plan.seqs if s.start < s.request.num_prompt_tokens]
-        contexts = [s.start + 1 for s in plan.seqs if s.start >= s.request.num_prompt_tokens]
+        chunks, contexts = [], []
+        for s in plan.seqs:
+            start = s.request.num_computed_tokens
+            if start < len(s.request.prompt_token_ids):
+                chunks.append((start, s.num_new_tokens))
+            else:
+                contexts.append(start + 1)
         cohort, layers = [], 0.0
         if plan.cohort is not None:
             cohort = [(s.start, s.num_new_tokens) for s in plan.cohort.seqs]
@@ -213,7 +276,19 @@ class Simulator:
         record = self._records[request.request_id]
         record.chunk_s.append(self.now)
         record.output_tokens += 1
-
+        stop = self._stop
+        if stop is None:
+            return
+        rid, n = request.request_id, record.output_tokens
+        if n == 1 and (self.now - record.send_s) * 1000 > stop.ttft_ms:
+            self._missed(rid)
+        elif n == self._output_len[rid] and rid not in self._missed_ids:
+            ttft = record.chunk_s[0] - record.send_s
+            if n > 1 and ((self.now - record.send_s) - ttft) / (n - 1) * 1000 > stop.tpot_ms:
+                self._missed(rid)
+            else:
+                self._num_met += 1
+                self._check_met()
     def _finish(self, worker: _Worker, request: Request, status: RequestStatus) -> None:
         if request.status is RequestStatus.WAITING_FOR_KV:  # admitted from a landing, never batched
             worker.kv.free(request)

@@ -103,3 +103,73 @@ def test_slos_no_instance_can_meet_are_refused_with_a_message(capsys):
                  "--gpus", "2", "--input-len", "64", "--output-len", "8", "--num-requests", "20",
                  "--min-duration-s", "2"]) == 2
     assert "one prefill instance cannot meet the SLOs" in capsys.readouterr().err
+
+
+def test_plans_are_the_same_with_one_job_and_with_several():
+    from scheduler.planner.search import Searches
+    planner = Planner(profile(num_layers=32), PlanConfig(0.5, 0.05, input_len=100, output_len=8, num_requests=60,
+                                                         min_duration_s=5))
+    links = [None, 100.0]
+    with Searches(planner, 1) as one:
+        alone = planner.goodputs(links, one)
+    seen = []
+    with Searches(planner, 3, lambda sims, done, total: seen.append((sims, done, total))) as pool:
+        parallel = planner.goodputs(links, pool)
+    assert alone == parallel and alone[None].prefill > 0 and alone[None].decode > 0
+    assert pool.num_simulations == one.num_simulations > 0
+    assert seen[-1] == (pool.num_simulations, 8, 8)  # 2 prefill + 4 colocated, then 2 decode searches
+
+
+def test_stopping_early_never_changes_whether_a_rate_meets_the_target():
+    planner = Planner(profile(num_layers=32), PlanConfig(0.5, 0.02, input_len=100, output_len=8, num_requests=80,
+                                                         min_duration_s=5))
+    verdicts = set()
+    for kind in ("prefill", "decode", "colocated"):
+        for rate in (1.0, 4.0, 8.0, 16.0, 40.0):
+            full = planner.attainment(kind, rate, prefill_goodput=20.0)
+            early = planner.attainment(kind, rate, prefill_goodput=20.0, early=True)
+            assert (full >= 0.9) == (early >= 0.9), (kind, rate, full, early)
+            verdicts.add(full >= 0.9)
+    assert verdicts == {True, False}  # both sides of the target were tried
+
+
+def test_the_search_brackets_the_analytic_capacity():
+    from scheduler.planner.search import Search
+    planner = Planner(profile(num_layers=32), PlanConfig(0.5, 0.05, input_len=100, output_len=8, num_requests=60,
+                                                         min_duration_s=5))
+    for s in (Search("prefill"), Search("decode", prefill_goodput=50.0), Search("colocated")):
+        capacity, goodput = planner.capacity(s), planner.search(s)
+        assert 0 < goodput <= capacity * 1.05, (s, goodput, capacity)  # an estimate of the most it can carry
+
+
+def test_plan_output_off_a_terminal_is_plain_lines(capsys):
+    assert main(["--profile", "smollm2-135m-cpu-2core", "--slo-ttft-ms", "2000", "--slo-tpot-ms", "200",
+                 "--input-len", "64", "--output-len", "8", "--rate", "0.5", "--gpus", "2", "--num-requests", "20",
+                 "--min-duration-s", "2", "--jobs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "goodput searches:" in printed and "simulations in" in printed and "(2 jobs)" in printed
+    assert printed.count("simulations") == 1 and "\r" not in printed  # no bar drawn
+
+
+def test_verify_refuses_a_profile_of_other_hardware(capsys):
+    assert main(["--profile", "llama-8b-h100-derived", "--slo-ttft-ms", "2000", "--slo-tpot-ms", "200",
+                 "--input-len", "64", "--output-len", "8", "--rate", "1", "--gpus", "2", "--num-requests", "20",
+                 "--min-duration-s", "2", "--verify"]) == 2
+    assert "a CPU profile" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_verify_serves_the_plan_and_prints_predicted_against_measured(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    code = main(["--profile", "smollm2-135m-cpu-2core", "--slo-ttft-ms", "5000", "--slo-tpot-ms", "1000",
+                 "--input-len", "32", "--output-len", "8", "--rate", "0.5", "--gpus", "2", "--num-requests", "20",
+                 "--min-duration-s", "2", "--verify", "--verify-requests", "6", "--verify-timeout-s", "240",
+                 "--verify-serve-args", f"--model {tiny_llama} --max-model-len 256", "--json", str(out)])
+    printed = capsys.readouterr().out
+    for row in ("SLO attainment", "p90 TTFT", "p90 TPOT", "predicted against measured at 0.5 req/s"):
+        assert row in printed
+    verified = json.loads(out.read_text())["verify"]
+    # the tiny model's replies are fast but may be lone partial UTF-8 bytes, which bench counts as failed
+    assert verified["requests"] == 6 and verified["attainment"]["measured"] >= 0.5
+    assert code == (0 if verified["passed"] else 1)
+    assert verified["ttft_p90_s"]["predicted"] > 0 and verified["ttft_p90_s"]["measured"] > 0
