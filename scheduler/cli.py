@@ -5,7 +5,9 @@ for a workload and SLOs, scheduler/planner/cli.py)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import sys
 
 from engine.cli_help import DefaultsHelpFormatter
@@ -13,6 +15,7 @@ from engine.config import EngineBackend, EngineConfig, Role
 from scheduler.config import ServeConfig, ServeMode, add_dataclass_args, from_args
 
 log = logging.getLogger("pdserve")
+API_KEY_ENV = "PDSERVE_API_KEY"
 
 
 def build_server(engine_config: EngineConfig, config: ServeConfig = ServeConfig(mode=ServeMode.COLOCATED)):
@@ -140,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """`pdserve serve`'s ServeConfig; the API key from PDSERVE_API_KEY when --api-key is not
+    given (an environment variable, e.g. from a Kubernetes Secret, stays out of the process list)."""
+    config = from_args(ServeConfig, args)
+    if config.api_key is None and os.environ.get(API_KEY_ENV):
+        config = dataclasses.replace(config, api_key=os.environ[API_KEY_ENV])
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own parser, so `pdserve bench --help` shows every flag
@@ -157,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            config, engine_config = from_args(ServeConfig, args), from_args(EngineConfig, args)
+            config, engine_config = serve_config(args), from_args(EngineConfig, args)
             logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
             serve(config, engine_config)
     except (ValueError, FileNotFoundError) as e:

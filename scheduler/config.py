@@ -45,7 +45,7 @@ class ServeConfig:
     port: int = 8000
     """Port of the HTTP server."""
     api_key: str | None = None
-    """If set, /v1 requests must send Authorization: Bearer <key>."""
+    """If set, /v1 requests must send Authorization: Bearer <key>; default: the PDSERVE_API_KEY environment variable (which keeps the key out of the process list)."""
     api_key_protects_metrics: bool = False
     """With --api-key: /metrics and /openapi.json need the key too (by default they stay open, for scrapers and tools inside the cluster; /health always does)."""
     limits: FrontDoorLimits = _sub(FrontDoorLimits())

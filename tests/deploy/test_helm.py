@@ -21,13 +21,17 @@ VALUE_SETS = {"default": {}} | {p.stem: yaml.safe_load(p.read_text()) for p in s
 CRDS = {"RayCluster", "ServiceMonitor", "PrometheusRule"}  # not in the Kubernetes schemas
 
 
-def render(values: dict) -> list[dict]:
+def render_files(values: dict) -> dict[str, str]:
     chart = helm.Chart.load(str(CHART))
     try:
-        out = chart.render(values, name="demo", namespace="llm", is_install=True)
+        return chart.render(values, name="demo", namespace="llm", is_install=True)
     finally:
         chart.close()
-    docs = [d for text in out.values() for d in yaml.safe_load_all(text) if d]
+
+
+def render(values: dict) -> list[dict]:
+    docs = [d for name, text in render_files(values).items() if not name.endswith("NOTES.txt")
+            for d in yaml.safe_load_all(text) if d]
     assert docs
     return docs
 
@@ -96,7 +100,7 @@ def test_the_serve_command_parses_with_pdserve_own_flags(name):
     pods = [d["spec"]["headGroupSpec"]["template"] if d["kind"] == "RayCluster" else d["spec"]["template"]
             for d in docs if d["kind"] in ("RayCluster", "Deployment")]
     (script,) = pods[0]["spec"]["containers"][0]["args"]
-    argv = shlex.split(script.split("exec pdserve ", 1)[1].replace("$PDSERVE_API_KEY", "k"))
+    argv = shlex.split(script.split("exec pdserve ", 1)[1])
     args = build_parser().parse_args(argv)  # exits on an unknown flag or a bad value
     config = from_args(ServeConfig, args)
     engine = from_args(EngineConfig, args)
@@ -114,14 +118,96 @@ def test_the_serve_command_parses_with_pdserve_own_flags(name):
     assert engine.prefill_schedule == values.get("engine", {}).get("prefillSchedule", "chunked")
 
 
-def test_the_api_key_comes_from_its_secret():
-    docs = render(VALUE_SETS["ingress-values"])
-    cluster = next(d for d in docs if d["kind"] == "RayCluster")
-    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert head["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "pdserve-api-key", "key": "api-key"}
-    assert '--api-key "$PDSERVE_API_KEY"' in head["args"][0]
-    ingress = next(d for d in docs if d["kind"] == "Ingress")
-    assert ingress["spec"]["rules"][0]["host"] == "llm.example.com"
+def pods(docs: list[dict]) -> list[dict]:
+    """Every pod template rendered: the RayCluster's head and worker groups, Deployments."""
+    out = []
+    for d in docs:
+        if d["kind"] == "RayCluster":
+            out += [d["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in d["spec"]["workerGroupSpecs"]]
+        elif d["kind"] == "Deployment":
+            out.append(d["spec"]["template"])
+    return out
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_the_api_key_comes_from_its_secret_and_never_a_command_line(name):
+    docs = render(VALUE_SETS[name] | {"apiKey": {"existingSecret": "pdserve-api-key"}})
+    for pod in pods(docs):
+        for container in pod["spec"]["containers"]:
+            env = {e["name"]: e for e in container["env"]}
+            assert env["PDSERVE_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "pdserve-api-key", "key": "api-key"}
+            assert not any("API_KEY" in arg or "api-key" in arg for arg in container.get("args", []))
+
+
+def test_the_server_reads_its_api_key_from_the_environment(monkeypatch):
+    from scheduler.cli import build_parser, serve_config
+    args = build_parser().parse_args(["serve"])
+    monkeypatch.setenv("PDSERVE_API_KEY", "from-env")
+    assert serve_config(args).api_key == "from-env"
+    assert serve_config(build_parser().parse_args(["serve", "--api-key", "flag"])).api_key == "flag"
+    monkeypatch.delenv("PDSERVE_API_KEY")
+    assert serve_config(args).api_key is None
+
+
+def test_every_pod_runs_locked_down_with_probes_and_the_operator_settings():
+    values = VALUE_SETS["operator-values"]
+    docs = render(values)
+    account = next(d for d in docs if d["kind"] == "ServiceAccount")
+    assert account["metadata"]["name"] == "llm" and account["metadata"]["annotations"] == values["serviceAccount"]["annotations"]
+    assert all(d["metadata"]["name"].startswith("llm") for d in docs)  # fullnameOverride
+    templates = pods(docs)
+    assert len(templates) == 3
+    for pod in templates:
+        spec = pod["spec"]
+        assert spec["serviceAccountName"] == "llm" and spec["automountServiceAccountToken"] is False
+        assert spec["securityContext"] == values["podSecurityContext"]
+        assert spec["priorityClassName"] == "llm-serving" and spec["imagePullSecrets"] == [{"name": "regcred"}]
+        assert pod["metadata"]["annotations"] == values["podAnnotations"]
+        assert pod["metadata"]["labels"]["team"] == "inference"
+        assert {"name": "tmp", "emptyDir": {}} in spec["volumes"]
+        (container,) = spec["containers"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["HOME"] == "/tmp" and env["HF_HUB_OFFLINE"] == "1"
+        assert container["envFrom"] == values["envFrom"]
+        assert container["livenessProbe"] and container["readinessProbe"]
+    head = templates[0]["spec"]["containers"][0]
+    assert head["startupProbe"]["httpGet"]["path"] == "/version" and head["startupProbe"]["failureThreshold"] == 90
+    assert head["livenessProbe"]["httpGet"]["path"] == "/version" and head["readinessProbe"]["httpGet"]["path"] == "/health"
+    worker = templates[1]["spec"]["containers"][0]
+    assert "local_raylet_healthz" in worker["livenessProbe"]["exec"]["command"][-1]
+
+
+def test_disruption_budgets_protect_pools_of_more_than_one_pod():
+    assert not [d for d in render({}) if d["kind"] == "PodDisruptionBudget"]  # one pod each: none
+    budgets = {d["metadata"]["name"]: d["spec"] for d in render(VALUE_SETS["gpu-values"])
+               if d["kind"] == "PodDisruptionBudget"}
+    assert budgets["demo-pdserve-prefill"]["minAvailable"] == 1 and budgets["demo-pdserve-decode"]["minAvailable"] == 3
+    pinned = render(VALUE_SETS["gpu-values"] | {"podDisruptionBudget": {"minAvailable": 2}})
+    assert {d["spec"]["minAvailable"] for d in pinned if d["kind"] == "PodDisruptionBudget"} == {2}
+
+
+def test_notes_say_how_to_reach_the_service():
+    notes = render_files({})["pdserve/templates/NOTES.txt"]
+    assert "kubectl --namespace llm port-forward service/demo-pdserve 8000:8000" in notes
+    assert '"model": "SmolLM2-135M-Instruct"' in notes and "/metrics" in notes
+    keyed = render_files(VALUE_SETS["ingress-values"])["pdserve/templates/NOTES.txt"]
+    assert "https://llm.example.com/" in keyed and "get secret pdserve-api-key" in keyed
+
+
+def test_the_chart_readme_lists_every_value_and_is_current():
+    import importlib.util
+    import sys
+    spec = importlib.util.spec_from_file_location("chart_readme", CHART.parent / "readme.py")
+    readme = sys.modules["chart_readme"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readme)
+    rows = readme.rows((CHART / "values.yaml").read_text())
+    assert all(r.description for r in rows), [r.key for r in rows if not r.description]
+    assert {r.key for r in rows} >= {"nameOverride", "serviceAccount.create", "head.probes.startupFailureThreshold",
+                                     "prefill.replicas", "podDisruptionBudget.minAvailable", "securityContext"}
+    assert (CHART / "README.md").read_text() == readme.render((CHART / "values.yaml").read_text()), \
+        "the chart README is stale: python deploy/helm/readme.py"
 
 
 @pytest.mark.parametrize("values, message", [
@@ -136,6 +222,10 @@ def test_the_api_key_comes_from_its_secret():
     ({"engine": {"prefillSchedule": "fast"}}, "value must be one of 'whole', 'chunked', 'layered'"),
     ({"engine": {"tokenBudget": 0}}, "/engine/tokenBudget"),
     ({"prefill": {"minReplicas": 3, "replicas": 2}}, "prefill: minReplicas (3) <= replicas (2) <= maxReplicas (1)"),
+    ({"replicaz": 2}, "additional properties 'replicaz' not allowed"),
+    ({"decode": {"replicaz": 2}}, "at '/decode': additional properties 'replicaz' not allowed"),
+    ({"head": {"probes": {"startupPeriod": 5}}}, "at '/head/probes': additional properties 'startupPeriod' not allowed"),
+    ({"serviceAccount": {"create": "yes"}}, "/serviceAccount/create"),
 ])
 def test_bad_values_are_refused_with_a_message(values, message):
     with pytest.raises(helm.HelmError) as e:

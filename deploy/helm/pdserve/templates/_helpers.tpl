@@ -1,13 +1,30 @@
+{{- define "pdserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "pdserve.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "pdserve.name" . -}}
+{{- if contains $name .Release.Name -}}
 {{- .Release.Name | trunc 50 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pdserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "pdserve.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
 
 {{- define "pdserve.labels" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/name: {{ include "pdserve.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
@@ -34,20 +51,74 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- with .Values.engine.tokenBudget }} --token-budget {{ . }}{{ end }}
 {{- if and (eq .Values.engine.backend "vllm") .Values.engine.vllmEngineArgs }} --vllm-engine-args {{ toJson .Values.engine.vllmEngineArgs | squote }}{{ end }}
 {{- range .Values.engine.extraArgs }} {{ . }}{{ end }}
-{{- if .Values.apiKey.existingSecret }} --api-key "$PDSERVE_API_KEY"{{ end }}
 {{- end -}}
 
-{{- define "pdserve.apiKeyEnv" -}}
+{{/* The environment of every pdserve container: HOME on the writable /tmp, the API key from
+its Secret (the server reads PDSERVE_API_KEY itself), then the user's env and envFrom. */}}
+{{- define "pdserve.env" -}}
+env:
+  - name: HOME
+    value: /tmp
 {{- if .Values.apiKey.existingSecret }}
-- name: PDSERVE_API_KEY
-  valueFrom:
-    secretKeyRef:
-      name: {{ .Values.apiKey.existingSecret }}
-      key: {{ .Values.apiKey.key }}
+  - name: PDSERVE_API_KEY
+    valueFrom:
+      secretKeyRef:
+        name: {{ .Values.apiKey.existingSecret }}
+        key: {{ .Values.apiKey.key }}
+{{- end }}
+{{- with .Values.env }}
+{{ toYaml . | indent 2 }}
+{{- end }}
+{{- with .Values.envFrom }}
+envFrom:
+{{ toYaml . | indent 2 }}
 {{- end }}
 {{- end -}}
 
-{{- define "pdserve.modelVolumes" -}}
+{{/* Pod metadata beside the component label. */}}
+{{- define "pdserve.podMetadata" -}}
+{{- $root := .root -}}
+labels:
+  {{- include "pdserve.labels" $root | nindent 2 }}
+  app.kubernetes.io/component: {{ .component }}
+  {{- with $root.Values.podLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- with $root.Values.podAnnotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Pod spec fields every pod shares: identity, security, pulling, priority. */}}
+{{- define "pdserve.podCommon" -}}
+serviceAccountName: {{ include "pdserve.serviceAccountName" . }}
+automountServiceAccountToken: {{ .Values.serviceAccount.automountToken }}
+{{- with .Values.podSecurityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- end -}}
+
+{{/* A pdserve container's security context. */}}
+{{- define "pdserve.containerSecurity" -}}
+{{- with .Values.securityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Volumes of every pod: /tmp (the only writable path), then the model's. */}}
+{{- define "pdserve.volumes" -}}
+- name: tmp
+  emptyDir: {}
 {{- if eq .Values.model.source "pvc" }}
 - name: model
   persistentVolumeClaim:
@@ -64,7 +135,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end }}
 {{- end -}}
 
-{{- define "pdserve.modelMounts" -}}
+{{- define "pdserve.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
 {{- if ne .Values.model.source "package" }}
 - name: model
   mountPath: /models
@@ -77,6 +150,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - name: copy-model
   image: {{ .Values.model.initContainer.image }}
   command: ["sh", "-c", "cp -a {{ .Values.model.initContainer.sourcePath }}/. /models/"]
+  {{- include "pdserve.containerSecurity" . | nindent 2 }}
   volumeMounts:
     - name: model
       mountPath: /models
@@ -99,13 +173,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
     {{- end }}
   template:
     metadata:
-      labels:
-        {{- include "pdserve.labels" $root | nindent 8 }}
-        app.kubernetes.io/component: {{ $pool }}
+      {{- include "pdserve.podMetadata" (dict "root" $root "component" $pool) | nindent 6 }}
     spec:
-      {{- with $root.Values.image.pullSecrets }}
-      imagePullSecrets: {{- toYaml . | nindent 8 }}
-      {{- end }}
+      {{- include "pdserve.podCommon" $root | nindent 6 }}
       {{- with (include "pdserve.initContainers" $root) }}
       initContainers: {{- . | nindent 8 }}
       {{- end }}
@@ -115,18 +185,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
           imagePullPolicy: {{ $root.Values.image.pullPolicy }}
           command: ["/bin/bash", "-c", "--"]
           args: ["ulimit -n 65536; $KUBERAY_GEN_RAY_START_CMD --block"]
+          {{- include "pdserve.env" $root | nindent 10 }}
+          {{- include "pdserve.containerSecurity" $root | nindent 10 }}
+          {{- include "pdserve.workerProbes" $root | nindent 10 }}
           resources:
             {{- $res := deepCopy $v.resources }}
             {{- if gt (int $v.gpusPerPod) 0 }}
             {{- $_ := set $res "limits" (merge (dict "nvidia.com/gpu" $v.gpusPerPod) ($res.limits | default dict)) }}
             {{- end }}
             {{- toYaml $res | nindent 12 }}
-          {{- with (include "pdserve.modelMounts" $root) }}
-          volumeMounts: {{- . | nindent 12 }}
-          {{- end }}
-      {{- with (include "pdserve.modelVolumes" $root) }}
-      volumes: {{- . | nindent 8 }}
-      {{- end }}
+          volumeMounts: {{- include "pdserve.volumeMounts" $root | nindent 12 }}
+      volumes: {{- include "pdserve.volumes" $root | nindent 8 }}
       {{- with $v.nodeSelector }}
       nodeSelector: {{- toYaml . | nindent 8 }}
       {{- end }}
@@ -136,4 +205,53 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
       {{- with $v.affinity }}
       affinity: {{- toYaml . | nindent 8 }}
       {{- end }}
+{{- end -}}
+
+{{/* A Ray worker pod's probes: the node's raylet, through the Ray agent (KubeRay's own check). */}}
+{{- define "pdserve.workerProbes" -}}
+{{- $p := .Values.workerProbes -}}
+{{- $check := printf "wget -T 2 -q -O- http://localhost:%d/api/local_raylet_healthz | grep success" (int $p.agentPort) -}}
+livenessProbe:
+  exec: {command: ["bash", "-c", {{ $check | quote }}]}
+  initialDelaySeconds: 30
+  periodSeconds: {{ $p.periodSeconds }}
+  timeoutSeconds: 5
+  failureThreshold: {{ $p.failureThreshold }}
+readinessProbe:
+  exec: {command: ["bash", "-c", {{ $check | quote }}]}
+  initialDelaySeconds: 10
+  periodSeconds: {{ $p.periodSeconds }}
+  timeoutSeconds: 5
+  failureThreshold: {{ $p.failureThreshold }}
+{{- end -}}
+
+{{/* The front door's probes: starting while the workers load the model, alive while /version
+answers, ready while /health says every pool can serve. */}}
+{{- define "pdserve.headProbes" -}}
+{{- $p := .Values.head.probes -}}
+startupProbe:
+  httpGet: {path: /version, port: http}
+  periodSeconds: {{ $p.startupPeriodSeconds }}
+  failureThreshold: {{ $p.startupFailureThreshold }}
+livenessProbe:
+  httpGet: {path: /version, port: http}
+  periodSeconds: {{ $p.livenessPeriodSeconds }}
+  timeoutSeconds: 5
+  failureThreshold: {{ $p.livenessFailureThreshold }}
+readinessProbe:
+  httpGet: {path: /health, port: http}
+  periodSeconds: {{ $p.readinessPeriodSeconds }}
+  timeoutSeconds: 5
+  failureThreshold: {{ $p.readinessFailureThreshold }}
+{{- end -}}
+
+{{/* The model name clients send: --served-model-name, else the model's folder name or GGUF file stem. */}}
+{{- define "pdserve.servedModel" -}}
+{{- if .Values.model.servedModelName -}}
+{{- .Values.model.servedModelName -}}
+{{- else if eq .Values.model.source "package" -}}
+SmolLM2-135M-Instruct
+{{- else -}}
+{{- base .Values.model.path | trimSuffix ".gguf" -}}
+{{- end -}}
 {{- end -}}
