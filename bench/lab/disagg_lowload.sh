@@ -6,7 +6,7 @@
 # Results: docs/results/lowload-{pdserve-1p1d,pdserve-colocated,vllm-1p1d}.json
 set -euo pipefail
 peer=${1:?usage: disagg_lowload.sh PEER_DIR [NUM_PROMPTS] [WHICH]}; n=${2:-16}; which=${3:-pdserve-1p1d pdserve-colocated vllm-1p1d}
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 bin=.venv/bin
 wait_up() { for _ in $(seq 300); do curl -sf "http://127.0.0.1:$1/health" >/dev/null && return 0; sleep 1; done; return 1; }
 run() {  # NAME PORT: bench the server listening on PORT

@@ -7,7 +7,7 @@
 #   bash bench/lab/interference.sh [LONG_TOKENS=2048] [TOKEN_BUDGET=512]
 set -euo pipefail
 long=${1:-2048}; budget=${2:-512}
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 bin=.venv/bin
 tokenizer=()
 [ -d ../peer/smollm2 ] && tokenizer=(--tokenizer ../peer/smollm2)

@@ -10,7 +10,7 @@
 #   bash bench/lab/policy_compare.sh [RATE=0.5] [NUM_PROMPTS=40] [WHICH="jsq conditional mixed controller"]
 set -euo pipefail
 rate=${1:-0.5}; n=${2:-40}; which=${3:-jsq conditional mixed controller}
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 bin=.venv/bin
 slo=(--slo-ttft-ms 2000 --slo-tpot-ms 200)
 wait_up() { for _ in $(seq 300); do curl -sf "http://127.0.0.1:$1/health" >/dev/null && return 0; sleep 1; done; return 1; }

@@ -10,7 +10,7 @@
 #   bash bench/lab/sim_check.sh [MODES=colocated,disagg] [RATES=0.2,0.4,0.6] [NUM_PROMPTS=32]
 set -euo pipefail
 modes=${1:-colocated,disagg}; rates=${2:-0.2,0.4,0.6}; n=${3:-32}
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 bin=.venv/bin
 tokenizer=()
 [ -d ../peer/smollm2 ] && tokenizer=(--tokenizer ../peer/smollm2)  # exact prompt lengths when at hand
