@@ -83,7 +83,7 @@ class EngineConfig:
     token_budget: int | None = None
     """Chunked prefill: tokens per step, decodes plus one prompt chunk (Sarathi-Serve: 512 for a strict TPOT, 2048 relaxed); default --max-num-batched-tokens."""
     block_size: int | None = None
-    """Tokens per KV-cache block; default 32 (--engine vllm: vLLM's default for the device). CPU attention kernels (ours and vLLM's) want a multiple of 32."""
+    """Tokens per KV-cache block; default 32 (--engine vllm: vLLM's default for the device). The CPU attention kernel wants a multiple of 32 (other sizes run torch attention)."""
     num_kv_blocks: int | None = None
     """Number of KV-cache blocks; overrides --kv-cache-memory."""
     memory_budget: str = "auto"

@@ -84,8 +84,7 @@ def plan(args: argparse.Namespace, console: Console) -> dict:
     config = PlanConfig(args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000, workload=args.workload, rate=args.rate,
                         gpus=args.gpus, gpus_per_node=args.gpus_per_node, interconnect_gbps=args.interconnect_gbps,
                         attainment=args.attainment, num_requests=args.num_requests, min_duration_s=args.min_duration_s,
-                        input_len=args.input_len, output_len=args.output_len, max_model_len=args.max_model_len,
-                        jobs=args.jobs)
+                        input_len=args.input_len, output_len=args.output_len, max_model_len=args.max_model_len)
     if args.jobs < 1:
         raise ValueError("--jobs must be at least 1")
     if args.gpus < 2:

@@ -11,9 +11,9 @@ DistServe's placement search (../shared/TECHNIQUES.md), over the simulator
    COLOCATED_SCHEDULES, the best kept) are simulated on the workload's lengths
    with Poisson arrivals, at least `min_duration_s` of them; the highest rate at which
    `attainment` of requests meet their SLOs is bisected between 0 and twice the instance's
-   analytic capacity (`capacity`), and a simulation stops as soon as more requests have
-   missed an SLO than the target allows. The searches run side by side in processes
-   (scheduler/planner/search.py).
+   analytic capacity (`capacity`), and a simulation stops as soon as its verdict is certain
+   (too many requests missed an SLO, or it kept pace and enough met them). The searches run
+   side by side in processes (scheduler/planner/search.py).
 3. For N devices, the prefill:decode split maximising min(p * goodput_p, d * goodput_d) is
    chosen, either within each node (KV over NVLink, the unit replicated per node) or across
    the cluster (KV over the inter-node network), whichever carries more.
@@ -58,7 +58,6 @@ class PlanConfig:
     output_len: float | None = None
     max_model_len: int = 8192
     seed: int = 0
-    jobs: int = 1  # processes the searches run in
 
 
 @dataclass(frozen=True)
@@ -176,9 +175,10 @@ class Planner:
         return summarize(records, requests[-1].arrival_s, self.slo).attainment
 
     def capacity(self, s: Search) -> float:
-        """Requests/s one instance of the search's kind completes at most, from the latency
-        model alone: prompts packed into full steps, decodes at the largest batch the slots
-        and KV allow (an estimate: the search brackets twice it, and widens if it was low)."""
+        """An estimate of the requests/s one instance of the search's kind completes, from the
+        latency model alone: prompts packed into full steps, decodes at the largest batch the
+        slots and KV allow at the mean lengths. The search brackets twice it, and doubles on
+        where that still meets the SLOs."""
         sample = workload_requests(self.config, 1.0)
         prompt = sum(r.prompt_len for r in sample) / len(sample)
         output = sum(r.output_len for r in sample) / len(sample)
