@@ -1,4 +1,5 @@
-"""bench/lab/sim_check.py: a run the simulator itself produced, written as a bench result and
+"""bench/lab/sim_check.py and the comparison it shares with `pdserve plan --verify`: a run the
+simulator itself produced, written as a bench result and
 replayed, predicts itself exactly (send times, prompt and output lengths carried over), and a
 server twice as slow as the profile shows up as the error it is."""
 
@@ -8,8 +9,10 @@ from dataclasses import asdict, replace
 import pytest
 
 from bench.lab import sim_check
+from bench.metrics import SLO
 from scheduler.planner.latency import Fit, LatencyModel, Profile
 from scheduler.planner.simulator import SimConfig, SimRequest, Simulator
+from scheduler.planner.verify import compare
 
 MODEL = LatencyModel(Fit((0.010, 0.001, 0.0), 1.0, 10), Fit((0.005, 0.0, 0.001), 1.0, 10),
                      Fit((0.005, 0.0, 0.001), 1.0, 10), 1000)
@@ -47,7 +50,7 @@ def test_a_server_slower_than_its_profile_shows_as_error(tmp_path):
     path = live_run(tmp_path, slow)
     phases = json.loads(path.read_text())["phases"]
     config = SimConfig(colocated=True)
-    (row,) = sim_check.compare(phases, config, profile(MODEL), sim_check.SLO(ttft_ms=200, tpot_ms=100), None)
+    (row,) = compare(phases, config, profile(MODEL), SLO(ttft_ms=200, tpot_ms=100), None)
     assert row.tpot_error < -0.3 and row.ttft_error < -0.3  # the profile predicts much faster than "measured"
 
 
