@@ -155,6 +155,7 @@ def test_every_pod_runs_locked_down_with_probes_and_the_operator_settings():
     account = next(d for d in docs if d["kind"] == "ServiceAccount")
     assert account["metadata"]["name"] == "llm" and account["metadata"]["annotations"] == values["serviceAccount"]["annotations"]
     assert all(d["metadata"]["name"].startswith("llm") for d in docs)  # fullnameOverride
+    assert all(d["metadata"]["labels"]["app.kubernetes.io/name"] == "llm-serving" for d in docs)  # nameOverride
     templates = pods(docs)
     assert len(templates) == 3
     for pod in templates:
