@@ -121,7 +121,8 @@ class Simulator:
         self._records = {str(i): record for i, record in enumerate(records)}
         self._output_len = {str(i): r.output_len for i, r in enumerate(requests)}
         self._decode_side: dict[str, tuple[Request, Request, _Worker]] = {}  # id -> (prefill twin, request, decode)
-        self._stop, self._missed_ids, self._num_met, self.verdict = stop, set(), 0, None
+        self._stop, self._missed_ids, self.verdict = stop, set(), None
+        self.num_met = 0  # with stop: requests that have met both SLOs so far
         self._pace_kept = stop is not None and stop.keeps_pace is None
         pace_at = stop.pace_known_s if stop is not None and stop.keeps_pace is not None else math.inf
         for i, r in enumerate(requests):
@@ -145,11 +146,6 @@ class Simulator:
                 assert not w.batcher.num_unfinished and not w.kv.num_used_blocks, f"{w.worker_id} did not drain"
         return records
 
-    @property
-    def num_met(self) -> int:
-        """With stop: requests that have met both SLOs so far."""
-        return self._num_met
-
     def _decide(self, verdict: bool) -> None:
         self.verdict = verdict
         self._events.clear()
@@ -161,7 +157,7 @@ class Simulator:
             self._decide(False)
 
     def _check_met(self) -> None:
-        if self._pace_kept and self._num_met / len(self._records) >= self._stop.attainment:
+        if self._pace_kept and self.num_met / len(self._records) >= self._stop.attainment:
             self._decide(True)
 
     # events
@@ -287,7 +283,7 @@ class Simulator:
             if n > 1 and ((self.now - record.send_s) - ttft) / (n - 1) * 1000 > stop.tpot_ms:
                 self._missed(rid)
             else:
-                self._num_met += 1
+                self.num_met += 1
                 self._check_met()
     def _finish(self, worker: _Worker, request: Request, status: RequestStatus) -> None:
         if request.status is RequestStatus.WAITING_FOR_KV:  # admitted from a landing, never batched

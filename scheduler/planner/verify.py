@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -137,8 +137,8 @@ def verify(prefill: int, decode: int, rate: float, planned_attainment: float | N
         finally:
             _stop(server)
             log.close()
-    deployment = SimConfig(**{**sim.__dict__, "num_prefill": prefill, "num_decode": decode, "colocated": False,
-                              "transfer_s_per_token": profile.transfer_s_per_token()})
+    deployment = replace(sim, num_prefill=prefill, num_decode=decode, colocated=False,
+                         transfer_s_per_token=profile.transfer_s_per_token())
     (row,) = compare(phases[-1:], deployment, profile, slo, None)
     return Verification(rate, row, planned_attainment, args.attainment, args.verify_margin)
 

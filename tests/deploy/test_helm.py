@@ -97,9 +97,7 @@ def test_the_serve_command_parses_with_pdserve_own_flags(name):
     from scheduler.cli import build_parser
     from scheduler.config import ServeConfig, from_args
     docs = render(VALUE_SETS[name])
-    pods = [d["spec"]["headGroupSpec"]["template"] if d["kind"] == "RayCluster" else d["spec"]["template"]
-            for d in docs if d["kind"] in ("RayCluster", "Deployment")]
-    (script,) = pods[0]["spec"]["containers"][0]["args"]
+    (script,) = pods(docs)[0]["spec"]["containers"][0]["args"]  # the head's, or the front door's
     argv = shlex.split(script.split("exec pdserve ", 1)[1])
     args = build_parser().parse_args(argv)  # exits on an unknown flag or a bad value
     config = from_args(ServeConfig, args)
