@@ -149,6 +149,8 @@ class ModelRunner:
         """Semi-PD: this runner runs `phase` on its share of `split`, and the returned sibling
         runs the other phase with the same weights and KV cache (its own sampler, layered
         state and counters). Each is driven by one thread."""
+        if self.memory.packed_weights:  # both threads run the matmuls at once
+            self.model.pack_weights(threads=2)
         other = copy.copy(self)
         other.sampler = Sampler(self.device, self.sampler.seed + 1, self.sampler.grammars)
         other._cohort_hidden, other.weight_reads = {}, WeightReads()

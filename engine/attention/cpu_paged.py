@@ -5,13 +5,14 @@ offsets, keys and values read in place through the block table, no gather and no
 It reads blocks head-major with K transposed (`KVLayout.HEAD_MAJOR_KT`), blocks of a multiple
 of 32 tokens; the step's K/V are written by the library's own cache writer. The per-step
 work split (`get_scheduler_metadata`) is computed once in `prepare` and shared by every layer.
-The kernel keeps one scratch buffer per process: calls from two threads (semi-PD's streams)
-corrupt each other's output, measured, so they take turns on a process-wide lock.
+The kernel keeps one scratch buffer per process, shared with the library's matmuls: calls from
+two threads (semi-PD's streams) corrupt each other's output, measured, so they take turns on
+the library's process-wide lock (cpu_kernels.SCRATCH_LOCK), scheduling included (it may
+reallocate the buffer).
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,6 @@ from engine.models import cpu_kernels
 ISA = "vec"  # the portable x86/AVX2/AVX-512 kernels; the layout above is theirs
 HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256, 512)
 DTYPES = (torch.float32, torch.bfloat16)
-_KERNEL_LOCK = threading.Lock()
 
 
 def unavailable_reason(device: torch.device, block_size: int, head_dim: int, dtype: torch.dtype) -> str | None:
@@ -74,16 +74,17 @@ class CpuPagedAttention(AttentionBackend):
         checks the count again when it runs; torch.get_num_threads() first settles this
         thread's count (a new thread takes torch's setting on its first torch call)."""
         meta.threads = torch.get_num_threads()
-        meta.schedule = torch.ops._C.get_scheduler_metadata(
-            meta.seq_lens.numel(), self.num_heads, self.num_kv_heads, self.head_dim, meta.seq_lens, self.dtype,
-            meta.query_start, True, -1, ISA, False, None, "auto")
+        with cpu_kernels.SCRATCH_LOCK:
+            meta.schedule = torch.ops._C.get_scheduler_metadata(
+                meta.seq_lens.numel(), self.num_heads, self.num_kv_heads, self.head_dim, meta.seq_lens, self.dtype,
+                meta.query_start, True, -1, ISA, False, None, "auto")
 
     def forward(self, q, k, v, k_cache, v_cache, meta: CpuPagedMeta) -> torch.Tensor:
         torch.ops._C.cpu_attn_reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping, ISA, 1.0, 1.0, "auto")
         out = torch.empty(q.shape, dtype=q.dtype)
         if torch.get_num_threads() != meta.threads:  # the step moved to another thread count
             self._schedule(meta)
-        with _KERNEL_LOCK:
+        with cpu_kernels.SCRATCH_LOCK:
             torch.ops._C.cpu_attention_with_kv_cache(
                 q, k_cache, v_cache, out, meta.query_start, meta.seq_lens, self.scale, True, None, -1,
                 meta.block_table, 0.0, meta.schedule, None, None, 1.0, 1.0, "auto")

@@ -17,12 +17,17 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
+
+# The library's attention kernel and matmul handlers share one scratch buffer per process, and
+# either may reallocate it (a new attention schedule, a new matmul row count): they take turns.
+SCRATCH_LOCK = threading.Lock()
 
 
 @functools.cache

@@ -19,9 +19,9 @@ from torch import nn
 from engine.attention.base import AttentionBackend
 from engine.kv.cache import KVCache
 from engine.models import cpu_kernels as kernels
+from engine.models import packed_gemm
 from engine.models.config import ModelConfig
 from engine.models.moe import SparseMoE, WeightReads
-from engine.models.packed_gemm import PackedWeight
 
 
 @dataclass
@@ -93,7 +93,7 @@ class Dense(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.packed: PackedWeight | None = None
+        self.packed: packed_gemm.Packed | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -161,7 +161,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = rotary
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.logits_packed: PackedWeight | None = None
+        self.logits_packed: packed_gemm.Packed | None = None
 
     @property
     def num_layers(self) -> int:
@@ -192,12 +192,15 @@ class LlamaModel(nn.Module):
         weights = [m.weight for m in self.modules() if isinstance(m, Dense)] + [self._logits_weight()]
         return sum(w.numel() * w.element_size() for w in weights)
 
-    def pack_weights(self) -> None:
-        """Adds a oneDNN-packed copy of every projection and of the logits' weight (see packed_gemm)."""
+    def pack_weights(self, threads: int = 1) -> None:
+        """Gives every projection and the logits' weight a oneDNN-packed copy (see packed_gemm),
+        one that `threads` threads may run at once; a copy made before is replaced one by one."""
         for module in self.modules():
             if isinstance(module, Dense):
-                module.packed = PackedWeight(module.weight)
-        self.logits_packed = PackedWeight(self._logits_weight())
+                module.packed = None
+                module.packed = packed_gemm.pack(module.weight, threads)
+        self.logits_packed = None
+        self.logits_packed = packed_gemm.pack(self._logits_weight(), threads)
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.final_norm(self.run_layers(self.embed(input_ids), ctx))

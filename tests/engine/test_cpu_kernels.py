@@ -51,3 +51,21 @@ def test_under_autograd_the_torch_ops_run():
         assert not cpu_kernels.fused(x)
         cpu_kernels.rms_norm(x, torch.ones(32), 1e-6).sum().backward()
         assert x.grad is not None
+
+
+@pytest.mark.parametrize("rows", [1, 8, 100])
+def test_the_matmul_handler_gives_what_linear_gives(rows):
+    from engine.models import packed_gemm
+    weight, bias = torch.randn(48, 96), torch.randn(48)
+    handler = packed_gemm.pack(weight, threads=1)
+    assert isinstance(handler, packed_gemm.OneDnnMatmul)
+    x = torch.randn(rows, 96)
+    torch.testing.assert_close(handler.matmul(x), F.linear(x, weight), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(handler.matmul(x, bias), F.linear(x, weight, bias), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(handler.matmul(x.view(1, rows, 96)), F.linear(x, weight).view(1, rows, 48),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_weights_several_threads_run_at_once_use_the_thread_safe_op():
+    from engine.models import packed_gemm
+    assert isinstance(packed_gemm.pack(torch.randn(48, 96), threads=2), packed_gemm.PackedWeight)

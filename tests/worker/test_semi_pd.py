@@ -12,6 +12,7 @@ import torch
 from engine import batcher as batcher_mod
 from engine.config import DEFAULT_BLOCK_SIZE, EngineConfig
 from engine.errors import RequestError
+from engine.models import packed_gemm
 from engine.sampling_params import SamplingParams
 from engine.split import ComputeSplit
 from engine.worker.semi_pd import SemiPD
@@ -74,6 +75,10 @@ def generate(worker, prompt_list, params, every_s: float = 0.0) -> dict[str, lis
 def test_semi_pd_matches_hf(setting, every_s, tiny_llama, references, monkeypatch):
     monkeypatch.setattr(batcher_mod, "_GROUPS", SMALL_GROUPS)
     worker = make_worker(tiny_llama, **setting)
+    model = worker.engine.runner.model
+    if worker.engine.runner.memory.packed_weights:  # both streams run the matmuls: the thread-safe op
+        packs = [m.packed for m in model.modules() if hasattr(m, "packed")] + [model.logits_packed]
+        assert packs and all(isinstance(p, packed_gemm.PackedWeight) for p in packs)
     out = generate(worker, prompts(), GREEDY, every_s)
     assert [out[str(i)] for i in range(len(PROMPT_LENS))] == references("llama")
     assert_no_leak(worker)
