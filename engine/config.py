@@ -97,7 +97,9 @@ class EngineConfig:
     cpu_weight_packing: Switch = Switch.AUTO
     """CPU: every projection weight keeps a oneDNN-packed copy (faster matmuls at every batch size; about the weights' size again): auto (when the dtype runs packed on this CPU and --memory-budget leaves room for it beside one sequence's KV), on, off."""
     num_threads: int | None = None
-    """Torch intra-op threads on CPU (--engine vllm: its OpenMP threads); default: all cores this process may use."""
+    """Torch intra-op threads on CPU (--engine vllm: its OpenMP threads); default: all cores this process may use. With --tensor-parallel-size N, shared evenly by the N ranks."""
+    tensor_parallel_size: int = 1
+    """Processes (ranks) the model is split across, Megatron-style: each holds its share of the attention heads, KV heads, MLP width and experts, and of the KV cache (on CPU each rank computes on its share of the cores; on GPU one device per rank). It must divide the attention heads, and divide or be a multiple of the KV heads."""
     seed: int = 0
     """Seed for requests that do not give their own."""
     kv_predictor: str | None = None
@@ -122,6 +124,13 @@ class EngineConfig:
             raise ValueError("token_budget must be positive")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError("num_kv_blocks must be positive")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be at least 1")
+        if self.tensor_parallel_size > 1 and self.engine == EngineBackend.PDSERVE:
+            parallel_only = [flag for flag, on in (("--prefill-schedule layered", self.prefill_schedule == PrefillSchedule.LAYERED),
+                                                   ("--kv-predictor", bool(self.kv_predictor))) if on]
+            if parallel_only:
+                raise ValueError(f"{', '.join(parallel_only)}: not with --tensor-parallel-size above 1")
         self.kv_cache_bytes, self.memory_budget_bytes  # validate
 
     @property

@@ -255,6 +255,9 @@ class Engine:
         return self.batcher.num_unfinished > 0 or bool(self._ready)
 
     def step(self) -> list[StepOutput]:
+        if self.runner.ranks_down:  # a tensor-parallel rank died: its requests failed with the step it broke
+            self.runner.restart_ranks()
+            self.kv.pool.reset_prefix_cache()
         if self._ready:  # first tokens of admitted prefilled requests go out before the next forward
             outputs, self._ready = self._ready, []
             return outputs
@@ -318,6 +321,10 @@ class Engine:
         siblings = self.requests.get(request.parent_id, [])
         if all(c.status.finished for c in siblings):
             self.requests.pop(request.parent_id, None)
+
+    def close(self) -> None:
+        """Stops the processes this engine started (a tensor-parallel group's other ranks)."""
+        self.runner.close()
 
     def stats(self) -> EngineStats:
         reads = self.runner.weight_reads

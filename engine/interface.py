@@ -60,6 +60,9 @@ class WorkerEngine(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    def close(self) -> None:
+        """Stops what the engine started (processes, threads); the loop calls it once, last."""
+
     def set_kv_sink(self, sink: KVSink) -> None:
         """Makes this a prefill engine: every prompt's KV goes to sink, layer by layer."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from engine.models.llama import ForwardContext
 from engine.models.loader import load_model, open_weights
 from engine.models.moe import WeightReads
 from engine.outputs import TokenLogprobs
+from engine.parallel import shard as tp_shard
+from engine.parallel.group import TPGroup
 from engine.sampler import Sampler, SampleResult
 from engine.split import ComputeSplit
 
@@ -95,30 +98,38 @@ PROMPT_LOGPROB_ROWS = 256  # prompt positions whose full-vocabulary logits are h
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_path: Path):
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+    def __init__(self, config: EngineConfig, model_path: Path, tp_rank: int = 0):
+        """tp_rank: with --tensor-parallel-size N, rank 0 (the engine's) starts ranks 1..N-1
+        (engine/parallel/ranks.py), which build their runners with their own rank."""
+        size = config.tensor_parallel_size
+        self.threads = max(1, (config.num_threads or len(os.sched_getaffinity(0))) // size)
+        if config.num_threads or size > 1:
+            torch.set_num_threads(self.threads)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         source = open_weights(model_path)
         model_cfg = source.config
+        tp_shard.check(model_cfg, size)
+        self.shard = tp_shard.Shard(model_cfg, tp_rank, size)
         max_len = config.max_model_len or min(model_cfg.max_position_embeddings, MAX_DEFAULT_LEN)
         if model_cfg.sliding_window:
             max_len = min(max_len, model_cfg.sliding_window)
-        log.info("loading %s (%s, %s, max_model_len %d)", model_path, self.dtype, self.device, max_len)
+        log.info("loading %s (%s, %s, max_model_len %d%s)", model_path, self.dtype, self.device, max_len,
+                 f", rank {tp_rank} of {size}" if size > 1 else "")
         started = time.perf_counter()
-        self.model = load_model(source, self.dtype, self.device, max_len)
+        self.model = load_model(source, self.dtype, self.device, max_len, self.shard)
         log.info("weights loaded in %.1f s", time.perf_counter() - started)
         self.block_size = config.block_size
-        per_block = KVCache.bytes_per_block(model_cfg.num_layers, config.block_size,
-                                            model_cfg.num_kv_heads, model_cfg.head_dim, self.dtype)
+        kv_heads = self.shard.num_kv_heads
+        per_block = KVCache.bytes_per_block(model_cfg.num_layers, config.block_size, kv_heads, model_cfg.head_dim,
+                                            self.dtype)
         self.memory = MemoryPlan(config.memory_budget_bytes or auto_budget(), -(-max_len // config.block_size) * per_block,
                                  kv_on_host=self.device.type == "cpu")
         self._pack_weights(config.cpu_weight_packing)
         num_blocks = config.num_kv_blocks or max(1, (config.kv_cache_bytes or self.memory.kv_bytes()) // per_block)
-        self.backend = select_backend(config.attention_backend, self.device, config.block_size, model_cfg.num_heads,
-                                      model_cfg.num_kv_heads, model_cfg.head_dim, self.dtype)
-        self.kv_cache = KVCache(model_cfg.num_layers, num_blocks, config.block_size, model_cfg.num_kv_heads,
+        self.backend = select_backend(config.attention_backend, self.device, config.block_size, self.shard.num_heads,
+                                      kv_heads, model_cfg.head_dim, self.dtype)
+        self.kv_cache = KVCache(model_cfg.num_layers, num_blocks, config.block_size, kv_heads,
                                 model_cfg.head_dim, self.dtype, self.device, self.backend.kv_layout)
         log.info("KV cache: %d blocks of %d tokens (%d MiB), %s attention", num_blocks, config.block_size,
                  num_blocks * per_block >> 20, self.backend.name)
@@ -128,6 +139,12 @@ class ModelRunner:
         self.weight_reads = WeightReads()  # since start: dense and expert weight bytes the steps read
         self.split: ComputeSplit | None = None  # semi-PD: this runner's share of the device
         self.phase = ""
+        self.tp: TPGroup | None = None  # set on every rank of a tensor-parallel worker
+        self.ranks = None
+        if size > 1 and tp_rank == 0:
+            from engine.parallel.ranks import Ranks
+            self.ranks = Ranks(config, model_path, num_blocks, self.device)
+            self.tp = self.ranks.group
 
     def _pack_weights(self, packing: Switch) -> None:
         if packing == Switch.OFF:
@@ -149,6 +166,8 @@ class ModelRunner:
         """Semi-PD: this runner runs `phase` on its share of `split`, and the returned sibling
         runs the other phase with the same weights and KV cache (its own sampler, layered
         state and counters). Each is driven by one thread."""
+        if self.tp is not None:
+            raise ValueError("semi-PD does not run with --tensor-parallel-size above 1")
         if self.memory.packed_weights:  # both threads run the matmuls at once
             self.model.pack_weights(threads=2)
         other = copy.copy(self)
@@ -187,19 +206,44 @@ class ModelRunner:
         with self.split.use(self.phase) if self.split else contextlib.nullcontext():
             return self._execute(plan, layer_done)
 
+    @property
+    def ranks_down(self) -> bool:
+        """Tensor parallel: a rank died (a collective failed), so the group must start again."""
+        return self.ranks is not None and self.tp.broken is not None
+
+    def restart_ranks(self) -> None:
+        """Starts the other ranks again (the KV they held is gone with them: the engine
+        forgets its prefix cache)."""
+        self.ranks.restart()
+        self.tp = self.ranks.group
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout,
+                layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Hidden states of a flat batch through every layer (rank 0 first hands the step to the
+        other ranks of a tensor-parallel group)."""
+        if self.ranks is not None:
+            self.tp.send_step(input_ids, positions, layout)
+        ctx = self._context(positions, layout)
+        hidden = self.model.embed(input_ids)
+        if layer_done is None:
+            return self.model.run_layers(hidden, ctx)
+        for i in range(self.model.num_layers):
+            hidden = self.model.run_layers(hidden, ctx, i, i + 1)
+            layer_done(i)
+        return hidden
+
+    def close(self) -> None:
+        """Stops the other ranks of a tensor-parallel group."""
+        if self.ranks is not None:
+            self.ranks.stop()
+            self.ranks = None
+
     def _execute(self, plan: StepPlan, layer_done: Callable[[int], None] | None) -> SampleResult | None:
         if plan.cohort is not None:
             hidden, layout = self._layered(plan, layer_done)
         else:
             input_ids, positions, layout = self._layout(plan.seqs)
-            ctx = self._context(positions, layout)
-            hidden = self.model.embed(input_ids)
-            if layer_done is None:
-                hidden = self.model.run_layers(hidden, ctx)
-            else:
-                for i in range(self.model.num_layers):
-                    hidden = self.model.run_layers(hidden, ctx, i, i + 1)
-                    layer_done(i)
+            hidden = self.forward(input_ids, positions, layout, layer_done)
         if any(s.request.computing_prompt_logprobs for s in plan.done):
             self._prompt_logprobs(plan, hidden, layout)
         rows = [i for i, s in enumerate(plan.done) if s.samples]
@@ -233,7 +277,8 @@ class ModelRunner:
 
     def _context(self, positions: torch.Tensor, layout: BatchLayout) -> ForwardContext:
         return ForwardContext(positions, self.model.rotary.cos_sin(self.dtype), self.kv_cache, self.backend,
-                              self.backend.prepare(layout, self.device), self.weight_reads)
+                              self.backend.prepare(layout, self.device), self.weight_reads,
+                              self.tp.all_reduce if self.tp is not None else None)
 
     def _layered(self, plan: StepPlan, layer_done: Callable[[int], None] | None
                  ) -> tuple[torch.Tensor, BatchLayout]:

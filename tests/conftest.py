@@ -69,6 +69,7 @@ def make_engine():
     yield make
     for engine in engines:
         assert_no_leak(engine)
+        engine.close()
 
 
 @pytest.fixture(scope="session")

@@ -314,6 +314,9 @@ class FakeEngine:
     def stats(self) -> EngineStats:
         return EngineStats(len(self.running), len(self.waiting), 0, self.info.num_kv_blocks, 0, 0)
 
+    def close(self) -> None:
+        pass
+
     def set_kv_sink(self, sink) -> None:
         self.sink = sink
 

@@ -9,6 +9,7 @@ batch and carry (hidden, residual) between steps: `embed` -> `run_layers` -> `fi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from engine.models import cpu_kernels as kernels
 from engine.models import packed_gemm
 from engine.models.config import ModelConfig
 from engine.models.moe import SparseMoE, WeightReads
+from engine.parallel.shard import Shard
 
 
 @dataclass
@@ -34,6 +36,7 @@ class ForwardContext:
     backend: AttentionBackend
     attn_meta: Any
     reads: WeightReads | None = None  # counts the weight bytes each layer reads
+    all_reduce: Callable[[torch.Tensor], None] | None = None  # tensor parallel: sums a tensor over the ranks, in place
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -112,20 +115,25 @@ class RMSNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    """One decoder layer, or a tensor-parallel rank's shard of it (engine/parallel/shard.py):
+    its heads and MLP width, the output and down projections' partial sums all-reduced."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, shard: Shard | None = None):
         super().__init__()
+        shard = shard or Shard(cfg)
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = shard.num_heads, shard.num_kv_heads, cfg.head_dim
+        q_size, kv_size = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
         self.sizes = (q_size, kv_size, kv_size)
         self.qkv_proj = Dense(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.attention_bias)
         self.o_proj = Dense(q_size, cfg.hidden_size)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.moe = SparseMoE(cfg, Dense) if cfg.is_moe_layer(layer_idx) else None
+        self.moe = SparseMoE(cfg, Dense, shard) if cfg.is_moe_layer(layer_idx) else None
         if self.moe is None:
-            self.gate_up_proj = Dense(cfg.hidden_size, 2 * cfg.intermediate_size)
-            self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size)
+            width = len(shard.width(cfg.intermediate_size))
+            self.gate_up_proj = Dense(cfg.hidden_size, 2 * width)
+            self.down_proj = Dense(width, cfg.hidden_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         expert_params = set(self.moe.experts.parameters()) if self.moe is not None else set()
@@ -144,20 +152,25 @@ class DecoderLayer(nn.Module):
         q, k = kernels.rotary(ctx.positions, q, k, ctx.cos_sin)
         k_cache, v_cache = ctx.kv_cache.layer(self.layer_idx)
         attn = ctx.backend.forward(q, k, v.contiguous(), k_cache, v_cache, ctx.attn_meta)
-        x, h = kernels.add_rms_norm(self.o_proj(attn.reshape(n, -1)), h, norm2.weight, norm2.eps)
+        o = self.o_proj(attn.reshape(n, -1))
+        if ctx.all_reduce is not None:
+            ctx.all_reduce(o)
+        x, h = kernels.add_rms_norm(o, h, norm2.weight, norm2.eps)
         if ctx.reads is not None:
             ctx.reads.dense_bytes += self.dense_bytes
-        if self.moe is not None:
-            return kernels.add(h, self.moe(x, ctx.reads))
-        return kernels.add(h, self.down_proj(kernels.silu_mul(self.gate_up_proj(x))))
+        y = self.moe(x, ctx.reads) if self.moe is not None else self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
+        if ctx.all_reduce is not None:
+            ctx.all_reduce(y)
+        return kernels.add(h, y)
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: Rotary):
+    def __init__(self, cfg: ModelConfig, rotary: Rotary, shard: Shard | None = None):
         super().__init__()
         self.cfg = cfg
+        self.shard = shard or Shard(cfg)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.shard) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = rotary
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

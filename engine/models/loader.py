@@ -1,7 +1,9 @@
 """Weight loading: HF safetensors folders (sharded too) and GGUF files (dequantised).
 
 Both sources are turned into HF tensor names, then fused into the model's layout
-(q/k/v -> qkv_proj, gate/up -> gate_up_proj) as the parts arrive.
+(q/k/v -> qkv_proj, gate/up -> gate_up_proj) as the parts arrive. A tensor-parallel rank
+keeps only its shard of each tensor as it arrives (engine/parallel/shard.py): it never holds
+more of the model than its shard and the one tensor being read.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaModel, Rotary
 from engine.models.registry import derived_dir, publish
+from engine.parallel.shard import Shard
 
 _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
@@ -59,23 +62,26 @@ def _write_weights(folder: Path, cfg: ModelConfig, tensors: dict[str, torch.Tens
     (folder / "pdserve_config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
 
 
-def load_model(source: WeightSource, dtype: torch.dtype, device: torch.device, max_len: int) -> LlamaModel:
+def load_model(source: WeightSource, dtype: torch.dtype, device: torch.device, max_len: int,
+               shard: Shard | None = None) -> LlamaModel:
     cfg, tensors = source.config, source.tensors
+    shard = shard or Shard(cfg)
     rotary = Rotary(cfg, max_len, device)
     with torch.device("meta"):
-        model = LlamaModel(cfg, rotary)
+        model = LlamaModel(cfg, rotary, shard)
     model = model.to_empty(device=device).to(dtype=dtype)
-    _assign(model, tensors, dtype, device)
+    _assign(model, tensors, dtype, device, shard)
     return model.eval().requires_grad_(False)
 
 
-def _assign(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]], dtype, device) -> None:
+def _assign(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]], dtype, device, shard: Shard) -> None:
     params = dict(model.named_parameters())
     pending: dict[str, dict[int, torch.Tensor]] = {}
     loaded: set[str] = set()
-    for name, tensor in tensors:
+    for name, full in tensors:
         name = _moe_name(name.removeprefix("model."))
-        if "rotary_emb" in name:
+        tensor = _part(name, full, shard)
+        if "rotary_emb" in name or tensor is None:
             continue
         match = re.match(r"(layers\.\d+\.(?:self_attn|mlp|moe)\.(?:(?:experts\.\d+|shared_expert)\.)?)(\w+)\.(weight|bias)$",
                          name)
@@ -99,6 +105,34 @@ def _assign(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]], dtyp
     missing = set(params) - loaded
     if pending or missing:
         raise ValueError(f"incomplete weights: missing {sorted(missing)[:5]} pending {sorted(pending)[:5]}")
+
+
+_SHARDED = re.compile(r"layers\.\d+\.(?:self_attn|mlp|moe)\.(?:experts\.(\d+)\.|(shared_expert)\.)?(\w+)\.(?:weight|bias)$")
+
+
+def _part(name: str, tensor: torch.Tensor, shard: Shard) -> torch.Tensor | None:
+    """The shard's part of the HF-named tensor (a view), or None when the rank holds none of it:
+    query heads, KV heads and MLP width split (column-parallel rows, row-parallel columns),
+    experts whole or not at all; everything else (embeddings, norms, router) replicated."""
+    match = _SHARDED.match(name)
+    if shard.size == 1 or not match:
+        return tensor
+    expert, shared, proj = match.groups()
+    d = shard.cfg.head_dim
+    if expert is not None:
+        return tensor if shard.holds_expert(int(expert)) else None
+    if proj == "q_proj":
+        return tensor.narrow(0, shard.first_head * d, shard.num_heads * d)
+    if proj in ("k_proj", "v_proj"):
+        return tensor.narrow(0, shard.first_kv_head * d, shard.num_kv_heads * d)
+    if proj == "o_proj":
+        return tensor.narrow(1, shard.first_head * d, shard.num_heads * d)
+    width = shard.width(shard.cfg.shared_expert_intermediate_size if shared else shard.cfg.intermediate_size)
+    if proj in ("gate_proj", "up_proj"):
+        return tensor.narrow(0, width.start, len(width))
+    if proj == "down_proj":
+        return tensor.narrow(1, width.start, len(width))
+    return tensor
 
 
 def _moe_name(name: str) -> str:

@@ -6,7 +6,9 @@ when `norm_topk_prob`). Each expert is a SwiGLU MLP with gate/up fused. Qwen2-Mo
 shared expert on every token, scaled by sigmoid(shared_expert_gate(x)).
 
 Experts run one at a time on the tokens routed to them (gather, MLP, weighted scatter-add),
-so an expert no token chose costs nothing this step, and its weights are not read.
+so an expert no token chose costs nothing this step, and its weights are not read. A
+tensor-parallel rank holds only its shard's experts (whole) and its part of the shared
+expert's width; its output is a partial sum that the layer all-reduces.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models.config import ModelConfig
+from engine.parallel.shard import Shard
 
 
 class Expert(nn.Module):
@@ -30,16 +33,17 @@ class Expert(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, dense: type[nn.Module]):
+    def __init__(self, cfg: ModelConfig, dense: type[nn.Module], shard: Shard | None = None):
         super().__init__()
-        self.top_k, self.normalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        shard = shard or Shard(cfg)
+        self.num_experts, self.top_k, self.normalize = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = dense(cfg.hidden_size, cfg.num_experts)
-        self.experts = nn.ModuleList(Expert(cfg.hidden_size, cfg.moe_intermediate_size, dense)
-                                     for _ in range(cfg.num_experts))
-        shared = cfg.shared_expert_intermediate_size
+        self.experts = nn.ModuleDict({str(e): Expert(cfg.hidden_size, cfg.moe_intermediate_size, dense)
+                                      for e in shard.experts})  # keyed by the model's expert number
+        shared = len(shard.width(cfg.shared_expert_intermediate_size))
         self.shared_expert = Expert(cfg.hidden_size, shared, dense) if shared else None
         self.shared_expert_gate = dense(cfg.hidden_size, 1) if shared else None
-        self.expert_bytes = sum(p.numel() * p.element_size() for p in self.experts[0].parameters()) \
+        self.expert_bytes = sum(p.numel() * p.element_size() for p in next(iter(self.experts.values())).parameters()) \
             if len(self.experts) else 0
 
     def forward(self, x: torch.Tensor, reads: WeightReads | None = None) -> torch.Tensor:
@@ -51,18 +55,19 @@ class SparseMoE(nn.Module):
         out = torch.zeros_like(x)
         flat = chosen.flatten()
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
-        start = 0
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        start, ran = 0, 0
         for e, count in enumerate(counts):
-            if not count:
-                continue
             picks = order[start:start + count]
             start += count
+            expert = self.experts[str(e)] if count and str(e) in self.experts else None
+            if expert is None:
+                continue
+            ran += 1
             tokens = picks // self.top_k
-            y = self.experts[e](x.index_select(0, tokens)) * weights.flatten()[picks, None]
+            y = expert(x.index_select(0, tokens)) * weights.flatten()[picks, None]
             out.index_add_(0, tokens, y)
         if reads is not None:
-            ran = sum(1 for c in counts if c)
             reads.experts += ran
             reads.expert_bytes += self.expert_bytes * ran
         if self.shared_expert is not None:

@@ -76,7 +76,8 @@ def check_vllm_config(config: EngineConfig) -> None:
         ("--attention-backend", AttentionBackendName.AUTO, config.attention_backend),
         ("--cpu-weight-packing", Switch.AUTO, config.cpu_weight_packing),
         ("--memory-budget", "auto", config.memory_budget.strip()),
-        ("--kv-predictor", None, config.kv_predictor)) if value != default]
+        ("--kv-predictor", None, config.kv_predictor),
+        ("--tensor-parallel-size", 1, config.tensor_parallel_size)) if value != default]
     if ours_only:
         raise ValueError(f"{', '.join(ours_only)}: pdserve's own engine only, not with --engine vllm "
                          "(pass vLLM's own options with --vllm-engine-args)")

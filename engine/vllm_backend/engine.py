@@ -65,6 +65,7 @@ class VllmEngine:
 
         self.config = config
         self.bridge = Bridge()
+        self._closed = False
         on_cpu = config.device == "cpu" or not torch.cuda.is_available()
         if on_cpu:  # vLLM drops to one torch thread unless OMP_NUM_THREADS says otherwise
             if config.num_threads:
@@ -250,8 +251,10 @@ class VllmEngine:
         return {i.vllm_id for i in self.bridge.inbound.values() if i.allocated}
 
     def close(self) -> None:
-        self.llm.engine_core.shutdown()
-        self.bridge.close()
+        if not self._closed:
+            self._closed = True
+            self.llm.engine_core.shutdown()
+            self.bridge.close()
 
     # disaggregation
 

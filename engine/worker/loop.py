@@ -147,6 +147,7 @@ class EngineLoop:
                     self._sinks.pop(request_id, None)
             if stopped:
                 self._fail_all(EngineError("the engine shut down"))
+                self.engine.close()
                 return
             try:
                 outputs = self.engine.step()

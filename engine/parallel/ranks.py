@@ -1,0 +1,112 @@
+"""The other ranks of a tensor-parallel engine: processes that rank 0 starts, watches and
+starts again.
+
+Ranks 1..N-1 are spawned processes on this machine (on CPU each pinned to its share of the
+cores rank 0 may use; on GPU one device each, cuda:r). Each loads only its shard of the
+weights, allocates its shard of the same number of KV blocks as rank 0, joins the group
+(engine/parallel/group.py) and then runs every step rank 0 broadcasts, until rank 0 stops
+it or the group breaks. Rank 0 waits for them to join while watching that they live: a rank
+that dies while loading fails the start with its exit code, not a timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from engine.config import EngineConfig
+from engine.parallel.group import GroupError, TPGroup, connect
+from engine.transfer.gloo import listen
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+JOIN_TIMEOUT_S = 300.0  # for every rank to load its shard and join
+STOP_TIMEOUT_S = 10.0
+POLL_S = 0.05
+
+
+class Ranks:
+    def __init__(self, config: EngineConfig, model_path: Path, num_blocks: int, device: torch.device):
+        self.config = dataclasses.replace(config, num_kv_blocks=num_blocks)
+        self.model_path, self.device = model_path, device
+        self.size = config.tensor_parallel_size
+        self.procs: list[multiprocessing.Process] = []
+        self.num_restarts = 0
+        self.group = self._start()
+
+    def _start(self) -> TPGroup:
+        ctx = multiprocessing.get_context("spawn")
+        port, fd = listen(HOST)
+        cores = sorted(os.sched_getaffinity(0))
+        for rank in range(1, self.size):
+            share = cores[rank * len(cores) // self.size:(rank + 1) * len(cores) // self.size] or cores
+            proc = ctx.Process(target=follow, args=(self.config, str(self.model_path), rank, port, share),
+                               name=f"pdserve-tp-rank-{rank}", daemon=True)
+            proc.start()
+            self.procs.append(proc)
+        store = dist.TCPStore(HOST, port, world_size=self.size, is_master=True, wait_for_workers=False,
+                              timeout=timedelta(seconds=JOIN_TIMEOUT_S), master_listen_fd=fd)
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        while store.num_keys() < self.size:  # each rank adds a key once its shard is loaded
+            dead = [p for p in self.procs if not p.is_alive()]
+            if dead:
+                self._kill()
+                raise RuntimeError(f"tensor-parallel {dead[0].name} exited with code {dead[0].exitcode} while starting")
+            if time.monotonic() > deadline:
+                self._kill()
+                raise RuntimeError(f"the tensor-parallel ranks did not join within {JOIN_TIMEOUT_S:g} s")
+            time.sleep(POLL_S)
+        return connect(HOST, 0, self.size, self.device, store)
+
+    def restart(self) -> None:
+        log.warning("a tensor-parallel rank is gone: starting ranks 1-%d again", self.size - 1)
+        self.group.close()
+        self._kill()
+        self.group = self._start()
+        self.num_restarts += 1
+
+    def stop(self) -> None:
+        if self.group.broken is None:
+            try:
+                self.group.send_stop()
+            except GroupError:
+                pass
+        self.group.close()
+        for proc in self.procs:
+            proc.join(STOP_TIMEOUT_S)
+        self._kill()
+
+    def _kill(self) -> None:
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(STOP_TIMEOUT_S)
+        self.procs = []
+
+
+def follow(config: EngineConfig, model_path: str, rank: int, port: int, cores: list[int]) -> None:
+    """A rank's process: its shard, then every step rank 0 sends, until it says stop."""
+    from engine.runner import ModelRunner
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores)
+    if torch.device(config.device if config.device != "auto" else "cpu").type == "cuda" or (
+            config.device == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(rank)  # one device per rank
+    runner = ModelRunner(config, Path(model_path), tp_rank=rank)
+    device = runner.device if runner.device.type != "cuda" else torch.device("cuda", torch.cuda.current_device())
+    store = dist.TCPStore(HOST, port, world_size=config.tensor_parallel_size, is_master=False,
+                          timeout=timedelta(seconds=JOIN_TIMEOUT_S))
+    store.add(f"loaded-{rank}", 1)
+    runner.tp = connect(HOST, rank, config.tensor_parallel_size, device, store)
+    with torch.inference_mode():
+        while (step := runner.tp.recv_step(runner.block_size)) is not None:
+            runner.forward(step.input_ids, step.positions, step.layout)
