@@ -43,7 +43,7 @@ def layer_bounds(num_layers: int, num_groups: int, group: int) -> tuple[int, int
     return group * num_layers // num_groups, (group + 1) * num_layers // num_groups
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     request: Request
     num_new_tokens: int
@@ -55,7 +55,8 @@ class ScheduledSeq:
     @property
     def samples(self) -> bool:
         """Whether this step completes the request's known tokens, so a token is sampled."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+        request = self.request
+        return request.num_computed_tokens + self.num_new_tokens == len(request.all_token_ids)
 
 
 @dataclass
@@ -145,20 +146,21 @@ class Batcher:
         plan = StepPlan()
         layered = self.prefill_schedule == "layered"
         budget = self.token_budget if self.prefill_schedule == "chunked" else self.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and (budget > 0 or layered):
-            request = self.running[i]
-            num_new = request.num_tokens - request.num_computed_tokens
-            if self.prefill_schedule == "chunked":
-                num_new = min(num_new, budget)
-            while not self.kv.allocate_slots(request, num_new):
-                victim = self.running.pop()
+        i, running, seqs = 0, self.running, plan.seqs
+        chunked, allocate = self.prefill_schedule == "chunked", self.kv.allocate_slots
+        while i < len(running) and (budget > 0 or layered):
+            request = running[i]
+            num_new = len(request.all_token_ids) - request.num_computed_tokens
+            if chunked and num_new > budget:
+                num_new = budget
+            while not allocate(request, num_new):
+                victim = running.pop()
                 self._preempt(victim)
                 plan.preempted.append(victim)
                 if victim is request:
                     break
             else:
-                plan.seqs.append(ScheduledSeq(request, num_new))
+                seqs.append(ScheduledSeq(request, num_new))
                 budget -= num_new
                 i += 1
         if plan.preempted:

@@ -60,6 +60,10 @@ class Request:
         # with params.prompt_logprobs: one per prompt token as the prefill computes them (the first has none)
         self.prompt_logprobs: list[TokenLogprobs | None] = [None]
         self.timeline = Timeline() if arrival_s is None else Timeline(arrival_s=arrival_s)
+        room = max_model_len - len(self.prompt_token_ids)
+        self.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        self._stops = (() if params.ignore_eos else tuple(eos_token_ids)) + tuple(params.stop_token_ids)
+        self._min_tokens = params.min_tokens
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -83,21 +87,13 @@ class Request:
         token is computed (never taken from the prefix cache)."""
         return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
-    @property
-    def max_tokens(self) -> int:
-        room = self.max_model_len - self.num_prompt_tokens
-        return room if self.params.max_tokens is None else min(self.params.max_tokens, room)
-
     def append_token(self, token_id: int) -> RequestStatus | None:
         """Adds a sampled token; returns the finished status it causes, if any."""
-        ids, params = self.all_token_ids, self.params  # (once per token per request: kept lean)
+        ids = self.all_token_ids  # (once per token per request: kept lean)
         ids.append(token_id)
         n = len(ids) - len(self.prompt_token_ids)
-        if n >= params.min_tokens:
-            if not params.ignore_eos and token_id in self.eos_token_ids:
-                return RequestStatus.FINISHED_STOPPED
-            if token_id in params.stop_token_ids:
-                return RequestStatus.FINISHED_STOPPED
+        if n >= self._min_tokens and token_id in self._stops:
+            return RequestStatus.FINISHED_STOPPED
         if n >= self.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None

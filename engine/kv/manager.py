@@ -51,14 +51,15 @@ class KVCacheManager:
 
         Returns False, changing nothing, when the pool has no room.
         """
+        end = request.num_computed_tokens + num_new_tokens
+        if not computed_blocks and end <= len(request.block_ids) * self.block_size and (
+                not self.enable_prefix_caching or request.kv_predicted  # a decode within its last block:
+                or end // self.block_size <= request.num_registered_blocks):  # nothing to do
+            return True
         computed_blocks = computed_blocks or []
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         total = self.blocks_needed(num_computed + num_new_tokens)
         need = total - len(request.block_ids) - len(computed_blocks)
-        if need <= 0 and not computed_blocks and (  # a decode within its last block: nothing to do
-                not self.enable_prefix_caching or request.kv_predicted
-                or (num_computed + num_new_tokens) // self.block_size <= request.num_registered_blocks):
-            return True
         if need > self.pool.num_free - self.pool.num_evictable(computed_blocks):
             return False
         self.pool.take(computed_blocks)

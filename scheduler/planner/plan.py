@@ -13,7 +13,8 @@ DistServe's placement search (../shared/TECHNIQUES.md), over the simulator
    `attainment` of requests meet their SLOs is bisected between 0 and twice the instance's
    analytic capacity (`capacity`), and a simulation stops as soon as its verdict is certain
    (too many requests missed an SLO, or it kept pace and enough met them). The searches run
-   side by side in processes (scheduler/planner/search.py).
+   side by side in processes as their inputs come (scheduler/planner/search.py); a slower
+   KV link's are capped by the fastest link's goodputs.
 3. For N devices, the prefill:decode split maximising min(p * goodput_p, d * goodput_d) is
    chosen, either within each node (KV over NVLink, the unit replicated per node) or across
    the cluster (KV over the inter-node network), whichever carries more.
@@ -152,7 +153,7 @@ class Planner:
         requests, sim = workload_requests(self.config, rate), self.sim
         transfer = self.transfer_s_per_token(transfer_gbps)
         if kind == "prefill":  # one-token requests: TTFT only, the transfer counted in full
-            requests = [replace(r, output_len=1) for r in requests]
+            requests = [SimRequest(r.arrival_s, r.prompt_len, 1) for r in requests]
             # room for every admitted prompt at once: a prefill instance never waits for blocks
             room = sim.max_num_seqs * -(-self.config.max_model_len // sim.block_size)
             sim = replace(sim, transfer_s_per_token=transfer, num_blocks=max(sim.num_blocks, room))
@@ -200,6 +201,10 @@ class Planner:
         def meets(rate: float) -> bool:
             tick()
             return self.attainment(s.kind, rate, s.gbps, s.prefill_goodput, s.schedule, early=True) >= target
+        if s.cap is not None:  # known not to exceed the cap: at it, or bisected below it
+            if s.cap <= 0 or meets(s.cap):
+                return max(s.cap, 0.0)
+            return self.bisect(meets, 0.0, s.cap)
         return self.max_rate(meets, hi=2 * self.capacity(s))
 
     def max_rate(self, meets: Callable[[float], bool], iterations: int = 7, hi: float = 0.5) -> float:
@@ -210,22 +215,47 @@ class Planner:
             lo, hi = hi, hi * 2
             if hi > 1e5:
                 return lo
+        return self.bisect(meets, lo, hi, iterations)
+
+    @staticmethod
+    def bisect(meets: Callable[[float], bool], lo: float, hi: float, iterations: int = 7) -> float:
+        """The highest rate found to meet in [lo, hi), lo meeting and hi not."""
         for _ in range(iterations):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if meets(mid) else (lo, mid)
         return lo
 
     def goodputs(self, links: Sequence[float | None], searches: Searches) -> dict[float | None, Goodput]:
-        """One instance's goodput per kind over each KV link (colocated, which has none, once)."""
-        links = list(dict.fromkeys(links))
-        first = [Search("prefill", g) for g in links] + [Search("colocated", schedule=n) for n in COLOCATED_SCHEDULES]
-        rates = searches.run(first)
-        prefill = dict(zip(links, rates))
-        by_schedule = dict(zip(COLOCATED_SCHEDULES, rates[len(links):]))
-        fed = [g for g in links if prefill[g] > 0]  # no prefill instance to feed decode otherwise
-        decode = dict(zip(fed, searches.run([Search("decode", g, prefill_goodput=prefill[g]) for g in fed])))
+        """One instance's goodput per kind over each KV link (colocated, which has none, once).
+        The fastest link is searched first; a slower link carries at most what it does, so
+        its searches are capped by those results (one simulation when it carries as much)."""
+        links = sorted(dict.fromkeys(links), key=lambda g: -math.inf if g is None else -g)
+        fastest, found, started = links[0], {}, set()
+
+        def follow(done: Search, goodput: float) -> list[Search]:
+            found[done.kind, done.gbps] = goodput
+            ready = []
+            if done.kind == "prefill" and done.gbps == fastest:
+                ready += [Search("prefill", g, cap=goodput) for g in links[1:]]
+            for g in links:  # a decode search once its link's prefill goodput (and the fastest decode's) is known
+                prefill = found.get(("prefill", g))
+                if prefill is None or g in started or (g != fastest and ("decode", fastest) not in found):
+                    continue
+                started.add(g)
+                if prefill > 0:
+                    ready.append(Search("decode", g, prefill_goodput=prefill,
+                                        cap=None if g == fastest else found["decode", fastest]))
+                else:  # no prefill instance to feed decode
+                    found["decode", g] = 0.0
+            return ready
+        results = searches.run([Search("prefill", fastest)] + [Search("colocated", schedule=n) for n in COLOCATED_SCHEDULES],
+                               follow)
+        by_schedule = {s.schedule: rate for s, rate in results.items() if s.kind == "colocated"}
+        by_schedule = {name: by_schedule[name] for name in COLOCATED_SCHEDULES}
+        rate = {(s.kind, s.gbps): r for s, r in results.items()}
         best = max(by_schedule, key=lambda name: (by_schedule[name], name == "chunked"))
-        return {g: Goodput(prefill[g], decode.get(g, 0.0), by_schedule[best], best, by_schedule) for g in links}
+        return {g: Goodput(rate["prefill", g], rate.get(("decode", g), 0.0), by_schedule[best], best, by_schedule)
+                for g in links}
 
     def goodput(self, transfer_gbps: float | None) -> Goodput:
         """goodputs for one link, in this process."""

@@ -1,11 +1,12 @@
 """The goodput searches of `pdserve plan`, side by side in processes.
 
 A search finds the highest rate one instance of a kind (prefill, decode, colocated under a
-schedule) carries within the SLOs, by bisection over simulations (Planner.max_rate). The
-searches that do not depend on each other run at once, one per process of a pool of `jobs`
-(prefill over each KV link and colocated under each schedule first, then decode, which is
-fed at the prefill goodput). Each search is deterministic (seeded arrivals and lengths), so
-the plan is the same with 1 job or many. Every simulation counts once in a counter shared
+schedule) carries within the SLOs, by bisection over simulations (Planner.max_rate). Searches
+run as soon as what they depend on is known, one per process of a pool of `jobs`, decode
+first (the longest), then prefill, then colocated: a decode search is fed at its link's
+prefill goodput, and a slower link's search is capped by the fastest link's result. Each
+search is deterministic (seeded arrivals and lengths, inputs from deterministic searches),
+so the plan is the same with 1 job or many. Every simulation counts once in a counter shared
 with the parent, which shows progress.
 """
 
@@ -30,6 +31,12 @@ class Search:
     gbps: float | None = None      # the KV link (prefill, decode)
     schedule: str = "chunked"      # colocated: the prefill schedule
     prefill_goodput: float = 0.0   # decode: the rate the prefill side carries
+    cap: float | None = None       # the goodput is known not to exceed this (a faster link's)
+
+    @property
+    def priority(self) -> int:
+        """The order ready searches start in: the longest first."""
+        return ("decode", "prefill", "colocated").index(self.kind)
 
     @property
     def label(self) -> str:
@@ -39,6 +46,7 @@ class Search:
 
 
 Progress = Callable[[int, int, int], None]  # (simulations so far, searches done, searches in all)
+Follow = Callable[[Search, float], Sequence[Search]]  # a search's goodput -> the searches it makes ready
 
 _planner: Planner | None = None
 _counter = None
@@ -73,25 +81,41 @@ class Searches:
             self._counter = ctx.Value("q", 0)
             self._pool = ProcessPoolExecutor(self.jobs, ctx, initializer=_init, initargs=(planner, self._counter))
 
-    def run(self, searches: Sequence[Search]) -> list[float]:
-        """Each search's goodput, in order."""
-        self._total += len(searches)
-        if self._pool is None:
-            out = []
-            for s in searches:
-                out.append(self.planner.search(s, self._tick))
-                self._done += 1
-            return out
-        futures: list[Future] = [self._pool.submit(_run, s) for s in searches]
-        while True:
-            done = sum(f.done() for f in futures)
+    def run(self, first: Sequence[Search], follow: Follow = lambda search, goodput: ()) -> dict[Search, float]:
+        """Every search's goodput: `first`, and each that `follow` makes ready as results come."""
+        ready, results = list(first), {}
+        self._total += len(ready)
+        running: dict[Future, Search] = {}
+        while ready or running:
+            ready.sort(key=lambda s: s.priority)
+            if self._pool is None:
+                search = ready.pop(0)
+                self._finished(search, self.planner.search(search, self._tick), results, ready, follow)
+                continue
+            while ready and len(running) < self.jobs:
+                search = ready.pop(0)
+                running[self._pool.submit(_run, search)] = search
             self.num_simulations = self._counter.value
             if self.progress:
-                self.progress(self.num_simulations, self._done + done, self._total)
-            if done == len(futures):
-                self._done += done
-                return [f.result() for f in futures]
-            time.sleep(POLL_S)
+                self.progress(self.num_simulations, self._done, self._total)
+            done = [f for f in running if f.done()]
+            if not done:
+                time.sleep(POLL_S)
+            for future in done:
+                self._finished(running.pop(future), future.result(), results, ready, follow)
+        if self._counter is not None:
+            self.num_simulations = self._counter.value
+        if self.progress:
+            self.progress(self.num_simulations, self._done, self._total)
+        return results
+
+    def _finished(self, search: Search, goodput: float, results: dict[Search, float], ready: list[Search],
+                  follow: Follow) -> None:
+        results[search] = goodput
+        self._done += 1
+        more = list(follow(search, goodput))
+        self._total += len(more)
+        ready.extend(more)
 
     def _tick(self) -> None:
         self.num_simulations += 1

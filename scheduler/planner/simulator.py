@@ -20,6 +20,7 @@ so `bench.metrics.summarize` reports simulated and measured runs the same way.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -162,12 +163,17 @@ class Simulator:
 
     # events
 
+    @functools.lru_cache(maxsize=None)  # noqa: B019 (one simulator per run: its cache goes with it)
+    def _params(self, max_tokens: int) -> SamplingParams:
+        """Greedy, EOS ignored: every request runs to its output length (made once per length)."""
+        return SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+
     def _at(self, t: float, fn, *args) -> None:
         heapq.heappush(self._events, (t, next(self._order), fn, args))
 
     def _arrive(self, index: int, r: SimRequest) -> None:
         record = self._records[str(index)]
-        params = SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0)
+        params = self._params(r.output_len)
         prompt = [index] + [0] * (r.prompt_len - 1)  # no two prompts share a prefix
         request = Request(str(index), prompt, params, (), self.config.max_model_len)
         if self.config.colocated:
@@ -200,8 +206,7 @@ class Simulator:
                 return
             decode.waiting_for_blocks.popleft()
             request.status = RequestStatus.WAITING_FOR_KV
-            twin = Request(request.request_id, request.prompt_token_ids, SamplingParams(
-                max_tokens=1, ignore_eos=True, temperature=0.0), (), self.config.max_model_len)
+            twin = Request(request.request_id, request.prompt_token_ids, self._params(1), (), self.config.max_model_len)
             self._decode_side[twin.request_id] = (twin, request, decode)
             prefill.batcher.add(twin)
             self._kick(prefill)
@@ -245,14 +250,16 @@ class Simulator:
 
     def _step_done(self, worker: _Worker, plan: StepPlan) -> None:
         worker.busy_until = None
-        sampling = [seq.request for seq in plan.sampling]  # before the counts move, as in Engine.step
-        for seq in plan.done:
+        done = plan.done
+        sampling = [seq.request for seq in done if seq.samples]  # before the counts move, as in Engine.step
+        for seq in done:
             seq.request.num_computed_tokens += seq.num_new_tokens
+        decode_side = self._decode_side
         for request in sampling:
             status = request.append_token(1)
-            twin, decode_request, decode = self._decode_side.get(request.request_id, (None, None, None))
+            twin, decode_request, decode = decode_side.get(request.request_id) or (None, None, None)
             if twin is request:  # a prefill for another worker's decode
-                del self._decode_side[request.request_id]
+                del decode_side[request.request_id]
                 self._finish(worker, request, status)
                 self._at(self.now + self.config.transfer_s_per_token * request.num_prompt_tokens,
                          self._landed, decode, decode_request)
