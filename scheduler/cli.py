@@ -103,6 +103,9 @@ def serve(config: ServeConfig, engine_config: EngineConfig) -> None:
     if engine_config.engine == EngineBackend.VLLM and config.mode == ServeMode.SEMI_PD:
         raise ValueError("--mode semi-pd runs pdserve's own engine only (its two streams share one KV pool); "
                          "with --engine vllm use --mode colocated or disagg")
+    if engine_config.tensor_parallel_size > 1 and config.mode != ServeMode.COLOCATED:
+        raise ValueError(f"--tensor-parallel-size {engine_config.tensor_parallel_size} serves --mode colocated; "
+                         f"--mode {config.mode}'s workers run one rank each")
     if config.mode in (ServeMode.COLOCATED, ServeMode.SEMI_PD):
         app, loop = build_server(engine_config, config)
         log.info("serving %s on http://%s:%d (%s, %d KV blocks)", app.state.pd.model_name, config.host, config.port,

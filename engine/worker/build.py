@@ -70,6 +70,8 @@ def build_worker(worker_id: str, role: Role, engine_config: EngineConfig, host: 
     """A worker serving on host at a free port, its engine loop running."""
     if role not in (Role.PREFILL, Role.DECODE):
         raise ValueError(f"a worker starts in the prefill or the decode pool, not {role!r}")
+    if engine_config.tensor_parallel_size > 1:
+        raise ValueError("prefill and decode workers run one rank each (--tensor-parallel-size 1)")
     engine = build_engine(engine_config, disaggregated=True)
     info = engine.info
     loop = EngineLoop(engine)

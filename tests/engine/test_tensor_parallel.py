@@ -112,3 +112,41 @@ def test_a_rank_killed_fails_its_requests_within_seconds_and_the_group_starts_ag
         procs = list(engine.runner.ranks.procs)
         loop.shutdown()
     assert all(p.exitcode == 0 for p in procs)
+
+
+def test_serving_colocated_over_two_ranks_matches_one(tiny_llama):
+    """`pdserve serve --mode colocated --tensor-parallel-size 2`: the OpenAI server's greedy text
+    equals the single-rank engine's; stopping the server stops the ranks."""
+    import openai
+
+    from engine import LLM
+    from engine.sampling_params import SamplingParams
+
+    from helpers import LiveServer, assert_no_leak
+    config = EngineConfig(model=str(tiny_llama), num_kv_blocks=64, max_model_len=256, served_model_name="tiny",
+                          tensor_parallel_size=2)
+    server = LiveServer(config)
+    procs = list(server.engine.runner.ranks.procs)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        out = client.completions.create(model="tiny", prompt=["The quick brown fox", "Paris is"], max_tokens=12,
+                                        temperature=0, extra_body={"ignore_eos": True})
+        llm = LLM(model=str(tiny_llama), num_kv_blocks=64, max_model_len=256)
+        offline = llm.generate(["The quick brown fox", "Paris is"],
+                               SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [o.text for o in offline]
+    finally:
+        server.stop()
+    assert_no_leak(server.engine)
+    assert all(p.exitcode == 0 for p in procs)
+
+
+def test_disaggregated_and_semi_pd_serving_refuse_more_than_one_rank(tiny_llama):
+    from scheduler.cli import serve
+    from scheduler.config import ServeConfig
+
+    from helpers import free_port
+    config = EngineConfig(model=str(tiny_llama), tensor_parallel_size=2)
+    for mode in ("disagg", "semi-pd"):
+        with pytest.raises(ValueError, match="serves --mode colocated"):
+            serve(ServeConfig(mode=mode, port=free_port()), config)
