@@ -56,7 +56,8 @@ class Ranks:
         store = dist.TCPStore(HOST, port, world_size=self.size, is_master=True, wait_for_workers=False,
                               timeout=timedelta(seconds=JOIN_TIMEOUT_S), master_listen_fd=fd)
         deadline = time.monotonic() + JOIN_TIMEOUT_S
-        while store.num_keys() < self.size:  # each rank adds a key once its shard is loaded
+        loaded = [f"loaded-{rank}" for rank in range(1, self.size)]
+        while not store.check(loaded):  # each rank sets its key once its shard is loaded
             dead = [p for p in self.procs if not p.is_alive()]
             if dead:
                 self._kill()
@@ -105,7 +106,7 @@ def follow(config: EngineConfig, model_path: str, rank: int, port: int, cores: l
     device = runner.device if runner.device.type != "cuda" else torch.device("cuda", torch.cuda.current_device())
     store = dist.TCPStore(HOST, port, world_size=config.tensor_parallel_size, is_master=False,
                           timeout=timedelta(seconds=JOIN_TIMEOUT_S))
-    store.add(f"loaded-{rank}", 1)
+    store.set(f"loaded-{rank}", "1")
     runner.tp = connect(HOST, rank, config.tensor_parallel_size, device, store)
     with torch.inference_mode():
         while (step := runner.tp.recv_step(runner.block_size)) is not None:
