@@ -63,7 +63,6 @@ class Request:
         room = max_model_len - len(self.prompt_token_ids)
         self.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         self._stops = (() if params.ignore_eos else tuple(eos_token_ids)) + tuple(params.stop_token_ids)
-        self._min_tokens = params.min_tokens
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -92,7 +91,7 @@ class Request:
         ids = self.all_token_ids  # (once per token per request: kept lean)
         ids.append(token_id)
         n = len(ids) - len(self.prompt_token_ids)
-        if n >= self._min_tokens and token_id in self._stops:
+        if n >= self.params.min_tokens and token_id in self._stops:
             return RequestStatus.FINISHED_STOPPED
         if n >= self.max_tokens:
             return RequestStatus.FINISHED_LENGTH

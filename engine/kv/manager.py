@@ -52,9 +52,10 @@ class KVCacheManager:
         Returns False, changing nothing, when the pool has no room.
         """
         end = request.num_computed_tokens + num_new_tokens
+        # a decode within its last block, no block to fill or register: nothing to do
         if not computed_blocks and end <= len(request.block_ids) * self.block_size and (
-                not self.enable_prefix_caching or request.kv_predicted  # a decode within its last block:
-                or end // self.block_size <= request.num_registered_blocks):  # nothing to do
+                not self.enable_prefix_caching or request.kv_predicted
+                or end // self.block_size <= request.num_registered_blocks):
             return True
         computed_blocks = computed_blocks or []
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size

@@ -114,8 +114,8 @@ def _part(name: str, tensor: torch.Tensor, shard: Shard) -> torch.Tensor | None:
     """The shard's part of the HF-named tensor (a view), or None when the rank holds none of it:
     query heads, KV heads and MLP width split (column-parallel rows, row-parallel columns),
     experts whole or not at all; everything else (embeddings, norms, router) replicated."""
-    match = _SHARDED.match(name)
-    if shard.size == 1 or not match:
+    match = _SHARDED.match(name) if shard.size > 1 else None
+    if match is None:
         return tensor
     expert, shared, proj = match.groups()
     d = shard.cfg.head_dim

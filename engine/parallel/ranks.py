@@ -96,11 +96,10 @@ class Ranks:
 
 def follow(config: EngineConfig, model_path: str, rank: int, port: int, cores: list[int]) -> None:
     """A rank's process: its shard, then every step rank 0 sends, until it says stop."""
-    from engine.runner import ModelRunner
+    from engine.runner import ModelRunner, resolve_device
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores)
-    if torch.device(config.device if config.device != "auto" else "cpu").type == "cuda" or (
-            config.device == "auto" and torch.cuda.is_available()):
+    if resolve_device(config.device).type == "cuda":
         torch.cuda.set_device(rank)  # one device per rank
     runner = ModelRunner(config, Path(model_path), tp_rank=rank)
     device = runner.device if runner.device.type != "cuda" else torch.device("cuda", torch.cuda.current_device())

@@ -250,8 +250,7 @@ class Planner:
             return ready
         results = searches.run([Search("prefill", fastest)] + [Search("colocated", schedule=n) for n in COLOCATED_SCHEDULES],
                                follow)
-        by_schedule = {s.schedule: rate for s, rate in results.items() if s.kind == "colocated"}
-        by_schedule = {name: by_schedule[name] for name in COLOCATED_SCHEDULES}
+        by_schedule = {name: results[Search("colocated", schedule=name)] for name in COLOCATED_SCHEDULES}
         rate = {(s.kind, s.gbps): r for s, r in results.items()}
         best = max(by_schedule, key=lambda name: (by_schedule[name], name == "chunked"))
         return {g: Goodput(rate["prefill", g], rate.get(("decode", g), 0.0), by_schedule[best], best, by_schedule)

@@ -20,7 +20,6 @@ so `bench.metrics.summarize` reports simulated and measured runs the same way.
 
 from __future__ import annotations
 
-import functools
 import heapq
 import itertools
 import math
@@ -112,6 +111,7 @@ class Simulator:
         self._order = itertools.count()
         self.now = 0.0
         self.num_events = 0
+        self._params_by_len: dict[int, SamplingParams] = {}
 
     def run(self, requests: list[SimRequest], stop: StopEarly | None = None) -> list[RequestRecord]:
         """Each request's record; with stop, the run may end once its verdict is certain
@@ -163,10 +163,13 @@ class Simulator:
 
     # events
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 (one simulator per run: its cache goes with it)
     def _params(self, max_tokens: int) -> SamplingParams:
         """Greedy, EOS ignored: every request runs to its output length (made once per length)."""
-        return SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+        params = self._params_by_len.get(max_tokens)
+        if params is None:
+            params = self._params_by_len[max_tokens] = SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                                                                      temperature=0.0)
+        return params
 
     def _at(self, t: float, fn, *args) -> None:
         heapq.heappush(self._events, (t, next(self._order), fn, args))
@@ -292,6 +295,7 @@ class Simulator:
             else:
                 self.num_met += 1
                 self._check_met()
+
     def _finish(self, worker: _Worker, request: Request, status: RequestStatus) -> None:
         if request.status is RequestStatus.WAITING_FOR_KV:  # admitted from a landing, never batched
             worker.kv.free(request)
