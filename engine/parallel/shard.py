@@ -24,15 +24,15 @@ def check(cfg: ModelConfig, size: int) -> None:
         return
     problems = []
     if cfg.num_heads % size:
-        problems.append(f"its {cfg.num_heads} attention heads")
+        problems.append(f"{cfg.num_heads} attention heads")
     if cfg.num_kv_heads % size and size % cfg.num_kv_heads:
-        problems.append(f"its {cfg.num_kv_heads} KV heads (a degree must divide them or be a multiple of them)")
+        problems.append(f"{cfg.num_kv_heads} KV heads (a degree must divide them or be a multiple of them)")
     if any(not cfg.is_moe_layer(i) for i in range(cfg.num_layers)) and cfg.intermediate_size % size:
-        problems.append(f"its MLP width {cfg.intermediate_size}")
+        problems.append(f"an MLP width of {cfg.intermediate_size}")
     if cfg.shared_expert_intermediate_size % size:
-        problems.append(f"its shared expert's width {cfg.shared_expert_intermediate_size}")
+        problems.append(f"a shared expert width of {cfg.shared_expert_intermediate_size}")
     if problems:
-        raise ValueError(f"tensor-parallel size {size} does not divide {cfg.architecture}'s " + ", ".join(problems))
+        raise ValueError(f"tensor-parallel size {size} does not divide this {cfg.architecture} model: " + ", ".join(problems))
 
 
 @dataclass(frozen=True)
