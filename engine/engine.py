@@ -11,13 +11,14 @@ import time
 
 from engine.batcher import Batcher, StepPlan
 from engine.config import EngineConfig
-from engine.errors import RequestError
+from engine.errors import EngineError, RequestError
 from engine.kv.exporter import LayerExporter
 from engine.kv.lent import LentBlocks
 from engine.kv.manager import KVCacheManager
 from engine.kvpred.prefill import PredictedPrefill
 from engine.models.registry import resolve_model_path
 from engine.outputs import EngineInfo, EngineStats, StepOutput, TokenLogprobs
+from engine.parallel.kv_link import EXPECT, FORGET, LINK, UNLINK, KVLink
 from engine.request import Request, RequestStatus, validate_request
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
@@ -58,7 +59,7 @@ class Engine:
         self.info = EngineInfo(self.max_model_len, self.model_config.vocab_size, config.block_size, self.num_kv_blocks,
                                (config.block_size, self.model_config.num_kv_heads, self.model_config.head_dim),
                                str(cache.dtype).removeprefix("torch."), str(self.runner.device),
-                               self.kv_predictor is not None)
+                               self.kv_predictor is not None, config.tensor_parallel_size)
         self.prefill_s_per_token = 0.0  # moving average over steps with at least PREFILL_SAMPLE_TOKENS prompt tokens
         self._ready: list[StepOutput] = []  # first tokens of admitted prefilled requests
 
@@ -134,22 +135,33 @@ class Engine:
     # decode side of disaggregation: reserve, receive the prompt's KV, then decode
 
     def reserve_prefilled(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                          arrival_s: float | None = None) -> int | None:
+                          arrival_s: float | None = None, transfer_id: int = 0) -> int | None:
         """Reserves blocks for a prompt (validated, n=1) that a prefill engine will compute into
         them. Returns the leading blocks cached here already, or None, changing nothing, when
-        the pool has no room."""
+        the pool has no room. transfer_id: what its KV travels under (the other ranks of a
+        tensor-parallel engine receive their heads by it)."""
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
         if params.n != 1:
             raise RequestError("disaggregated serving supports n=1 only", param="n")
         request = Request(request_id, prompt_token_ids, params, self.model_config.eos_token_ids,
                           self.max_model_len, arrival_s=arrival_s)
-        if not self.kv.reserve(request, request.num_prompt_tokens):
-            return None
+        if self.runner.ranks_down or not self.kv.reserve(request, request.num_prompt_tokens):
+            return None  # (the next step starts a tensor-parallel group that lost a rank again)
         request.status = RequestStatus.WAITING_FOR_KV
         request.timeline.reserved_s = time.monotonic()
         self.requests[request_id] = [request]
+        if transfer_id:
+            request.transfer_id = transfer_id
+            self.runner.tell_ranks(EXPECT, [transfer_id, *request.block_ids])
         return request.num_cached_tokens // self.config.block_size
+
+    def open_kv_link(self, link: KVLink) -> None:
+        """The other ranks of a tensor-parallel engine join a KV link this rank is joining."""
+        self.runner.tell_ranks(LINK, link.encode())
+
+    def close_kv_link(self, link_no: int) -> None:
+        self.runner.tell_ranks(UNLINK, [link_no])
 
     def allocated(self) -> list[tuple[str, int]]:
         return []  # reserve_prefilled allocates at once
@@ -173,7 +185,8 @@ class Engine:
             return False
         blocks = request.block_ids[chunk.first_block:chunk.first_block + chunk.num_blocks]
         assert len(blocks) == chunk.num_blocks, "chunk beyond the reserved blocks"
-        self.runner.kv_cache.import_blocks(chunk.layer, blocks, chunk.packed)
+        if chunk.num_blocks:
+            self.runner.kv_cache.import_blocks(chunk.layer, blocks, chunk.packed, chunk.heads)
         t = request.timeline
         t.kv_last_s = time.monotonic()
         t.kv_first_s = t.kv_first_s or t.kv_last_s
@@ -252,12 +265,14 @@ class Engine:
 
     def has_work(self) -> bool:
         """Whether a step would do anything (a request waiting for its KV gives none)."""
-        return self.batcher.num_unfinished > 0 or bool(self._ready)
+        return self.batcher.num_unfinished > 0 or bool(self._ready) or self.runner.ranks_down
 
     def step(self) -> list[StepOutput]:
-        if self.runner.ranks_down:  # a tensor-parallel rank died: its requests failed with the step it broke
+        if self.runner.ranks_down:  # a tensor-parallel rank died, and the KV every request held there with it
             self.runner.restart_ranks()
             self.kv.pool.reset_prefix_cache()
+            if self.requests:
+                raise EngineError("a tensor-parallel rank died; the group has started again")
         if self._ready:  # first tokens of admitted prefilled requests go out before the next forward
             outputs, self._ready = self._ready, []
             return outputs
@@ -273,7 +288,8 @@ class Engine:
         exporter = self.exporter
         if exporter is not None:
             exporter.plan(plan)
-        result = self.runner.execute(plan, exporter.layer_done if exporter and exporter.runs else None)
+        runs = exporter.rank_runs() if exporter is not None and self.runner.ranks is not None else []
+        result = self.runner.execute(plan, exporter.layer_done if exporter and exporter.runs else None, runs)
         self._measure_prefill(plan, time.monotonic() - now)
         for seq in plan.done:
             seq.request.num_computed_tokens += seq.num_new_tokens
@@ -316,6 +332,8 @@ class Engine:
             self.prefill_s_per_token = sample if old == 0 else 0.8 * old + 0.2 * sample
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request.status is RequestStatus.WAITING_FOR_KV and request.transfer_id:
+            self.runner.tell_ranks(FORGET, [request.transfer_id])  # before its blocks go to another request
         self.batcher.finish(request, status)
         self.runner.sampler.release(request.request_id)
         siblings = self.requests.get(request.parent_id, [])
@@ -332,4 +350,4 @@ class Engine:
                            self.num_kv_blocks, self.kv.stats.queries_tokens, self.kv.stats.hit_tokens,
                            self.batcher.num_pending_prefill_tokens, reads.dense_bytes, reads.expert_bytes,
                            self.prefill_s_per_token, self.kv_predictor.cost if self.kv_predictor else 0.0,
-                           self.num_predicted_prefills)
+                           self.num_predicted_prefills, self.runner.ranks.num_restarts if self.runner.ranks else 0)

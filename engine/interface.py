@@ -23,6 +23,7 @@ from engine.outputs import EngineInfo, EngineStats, StepOutput, TokenLogprobs
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from engine.parallel.kv_link import KVLink
     from engine.transfer.base import KVSink, LayerChunk
 
 
@@ -67,10 +68,17 @@ class WorkerEngine(Protocol):
         """Makes this a prefill engine: every prompt's KV goes to sink, layer by layer."""
 
     def reserve_prefilled(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                          arrival_s: float | None = None) -> int | None:
+                          arrival_s: float | None = None, transfer_id: int = 0) -> int | None:
         """Holds blocks for a prompt a prefill engine will compute into them. Returns how many
         leading blocks are cached here already (not to be sent); None, changing nothing, when
-        the pool has no room; or DEFERRED when the engine allocates them in its next step."""
+        the pool has no room; or DEFERRED when the engine allocates them in its next step.
+        transfer_id: what the KV travels under (an engine of several ranks tells the others)."""
+
+    def open_kv_link(self, link: KVLink) -> None:
+        """An engine of several ranks has the others join a KV link its first rank joins."""
+
+    def close_kv_link(self, link_no: int) -> None:
+        """... and leave it."""
 
     def allocated(self) -> list[tuple[str, int]]:
         """Requests answered DEFERRED whose blocks are now held, each with how many leading

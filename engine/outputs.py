@@ -98,6 +98,7 @@ class EngineStats:
     prefill_s_per_token: float = 0.0  # measured: seconds per token of steps that prefill (moving average)
     kv_prediction_cost: float = 0.0   # predicted prefill's FLOPs as a share of full prefill's; 0: no predictor
     num_predicted_prefills: int = 0   # since start
+    num_rank_restarts: int = 0  # times a tensor-parallel group started again (its KV links with it)
 
 
 class RemoteTimeline(Timeline):
@@ -123,3 +124,4 @@ class EngineInfo:
     kv_dtype: str  # torch dtype name of the KV cache, e.g. "float32"
     device: str  # e.g. "cpu", "cuda:0"
     has_kv_predictor: bool = False
+    tensor_parallel_size: int = 1  # ranks the model and its KV cache are split across

@@ -55,6 +55,7 @@ class Request:
         self.num_sent_blocks = 0
         self.kv_predicted = bool(params.kv_prediction)  # prompt KV from a KV predictor: never prefix-cached
         self.kv_landed = False  # decode side: the prompt's last layer chunk has been written
+        self.transfer_id = 0  # decode side: what its prompt's KV travels under (0: none named)
         self.first_token: tuple[int, TokenLogprobs | None] | None = None  # decode side, from prefill
         self.logprobs: list[TokenLogprobs] = []
         # with params.prompt_logprobs: one per prompt token as the prefill computes them (the first has none)

@@ -31,7 +31,7 @@ from engine.models.loader import load_model, open_weights
 from engine.models.moe import WeightReads
 from engine.outputs import TokenLogprobs
 from engine.parallel import shard as tp_shard
-from engine.parallel.group import TPGroup
+from engine.parallel.group import GroupError, TPGroup
 from engine.sampler import Sampler, SampleResult
 from engine.split import ComputeSplit
 
@@ -200,16 +200,29 @@ class ModelRunner:
                 torch.tensor(positions, dtype=torch.long, device=dev), layout)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, layer_done: Callable[[int], None] | None = None) -> SampleResult | None:
+    def execute(self, plan: StepPlan, layer_done: Callable[[int], None] | None = None,
+                runs: list[int] = ()) -> SampleResult | None:
         """Runs one step; returns tokens for the sequences that sample, in `plan.sampling` order.
-        layer_done(i) is called as soon as layer i has written its KV (layer-wise transfer)."""
+        layer_done(i) is called as soon as layer i has written its KV (layer-wise transfer);
+        runs: the KV the other ranks of a tensor-parallel group ship as layers finish
+        (engine/parallel/kv_link.py encode_runs)."""
         with self.split.use(self.phase) if self.split else contextlib.nullcontext():
-            return self._execute(plan, layer_done)
+            return self._execute(plan, layer_done, runs)
 
     @property
     def ranks_down(self) -> bool:
-        """Tensor parallel: a rank died (a collective failed), so the group must start again."""
-        return self.ranks is not None and self.tp.broken is not None
+        """Tensor parallel: a rank died (its process is gone, or a collective failed), so the
+        group must start again."""
+        return self.ranks is not None and (self.tp.broken is not None or not self.ranks.alive)
+
+    def tell_ranks(self, kind: int, values: list[int]) -> None:
+        """A control message to the other ranks of a tensor-parallel group (engine/parallel/kv_link.py);
+        none when the group is down (the ranks that start again hold nothing)."""
+        if self.ranks is not None and self.tp.broken is None:
+            try:
+                self.tp.send_control(kind, values)
+            except GroupError:
+                pass  # the next step starts the group again
 
     def restart_ranks(self) -> None:
         """Starts the other ranks again (the KV they held is gone with them: the engine
@@ -218,11 +231,11 @@ class ModelRunner:
         self.tp = self.ranks.group
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout,
-                layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
+                layer_done: Callable[[int], None] | None = None, runs: list[int] = ()) -> torch.Tensor:
         """Hidden states of a flat batch through every layer (rank 0 first hands the step to the
         other ranks of a tensor-parallel group)."""
         if self.ranks is not None:
-            self.tp.send_step(input_ids, positions, layout)
+            self.tp.send_step(input_ids, positions, layout, runs)
         ctx = self._context(positions, layout)
         hidden = self.model.embed(input_ids)
         if layer_done is None:
@@ -238,12 +251,13 @@ class ModelRunner:
             self.ranks.stop()
             self.ranks = None
 
-    def _execute(self, plan: StepPlan, layer_done: Callable[[int], None] | None) -> SampleResult | None:
+    def _execute(self, plan: StepPlan, layer_done: Callable[[int], None] | None,
+                 runs: list[int]) -> SampleResult | None:
         if plan.cohort is not None:
             hidden, layout = self._layered(plan, layer_done)
         else:
             input_ids, positions, layout = self._layout(plan.seqs)
-            hidden = self.forward(input_ids, positions, layout, layer_done)
+            hidden = self.forward(input_ids, positions, layout, layer_done, runs)
         if any(s.request.computing_prompt_logprobs for s in plan.done):
             self._prompt_logprobs(plan, hidden, layout)
         rows = [i for i, s in enumerate(plan.done) if s.samples]

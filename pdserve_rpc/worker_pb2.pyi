@@ -190,18 +190,22 @@ class AbortReply(_message.Message):
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class ConnectRequest(_message.Message):
-    __slots__ = ("decode_worker", "host", "port")
+    __slots__ = ("decode_worker", "host", "port", "decode_tp")
     DECODE_WORKER_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TP_FIELD_NUMBER: _ClassVar[int]
     decode_worker: str
     host: str
     port: int
-    def __init__(self, decode_worker: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+    decode_tp: int
+    def __init__(self, decode_worker: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., decode_tp: _Optional[int] = ...) -> None: ...
 
 class ConnectReply(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("prefill_tp",)
+    PREFILL_TP_FIELD_NUMBER: _ClassVar[int]
+    prefill_tp: int
+    def __init__(self, prefill_tp: _Optional[int] = ...) -> None: ...
 
 class ProgressRequest(_message.Message):
     __slots__ = ("request_id",)

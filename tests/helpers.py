@@ -320,7 +320,13 @@ class FakeEngine:
     def set_kv_sink(self, sink) -> None:
         self.sink = sink
 
-    def reserve_prefilled(self, request_id, prompt_token_ids, params, arrival_s=None) -> int | None:
+    def open_kv_link(self, link) -> None:
+        pass  # one rank
+
+    def close_kv_link(self, link_no) -> None:
+        pass
+
+    def reserve_prefilled(self, request_id, prompt_token_ids, params, arrival_s=None, transfer_id=0) -> int | None:
         self.waiting[request_id] = {"landed": False, "first": None, "max_tokens": params.max_tokens or 1}
         return 0
 

@@ -69,9 +69,15 @@ class KVCache:
         out[1] = packed[1].transpose(1, 2)
         return out
 
-    def import_blocks(self, layer_idx: int, block_ids: Sequence[int], packed: torch.Tensor) -> None:
-        """Writes a token-major buffer (export_blocks' form) into the given blocks of one layer."""
+    def import_blocks(self, layer_idx: int, block_ids: Sequence[int], packed: torch.Tensor,
+                      heads: tuple[int, int] | None = None) -> None:
+        """Writes a token-major buffer (export_blocks' form) into the given blocks of one layer;
+        heads: the run of KV heads it holds (default: all)."""
         index = torch.as_tensor(block_ids, dtype=torch.long, device=self.tensor.device)
+        target = self.tensor[layer_idx]
+        if heads is not None:  # token-major [.., block_size, h, d]; head-major [.., h, block_size, d]
+            dim = 3 if self.layout == KVLayout.TOKEN_MAJOR else 2
+            target = target.narrow(dim, heads[0], heads[1] - heads[0])
         packed = packed.to(self.tensor.dtype)
         if self.layout == KVLayout.HEAD_MAJOR_KT:
             _, n, bs, h, d = packed.shape
@@ -79,4 +85,4 @@ class KVCache:
             stored[0].view(n, h, d, bs).copy_(packed[0].permute(0, 2, 3, 1))
             stored[1].copy_(packed[1].transpose(1, 2))
             packed = stored
-        self.tensor[layer_idx].index_copy_(1, index, packed)
+        target.index_copy_(1, index, packed)

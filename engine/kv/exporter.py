@@ -7,7 +7,8 @@ token (a layered cohort's whole prompt, for the layers of its group). The runner
 the cache for that layer and given to the sink. After the step, blocks that are now full
 count as sent; a partially filled last block goes again with the next chunk. Blocks the
 receiver holds already (`KVSink.blocks_held`: its cached prefix) are never sent, and a
-request nobody awaits (prefilled where it decodes) exports nothing.
+request nobody awaits (prefilled where it decodes) exports nothing. `rank_runs` names the
+same runs for the other ranks of a tensor-parallel engine, which ship their own KV heads.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from engine.batcher import StepPlan
 from engine.kv.cache import KVCache
+from engine.parallel.kv_link import encode_runs
 from engine.transfer.base import KVSink, LayerChunk
 
 
@@ -48,6 +50,12 @@ class LayerExporter:
             if first > last:
                 continue  # this chunk lies within what the receiver holds
             self.runs.append(_Run(r.request_id, r.block_ids[first:last + 1], first, end >= r.num_prompt_tokens))
+
+    def rank_runs(self) -> list[int]:
+        """This step's runs as the other ranks of a tensor-parallel engine read them (those the
+        sink names a link and transfer for)."""
+        named = [(self.sink.transfer(run.request_id), run) for run in self.runs]
+        return encode_runs([(*t, run.first_block, run.prompt_done, run.block_ids) for t, run in named if t is not None])
 
     def layer_done(self, layer: int) -> None:
         self.layer_times_s.append(time.monotonic())

@@ -4,8 +4,11 @@ The group is a ProcessGroupGloo (CPU) or ProcessGroupNCCL (CUDA) over a TCPStore
 hosts on a socket it listens on itself, independent of any global process group. Rank 0
 plans every step; before its forward it broadcasts the step's flat inputs (token ids,
 positions, KV slots, per-sequence query starts, lengths and block tables) to the other ranks,
-which run the same forward on their shard with no round trip through Python RPC. A peer that
-dies closes its sockets, so a collective waiting on it fails at once (`GroupError`).
+which run the same forward on their shard with no round trip through Python RPC; a prefill
+engine's step also names the KV each rank ships as layers finish (its `runs`). Between steps
+rank 0 sends control messages the same way (`Control`: KV links to join, transfers to expect
+or forget). A peer that dies closes its sockets, so a collective waiting on it fails at once
+(`GroupError`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch.distributed as dist
 
 from engine.attention.base import BatchLayout
 
-HEADER_LEN = 4  # kind, tokens, sequences, block-table width
+HEADER_LEN = 5  # kind, tokens, sequences, block-table width, runs (a control message: kind, body length)
 STEP, STOP = 1, 0
 _TAG = 11
 IDLE_TIMEOUT_S = 365 * 24 * 3600.0  # the others wait for rank 0's next step as long as it takes
@@ -33,6 +36,13 @@ class Step:
     input_ids: torch.Tensor
     positions: torch.Tensor
     layout: BatchLayout
+    runs: list[int]  # KV to ship per layer, flat (engine/parallel/links.py reads it)
+
+
+@dataclass
+class Control:
+    kind: int  # engine/parallel/links.py names them; any but STEP and STOP
+    values: list[int]
 
 
 class TPGroup:
@@ -71,33 +81,48 @@ class TPGroup:
             self.broken = e
             raise GroupError(f"a tensor-parallel rank is gone: {e}") from e
 
-    def send_step(self, input_ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout) -> None:
+    def send_step(self, input_ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout,
+                  runs: list[int] = ()) -> None:
         """Rank 0: the step's inputs to every other rank."""
         width = max(len(ids) for ids in layout.block_ids)
         table = [b for ids in layout.block_ids for b in ids + [0] * (width - len(ids))]
-        header = torch.tensor([STEP, input_ids.numel(), len(layout.seq_lens), width], dtype=torch.int64)
+        header = torch.tensor([STEP, input_ids.numel(), len(layout.seq_lens), width, len(runs)], dtype=torch.int64)
         body = torch.cat([input_ids.cpu(), positions.cpu(), layout.slot_mapping.cpu(),
-                          torch.tensor(layout.query_start + layout.seq_lens + table, dtype=torch.int64)])
+                          torch.tensor(layout.query_start + layout.seq_lens + table + list(runs), dtype=torch.int64)])
         self._broadcast(header.to(self.device))
         self._broadcast(body.to(self.device))
 
-    def send_stop(self) -> None:
-        self._broadcast(torch.tensor([STOP, 0, 0, 0], dtype=torch.int64, device=self.device))
+    def send_control(self, kind: int, values: list[int]) -> None:
+        """Rank 0: a control message to every other rank, between steps."""
+        assert kind not in (STEP, STOP)
+        self._broadcast(torch.tensor([kind, len(values), 0, 0, 0], dtype=torch.int64, device=self.device))
+        if values:
+            self._broadcast(torch.tensor(values, dtype=torch.int64, device=self.device))
 
-    def recv_step(self, block_size: int) -> Step | None:
-        """The other ranks: the next step's inputs, or None when rank 0 stops the group."""
+    def send_stop(self) -> None:
+        self._broadcast(torch.tensor([STOP, 0, 0, 0, 0], dtype=torch.int64, device=self.device))
+
+    def recv_step(self, block_size: int) -> Step | Control | None:
+        """The other ranks: the next step's inputs or control message, or None when rank 0
+        stops the group."""
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
         self._broadcast(header)
-        kind, tokens, seqs, width = header.tolist()
+        kind, tokens, seqs, width, num_runs = header.tolist()
         if kind == STOP:
             return None
-        body = torch.empty(3 * tokens + 2 * seqs + 1 + seqs * width, dtype=torch.int64, device=self.device)
+        if kind != STEP:
+            values = torch.empty(tokens, dtype=torch.int64, device=self.device)
+            if tokens:
+                self._broadcast(values)
+            return Control(kind, values.tolist())
+        body = torch.empty(3 * tokens + 2 * seqs + 1 + seqs * width + num_runs, dtype=torch.int64, device=self.device)
         self._broadcast(body)
-        ids, positions, slots, rest = body.split([tokens, tokens, tokens, 2 * seqs + 1 + seqs * width])
+        ids, positions, slots, rest = body.split([tokens, tokens, tokens, 2 * seqs + 1 + seqs * width + num_runs])
         rest = rest.tolist()
-        query_start, seq_lens, table = rest[:seqs + 1], rest[seqs + 1:2 * seqs + 1], rest[2 * seqs + 1:]
+        query_start, seq_lens = rest[:seqs + 1], rest[seqs + 1:2 * seqs + 1]
+        table, runs = rest[2 * seqs + 1:2 * seqs + 1 + seqs * width], rest[2 * seqs + 1 + seqs * width:]
         block_ids = [table[i * width:i * width + -(-seq_lens[i] // block_size)] for i in range(seqs)]
-        return Step(ids, positions, BatchLayout(query_start, seq_lens, block_ids, slots, block_size))
+        return Step(ids, positions, BatchLayout(query_start, seq_lens, block_ids, slots, block_size), runs)
 
     def close(self) -> None:
         self.broken = self.broken or GroupError("closed")

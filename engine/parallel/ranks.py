@@ -5,13 +5,16 @@ Ranks 1..N-1 are spawned processes on this machine (on CPU each pinned to its sh
 cores rank 0 may use; on GPU one device each, cuda:r). Each loads only its shard of the
 weights, allocates its shard of the same number of KV blocks as rank 0, joins the group
 (engine/parallel/group.py) and then runs every step rank 0 broadcasts, until rank 0 stops
-it or the group breaks. Rank 0 waits for them to join while watching that they live: a rank
-that dies while loading fails the start with its exit code, not a timeout.
+it or the group breaks; between steps they take control messages (KV links to join,
+transfers to expect: engine/parallel/links.py). Rank 0 waits for them to join while watching
+that they live: a rank that dies while loading fails the start with its exit code, not a
+timeout.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import multiprocessing
 import os
@@ -22,8 +25,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engine.config import EngineConfig
-from engine.parallel.group import GroupError, TPGroup, connect
+from engine.config import EngineConfig, WorkerOptions
+from engine.parallel.group import Control, GroupError, TPGroup, connect
+from engine.parallel.kv_link import READ_KV, REPORT
 from engine.transfer.gloo import listen
 
 log = logging.getLogger(__name__)
@@ -53,8 +57,8 @@ class Ranks:
                                name=f"pdserve-tp-rank-{rank}", daemon=True)
             proc.start()
             self.procs.append(proc)
-        store = dist.TCPStore(HOST, port, world_size=self.size, is_master=True, wait_for_workers=False,
-                              timeout=timedelta(seconds=JOIN_TIMEOUT_S), master_listen_fd=fd)
+        self.store = store = dist.TCPStore(HOST, port, world_size=self.size, is_master=True, wait_for_workers=False,
+                                           timeout=timedelta(seconds=JOIN_TIMEOUT_S), master_listen_fd=fd)
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         loaded = [f"loaded-{rank}" for rank in range(1, self.size)]
         while not store.check(loaded):  # each rank sets its key once its shard is loaded
@@ -68,12 +72,34 @@ class Ranks:
             time.sleep(POLL_S)
         return connect(HOST, 0, self.size, self.device, store)
 
+    @property
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self.procs)
+
     def restart(self) -> None:
         log.warning("a tensor-parallel rank is gone: starting ranks 1-%d again", self.size - 1)
         self.group.close()
         self._kill()
         self.group = self._start()
         self.num_restarts += 1
+
+    def report(self) -> list[dict]:
+        """What each other rank holds of KV links and transfers (rank 0's loop thread only)."""
+        return [json.loads(value) for value in self._ask(REPORT, [], "report")]
+
+    def read_kv(self, block_ids: list[int]) -> list[torch.Tensor]:
+        """Each other rank's KV of those blocks, [layers, 2, blocks, block_size, its KV heads,
+        head_dim] token-major (rank 0's loop thread only)."""
+        from engine.parallel.links import from_bytes
+        return [from_bytes(value) for value in self._ask(READ_KV, block_ids, "kv")]
+
+    def _ask(self, kind: int, values: list[int], key: str) -> list[bytes]:
+        keys = [f"{key}-{rank}" for rank in range(1, self.size)]
+        for k in keys:
+            self.store.delete_key(k)
+        self.group.send_control(kind, values)
+        self.store.wait(keys, timedelta(seconds=STOP_TIMEOUT_S))
+        return [self.store.get(k) for k in keys]
 
     def stop(self) -> None:
         if self.group.broken is None:
@@ -107,6 +133,13 @@ def follow(config: EngineConfig, model_path: str, rank: int, port: int, cores: l
                           timeout=timedelta(seconds=JOIN_TIMEOUT_S))
     store.set(f"loaded-{rank}", "1")
     runner.tp = connect(HOST, rank, config.tensor_parallel_size, device, store)
+    from engine.parallel.links import RankLinks
+    links = RankLinks(runner, rank, store, WorkerOptions.link_timeout_s)
     with torch.inference_mode():
-        while (step := runner.tp.recv_step(runner.block_size)) is not None:
-            runner.forward(step.input_ids, step.positions, step.layout)
+        while (msg := runner.tp.recv_step(runner.block_size)) is not None:
+            if isinstance(msg, Control):
+                links.control(msg)
+            else:
+                runner.forward(msg.input_ids, msg.positions, msg.layout, links.exporter(msg.runs))
+    logging.shutdown()
+    os._exit(0)  # now: KV links' threads may sit in gloo receives, which tearing down the interpreter would abort

@@ -7,6 +7,11 @@ ranks (each rank keeps the one its query heads read); MoE experts go to ranks in
 (expert e to rank e mod size), a shared expert is split like a dense MLP. Embeddings, norms,
 the router and the LM head are replicated. A degree that does not divide the model is
 refused with the reason (`check`).
+
+Between a prefill worker of A ranks and a decode worker of B ranks, `kv_routes` says which
+prefill rank sends which of its KV heads to which decode rank: each decode rank gets exactly
+the heads it holds, each from one prefill rank holding it (spread over the holders when
+heads are replicated).
 """
 
 from __future__ import annotations
@@ -58,13 +63,11 @@ class Shard:
     @property
     def first_kv_head(self) -> int:
         """The first KV head this rank holds (with replication: the one its query heads read)."""
-        if self.cfg.num_kv_heads >= self.size:
-            return self.rank * self.num_kv_heads
-        return self.rank * self.cfg.num_kv_heads // self.size
+        return self.kv_heads.start
 
     @property
     def kv_heads(self) -> range:
-        return range(self.first_kv_head, self.first_kv_head + self.num_kv_heads)
+        return kv_heads(self.cfg.num_kv_heads, self.rank, self.size)
 
     def width(self, full: int) -> range:
         """This rank's part of an MLP's intermediate width `full`."""
@@ -80,4 +83,46 @@ class Shard:
 
     def ranks_holding_kv_head(self, head: int) -> list[int]:
         """Every rank that holds KV head `head` (more than one when replicated)."""
-        return [r for r in range(self.size) if head in Shard(self.cfg, r, self.size).kv_heads]
+        return [r for r in range(self.size) if head in kv_heads(self.cfg.num_kv_heads, r, self.size)]
+
+
+def kv_heads(num_kv_heads: int, rank: int, size: int) -> range:
+    """The KV heads rank `rank` of `size` holds: its share, or with fewer heads than ranks the
+    one its query heads read."""
+    if num_kv_heads >= size:
+        part = num_kv_heads // size
+        return range(rank * part, (rank + 1) * part)
+    first = rank * num_kv_heads // size
+    return range(first, first + 1)
+
+
+@dataclass(frozen=True)
+class Route:
+    """KV heads one prefill rank sends to one decode rank, as local head indices on each."""
+
+    src: int
+    dst: int
+    src_heads: range
+    dst_heads: range
+
+
+def kv_routes(num_kv_heads: int, src_size: int, dst_size: int) -> list[Route]:
+    """How KV moves from a prefill worker of src_size ranks to a decode worker of dst_size
+    ranks: for each decode rank, runs of its heads, each run from one prefill rank that holds
+    it (decode rank d takes a replicated head from holder d mod the number of holders)."""
+    for size in (src_size, dst_size):
+        if size < 1 or (num_kv_heads % size and size % num_kv_heads):
+            raise ValueError(f"{size} ranks cannot split {num_kv_heads} KV heads: a degree must divide them "
+                             "or be a multiple of them")
+    routes: list[Route] = []
+    for dst in range(dst_size):
+        for k, head in enumerate(kv_heads(num_kv_heads, dst, dst_size)):
+            holders = [r for r in range(src_size) if head in kv_heads(num_kv_heads, r, src_size)]
+            src = holders[dst % len(holders)]
+            local = head - kv_heads(num_kv_heads, src, src_size).start
+            last = routes[-1] if routes else None
+            if last and (last.src, last.dst, last.src_heads.stop, last.dst_heads.stop) == (src, dst, local, k):
+                routes[-1] = Route(src, dst, range(last.src_heads.start, local + 1), range(last.dst_heads.start, k + 1))
+            else:
+                routes.append(Route(src, dst, range(local, local + 1), range(k, k + 1)))
+    return routes

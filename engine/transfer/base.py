@@ -26,6 +26,8 @@ class LayerChunk:
     first_block: int  # index into the request's block list
     packed: torch.Tensor  # [2, num_blocks, block_size, num_kv_heads, head_dim]
     last: bool = False  # the prompt's final chunk of the last layer: everything has been sent
+    heads: tuple[int, int] | None = None  # receiving side: the run of its KV heads packed holds; None: all
+    transfer_id: int = 0  # the receiver's name for the transfer (0: the sender looks it up by request id)
 
     @property
     def num_blocks(self) -> int:
@@ -42,3 +44,8 @@ class KVSink(ABC):
         cache): they are not sent. None: nobody wants this request's KV (it is prefilled
         where it decodes)."""
         return 0
+
+    def transfer(self, request_id: str) -> tuple[int, int] | None:
+        """(link number, transfer id) the request's KV travels under, for the other ranks of a
+        tensor-parallel prefill worker to send their heads the same way; None: not known."""
+        return None

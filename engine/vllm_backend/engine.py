@@ -262,7 +262,7 @@ class VllmEngine:
         self.bridge.sink = sink
 
     def reserve_prefilled(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                          arrival_s: float | None = None) -> int | None:
+                          arrival_s: float | None = None, transfer_id: int = 0) -> int | None:
         if params.n != 1:
             raise RequestError("disaggregated serving supports n=1 only", param="n")
         if request_id in self._requests:
@@ -279,6 +279,12 @@ class VllmEngine:
             raise
         inbound.vllm_id = self._requests[request_id].vllm_id
         return DEFERRED
+
+    def open_kv_link(self, link) -> None:
+        pass  # one rank: the worker's own link is all there is
+
+    def close_kv_link(self, link_no: int) -> None:
+        pass
 
     def allocated(self) -> list[tuple[str, int]]:
         return self.bridge.take_allocated()

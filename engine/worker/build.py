@@ -70,15 +70,13 @@ def build_worker(worker_id: str, role: Role, engine_config: EngineConfig, host: 
     """A worker serving on host at a free port, its engine loop running."""
     if role not in (Role.PREFILL, Role.DECODE):
         raise ValueError(f"a worker starts in the prefill or the decode pool, not {role!r}")
-    if engine_config.tensor_parallel_size > 1:
-        raise ValueError("prefill and decode workers run one rank each (--tensor-parallel-size 1)")
     engine = build_engine(engine_config, disaggregated=True)
     info = engine.info
     loop = EngineLoop(engine)
     prefill = PrefillRole(loop)
     decode = DecodeRole(loop, options, probe=lambda request_id: peers.progressing(request_id))
     peers = PrefillPeers(worker_id, host, decode, info.kv_block_shape, getattr(torch, info.kv_dtype), reroute,
-                         options.link_timeout_s, device=info.device)
+                         options.link_timeout_s, device=info.device, tp_size=info.tensor_parallel_size)
     loop.start()
     incarnation = uuid.uuid4().hex[:12]
     servicer = WorkerServicer(worker_id, incarnation, loop, Role(role), decode, prefill, peers, options.link_timeout_s,

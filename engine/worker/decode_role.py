@@ -5,7 +5,8 @@ request waits in a FIFO, retried after every loop iteration (blocks free up as r
 finish). The bound counts requests that found no room, not arrivals the loop has yet to
 try: beyond it a request is refused with Overloaded (HTTP 503, Retry-After), at once when
 the waiters alone fill it, else when its own try finds no room.
-Once reserved, `start_prefill(request_id)` asks a prefill worker to fill the blocks and
+Once reserved, `start_prefill(request_id, cached_blocks, transfer_id)` asks a prefill worker to
+fill the blocks (the KV travelling under the transfer id the reservation named) and
 returns a future of the first token; KV chunks arrive through `land()`. The engine admits
 the request when both are in, and its tokens (the first included) flow to the sink.
 A failed prefill, or KV that made no progress for `transfer_timeout_s`, aborts the request,
@@ -20,6 +21,7 @@ worker instead (conditional disaggregation): the request runs as it would coloca
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import deque
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-StartPrefill = Callable[[str, int], "Future[StepOutput]"]  # (request id, leading blocks cached here)
+StartPrefill = Callable[[str, int, int], "Future[StepOutput]"]  # (request id, leading blocks cached here, transfer id)
 Probe = Callable[[str], bool]  # (request id) -> is its prefill still under way? (may block briefly)
 
 
@@ -66,7 +68,8 @@ class DecodeRole:
         self._timer_lock = threading.Lock()
         self._landed: set[str] = set()  # requests with a chunk landed since their timer was armed
         self._prefills: dict[str, Future] = {}  # first tokens still awaited
-        self._deferred: dict[str, StartPrefill] = {}  # reserved, the engine to allocate in its next step
+        self._deferred: dict[str, tuple[StartPrefill, int]] = {}  # reserved, the engine to allocate in its next step
+        self._transfer_ids = itertools.count(1)  # loop thread only: a new one per reservation
         loop.add_hook(self._on_iteration)
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -129,9 +132,9 @@ class DecodeRole:
             if not engine.waiting_for_kv(request_id):
                 self._cancel_timer(request_id)
         for request_id, cached_blocks in engine.allocated():
-            start_prefill = self._deferred.pop(request_id, None)
-            if start_prefill is not None:
-                self._start(engine, request_id, start_prefill, cached_blocks)
+            deferred = self._deferred.pop(request_id, None)
+            if deferred is not None:
+                self._start(engine, request_id, *deferred, cached_blocks)
         self._reserve_pending(engine)
 
     def _reserve_pending(self, engine: WorkerEngine) -> None:
@@ -142,8 +145,10 @@ class DecodeRole:
                 if not self._pending:
                     return
                 p = self._pending[0]
+                transfer_id = next(self._transfer_ids)
                 try:
-                    cached_blocks = engine.reserve_prefilled(p.request_id, p.prompt_token_ids, p.params)
+                    cached_blocks = engine.reserve_prefilled(p.request_id, p.prompt_token_ids, p.params,
+                                                             transfer_id=transfer_id)
                 except RequestError as e:
                     self._pending.popleft()
                     p.sink(e)
@@ -154,15 +159,16 @@ class DecodeRole:
                 self._pending.popleft()
             self.loop.attach(p.request_id, p.sink)
             if cached_blocks == DEFERRED:
-                self._deferred[p.request_id] = p.start_prefill
+                self._deferred[p.request_id] = (p.start_prefill, transfer_id)
             else:
-                self._start(engine, p.request_id, p.start_prefill, cached_blocks)
+                self._start(engine, p.request_id, p.start_prefill, transfer_id, cached_blocks)
 
-    def _start(self, engine: WorkerEngine, request_id: str, start_prefill: StartPrefill, cached_blocks: int) -> None:
+    def _start(self, engine: WorkerEngine, request_id: str, start_prefill: StartPrefill, transfer_id: int,
+               cached_blocks: int) -> None:
         """On the loop thread, the blocks held: ask a prefill worker for the prompt's KV."""
         self._start_timer(request_id)
         try:
-            future = start_prefill(request_id, cached_blocks)
+            future = start_prefill(request_id, cached_blocks, transfer_id)
         except Exception as e:
             self._fail(engine, request_id, EngineError(f"prefill could not start: {e}"))
             return

@@ -168,9 +168,9 @@ class EngineLoop:
             for out in outputs:  # only once every sample's output of the step is out
                 if not self.engine.has_request(out.request_id):
                     self._sinks.pop(out.request_id, None)
+            self._stats = self.engine.stats()  # before the hooks: what they start sees this step's engine
             for hook in self._hooks:  # this iteration's list, whatever is added meanwhile
                 hook(self.engine)
-            self._stats = self.engine.stats()
             self.num_iterations += 1
 
     def _fail_all(self, error: Exception) -> None:

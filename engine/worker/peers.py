@@ -1,15 +1,18 @@
 """The decode worker's side of its prefill peers: one gRPC channel and one KV link each.
 
 A peer is opened on first use and kept: this worker hosts the gloo rendezvous, asks the
-prefill worker to `Connect` to it, and starts a thread that lands every chunk arriving on
-the link (`DecodeRole.land`). `start()` hands the request a transfer id on that link, calls
-`Prefill` and resolves a future with the first token. Cancelling the future (abort,
+prefill worker to `Connect` to it (each side learns the other's tensor-parallel degree; the
+other ranks of either side join the same link, engine/parallel/kv_link.py), and lands every
+chunk arriving for this rank (`DecodeRole.land`), once every rank holds the transfer when
+there are several. `start()` names the request's transfer id (the decode role's) on that
+link, calls `Prefill` and resolves a future with the first token. Cancelling the future (abort,
 transfer timeout) cancels the call, which makes the prefill worker drop the request.
 
 A peer that fails (the call is UNAVAILABLE, the link cannot be opened) is dropped; the
 request is retried on another prefill worker that `reroute` names (the global scheduler,
 told which ones failed), into the same reserved blocks, or fails with a clear error when
-there is none. A peer restarted by Ray comes back at a new address: a new peer, a new link.
+there is none. A peer restarted by Ray comes back at a new address: a new peer, a new link;
+when this worker's own other ranks started again, every link is opened anew.
 
 `progressing(request_id)` tells the decode role whether a request whose KV is late is still
 being worked on: its call is still being placed, or its prefill worker answers a `Progress`
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
@@ -33,8 +37,11 @@ import torch
 from engine.config import WorkerOptions
 from engine.errors import EngineError
 from engine.outputs import StepOutput
+from engine.parallel.kv_link import DECODE, KVLink
+from engine.parallel.shard import kv_heads
 from engine.sampling_params import SamplingParams
-from engine.transfer.gloo import DECODE_RANK, GlooReceiver, connect_pair, listen
+from engine.transfer.base import LayerChunk
+from engine.transfer.gloo import GlooReceiver, connect_group, listen
 from engine.worker import wire
 from engine.worker.decode_role import DecodeRole, StartPrefill
 from pdserve_rpc import worker_pb2 as pb
@@ -54,6 +61,8 @@ class _Peer:
     channel: grpc.Channel
     stub: pb_grpc.WorkerStub
     receiver: GlooReceiver
+    link_no: int
+    epoch: int  # this worker's rank restarts when it was opened
     broken: bool = False
 
 
@@ -64,32 +73,35 @@ class PeerFailed(RuntimeError):
 class PrefillPeers:
     def __init__(self, decode_worker_id: str, host: str, role: DecodeRole, block_shape: tuple[int, int, int],
                  dtype: torch.dtype, reroute: Reroute, link_timeout_s: float = WorkerOptions.link_timeout_s, max_calls: int = 256,
-                 device: torch.device | str = "cpu", probe_timeout_s: float = 5.0):
+                 device: torch.device | str = "cpu", probe_timeout_s: float = 5.0, tp_size: int = 1):
+        """block_shape: (block_size, the model's KV heads, head_dim); tp_size: this worker's ranks."""
         self.worker_id, self.host, self.role, self.device = decode_worker_id, host, role, device
-        self.block_shape, self.dtype, self.reroute = block_shape, dtype, reroute
+        self.block_shape, self.dtype, self.reroute, self.tp_size = block_shape, dtype, reroute, tp_size
+        self.num_kv_heads = block_shape[1]
         self.link_timeout_s, self.probe_timeout_s = link_timeout_s, probe_timeout_s
         self._active: dict[str, _Peer | None] = {}  # requests whose call runs: the peer it went to
         self._seen: dict[str, int] = {}  # by request: the peer's loop iterations at the last probe
         self._peers: dict[str, _Peer] = {}  # by address
         self._lock = threading.Lock()
         self._opening: dict[str, threading.Lock] = {}  # by address: held while its link is opened
-        self._transfer_ids = itertools.count(1)
+        self._link_nos = itertools.count(1)
         self._calls = ThreadPoolExecutor(max_calls, thread_name_prefix="pdserve-prefill-call")
         self.num_retries = 0
 
     def starter(self, prefill_id: str, address: str, prompt_token_ids: list[int],
                 params: SamplingParams) -> StartPrefill:
-        return lambda request_id, skip_blocks: self.start(request_id, prefill_id, address, prompt_token_ids,
-                                                          params, skip_blocks)
+        return lambda request_id, skip_blocks, transfer_id: self.start(
+            request_id, prefill_id, address, prompt_token_ids, params, skip_blocks, transfer_id)
 
     def start(self, request_id: str, prefill_id: str, address: str, prompt_token_ids: list[int],
-              params: SamplingParams, skip_blocks: int = 0) -> "Future[StepOutput]":
-        """skip_blocks: leading blocks cached here, which the prefill worker does not send."""
+              params: SamplingParams, skip_blocks: int = 0, transfer_id: int = 0) -> "Future[StepOutput]":
+        """skip_blocks: leading blocks cached here, which the prefill worker does not send;
+        transfer_id: what the KV travels under (the reservation's)."""
         future: Future = Future()
         self._active[request_id] = None
         try:
             self._calls.submit(self._run, future, request_id, prefill_id, address, prompt_token_ids, params,
-                               skip_blocks)
+                               skip_blocks, transfer_id)
         except RuntimeError:  # closed
             self._active.pop(request_id, None)
             raise
@@ -121,8 +133,9 @@ class PrefillPeers:
             self._peers.clear()
 
     def _run(self, future: Future, request_id: str, prefill_id: str, address: str,
-             prompt_token_ids: list[int], params: SamplingParams, skip_blocks: int) -> None:
+             prompt_token_ids: list[int], params: SamplingParams, skip_blocks: int, transfer_id: int) -> None:
         request = wire.prefill_request(request_id, prompt_token_ids, params, self.worker_id, skip_blocks)
+        request.transfer_id = transfer_id
         try:
             self._place(future, request, prefill_id, address)
         finally:
@@ -162,9 +175,7 @@ class PrefillPeers:
             return
 
     def _call(self, peer: _Peer, future: Future, request: pb.PrefillRequest) -> pb.PrefillReply:
-        transfer_id = next(self._transfer_ids)
-        peer.receiver.expect(transfer_id, request.request_id)
-        request.transfer_id = transfer_id
+        peer.receiver.expect(request.transfer_id, request.request_id)
         self._active[request.request_id] = peer
         try:
             call = peer.stub.Prefill.future(request)
@@ -178,53 +189,57 @@ class PrefillPeers:
             opening = self._opening.setdefault(address, threading.Lock())
         with opening:
             peer = self._peers.get(address)
-            if peer is not None and not peer.broken:
+            epoch = self.role.loop.stats().num_rank_restarts
+            if peer is not None and not peer.broken and peer.epoch == epoch:
                 return peer
+            if peer is not None:  # this worker's other ranks started again: they hold no link
+                self._drop(address)
             channel = grpc.insecure_channel(address)
             try:
-                peer = self._connect(worker_id, address, channel)
+                peer = self._connect(worker_id, address, channel, epoch)
             except Exception as e:
                 channel.close()
                 raise PeerFailed(f"could not open a KV link to {worker_id} at {address}: {_brief(e)}") from e
             with self._lock:
                 self._peers[address] = peer
-        threading.Thread(target=self._receive, args=(peer,), name=f"pdserve-kv-{worker_id}", daemon=True).start()
+        peer.receiver.serve(lambda chunk: self._land(peer, chunk), lambda e: self._closed(peer, e),
+                            f"pdserve-kv-{worker_id}")
         return peer
 
-    def _connect(self, worker_id: str, address: str, channel: grpc.Channel) -> _Peer:
+    def _connect(self, worker_id: str, address: str, channel: grpc.Channel, epoch: int) -> _Peer:
         port, listen_fd = listen(self.host)  # this link's rendezvous, on our address only
-        group: Future = Future()
+        try:
+            stub = pb_grpc.WorkerStub(channel)
+            reply = stub.Connect(pb.ConnectRequest(decode_worker=self.worker_id, host=self.host, port=port,
+                                                   decode_tp=self.tp_size), timeout=self.link_timeout_s)
+            link = KVLink(next(self._link_nos), DECODE, self.host, port, self.num_kv_heads, reply.prefill_tp or 1,
+                          self.tp_size)
+            if self.tp_size > 1:
+                self.role.loop.call(lambda engine: engine.open_kv_link(link)).result(self.link_timeout_s)
+        except BaseException:
+            os.close(listen_fd)
+            raise
+        group = connect_group(self.host, port, link.group_rank(0), link.size, self.link_timeout_s, self.device,
+                              listen_fd)
+        shape = (self.block_shape[0], len(kv_heads(self.num_kv_heads, 0, self.tp_size)), self.block_shape[2])
+        receiver = GlooReceiver(group, shape, self.dtype, _IDLE_LINK_S, self.device, link.sources(0),
+                                link.reporters(0))
+        log.info("%s: KV link to %s (%s) up (%d to %d ranks)", self.worker_id, worker_id, address,
+                 link.prefill_size, link.decode_size)
+        return _Peer(worker_id, address, channel, stub, receiver, link.link_no, epoch)
 
-        def host_rendezvous() -> None:
+    def _land(self, peer: _Peer, chunk: LayerChunk) -> None:
+        if chunk.request_id and not peer.broken:
             try:
-                group.set_result(connect_pair(self.host, port, DECODE_RANK, self.link_timeout_s, self.device,
-                                              listen_fd))
-            except Exception as e:
-                group.set_exception(e)
-
-        threading.Thread(target=host_rendezvous, daemon=True).start()
-        stub = pb_grpc.WorkerStub(channel)
-        stub.Connect(pb.ConnectRequest(decode_worker=self.worker_id, host=self.host, port=port),
-                     timeout=self.link_timeout_s)
-        receiver = GlooReceiver(group.result(self.link_timeout_s), self.block_shape, self.dtype,
-                                timeout_s=_IDLE_LINK_S, device=self.device)
-        log.info("%s: KV link to %s (%s) up", self.worker_id, worker_id, address)
-        return _Peer(worker_id, address, channel, stub, receiver)
-
-    def _receive(self, peer: _Peer) -> None:
-        while not peer.broken:
-            try:
-                chunk = peer.receiver.recv()
-            except Exception as e:  # the peer died or went away: its calls fail on their own
-                if not peer.broken:
-                    log.warning("KV link to %s closed: %s", peer.worker_id, _brief(e))
+                self.role.land(chunk)
+            except EngineError:  # shutting down
                 peer.broken = True
-                return
-            if chunk.request_id:
-                try:
-                    self.role.land(chunk)
-                except EngineError:  # shutting down
-                    return
+
+    def _closed(self, peer: _Peer, error: Exception) -> None:
+        """A receive failed: the peer died or went away; its calls fail on their own."""
+        if not peer.broken:
+            log.warning("KV link to %s closed: %s", peer.worker_id, _brief(error))
+        peer.broken = True
 
     def _drop(self, address: str) -> None:
         with self._lock:
@@ -232,6 +247,11 @@ class PrefillPeers:
         if peer is not None:
             peer.broken = True
             peer.channel.close()
+            if self.tp_size > 1:
+                try:
+                    self.role.loop.call(lambda engine: engine.close_kv_link(peer.link_no))
+                except EngineError:
+                    pass  # shutting down
 
 
 def _settle(future: Future, result: StepOutput | None = None, error: Exception | None = None) -> None:

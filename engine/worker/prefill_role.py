@@ -35,6 +35,10 @@ class RoutingSink(KVSink):
     def blocks_held(self, request_id: str) -> int | None:
         return self.held.get(request_id, 0) if request_id in self.routes else None
 
+    def transfer(self, request_id: str) -> tuple[int, int] | None:
+        sink = self.routes.get(request_id)
+        return sink.transfer(request_id) if sink is not None else None
+
     def send(self, chunk: LayerChunk) -> None:
         sink = self.routes.get(chunk.request_id)
         if sink is not None:

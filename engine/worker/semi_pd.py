@@ -138,9 +138,10 @@ class SemiPD:
 
     # the decode thread's side
 
-    def _start_prefill(self, request_id: str, cached_blocks: int, prompt_token_ids: list[int],
+    def _start_prefill(self, request_id: str, cached_blocks: int, transfer_id: int, prompt_token_ids: list[int],
                        params: SamplingParams):
-        """DecodeRole's hook, on the decode thread: lend the reserved blocks, start the prefill."""
+        """DecodeRole's hook, on the decode thread: lend the reserved blocks, start the prefill
+        (into them: no transfer, whatever its id)."""
         blocks = self.engine.lend_blocks(request_id)  # the prefill stream's reference
         self.lent.lend(request_id, blocks, cached_blocks)
         try:

@@ -16,8 +16,10 @@ them on the prefill side.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
+import threading
 from concurrent import futures
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -26,7 +28,8 @@ import grpc
 
 from engine.config import WorkerOptions
 from engine.errors import RequestError, error_status
-from engine.transfer.gloo import PREFILL_RANK, GlooSender, connect_pair
+from engine.parallel.kv_link import PREFILL, KVLink
+from engine.transfer.gloo import GlooSender, connect_group
 from engine.worker import wire
 from engine.worker.decode_role import DecodeRole
 from engine.worker.loop import EngineLoop
@@ -49,7 +52,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.worker_id, self.incarnation, self.loop, self.role = worker_id, incarnation, loop, role
         self.decode, self.prefill, self.peers = decode, prefill, peers  # peers: the decode side's prefill peers
         self.link_timeout_s, self.kv_device = link_timeout_s, kv_device  # KV links: gloo on CPU, NCCL on CUDA
-        self.senders: dict[str, GlooSender] = {}  # prefill side: decode worker id -> its KV link
+        self.senders: dict[str, tuple[GlooSender, int]] = {}  # prefill side: decode worker id -> its KV link, epoch
+        self._link_nos = itertools.count(1)
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
         if self.decode is None:
@@ -90,9 +94,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext) -> pb.PrefillReply:
         if self.prefill is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.worker_id} is a {self.role} worker")
-        sender = self.senders.get(request.decode_worker)
+        sender, epoch = self.senders.get(request.decode_worker, (None, 0))
         if sender is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"no KV link to {request.decode_worker}: Connect first")
+        if epoch != self.loop.stats().num_rank_restarts:  # this worker's other ranks started again, linkless
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"the KV link to {request.decode_worker} is gone: connect again")
         rid = request.request_id
         try:
             params = wire.params_from_proto(request.params)
@@ -112,16 +118,35 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def Connect(self, request: pb.ConnectRequest, context: grpc.ServicerContext) -> pb.ConnectReply:
         if self.prefill is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.worker_id} is a {self.role} worker")
+        info = self.loop.engine.info
+        link = KVLink(next(self._link_nos), PREFILL, request.host, request.port, info.kv_block_shape[1],
+                      info.tensor_parallel_size, request.decode_tp or 1)
         try:
-            group = connect_pair(request.host, request.port, PREFILL_RANK, self.link_timeout_s, self.kv_device)
+            link.send_routes(0)  # refuses degrees that cannot split the KV heads
+            if link.prefill_size > 1:
+                self.loop.call(lambda engine: engine.open_kv_link(link)).result(self.link_timeout_s)
         except Exception as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"could not join the KV link: {e}")
-        old = self.senders.get(request.decode_worker)
-        self.senders[request.decode_worker] = GlooSender(group, self.kv_device)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"could not open the KV link: {e}")
+        group: futures.Future = futures.Future()
+
+        def join() -> None:  # the decode worker hosts the rendezvous once this call returns
+            try:
+                group.set_result(connect_group(link.host, link.port, 0, link.size, self.link_timeout_s, self.kv_device))
+            except Exception as e:
+                log.warning("%s: could not join the KV link of %s: %s", self.worker_id, request.decode_worker, e)
+                group.set_exception(e)
+
+        threading.Thread(target=join, name="pdserve-kv-join", daemon=True).start()
+        sender = GlooSender(group, self.kv_device, link.send_routes(0), link.link_no, self.link_timeout_s)
+        old, _ = self.senders.get(request.decode_worker, (None, 0))
+        self.senders[request.decode_worker] = (sender, self.loop.stats().num_rank_restarts)
         if old is not None:  # the decode worker restarted: its old link is dead
             old.close()
-        log.info("%s: KV link to %s up", self.worker_id, request.decode_worker)
-        return pb.ConnectReply()
+            if link.prefill_size > 1:
+                self.loop.call(lambda engine: engine.close_kv_link(old.link_no))
+        log.info("%s: KV link to %s (%d to %d ranks)", self.worker_id, request.decode_worker, link.prefill_size,
+                 link.decode_size)
+        return pb.ConnectReply(prefill_tp=link.prefill_size)
 
     def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
         found = self.loop.engine.has_request(request.request_id)  # a read from this thread: a hint, not a lock

@@ -53,7 +53,7 @@ def pair(tiny_llama):
 def submit(prefill, decode, rid, prompt, params=GREEDY):
     sink = Collector()
     decode.generate(rid, prompt, params,
-                    lambda r, skip: prefill.prefill(r, prompt, params, ToDecode(decode), skip), sink)
+                    lambda r, skip, tid: prefill.prefill(r, prompt, params, ToDecode(decode), skip), sink)
     return sink
 
 
@@ -106,7 +106,7 @@ def test_arrivals_beyond_the_bound_are_refused_once_blocks_run_out(pair):
 def test_a_failed_prefill_fails_only_its_request(pair, references):
     prefill, decode = pair()
 
-    def broken(_rid, _skip):
+    def broken(_rid, _skip, _transfer_id):
         f = Future()
         f.set_exception(RuntimeError("prefill worker died"))
         return f
@@ -132,7 +132,7 @@ def test_a_request_whose_own_filters_leave_no_token_is_refused_not_failed(pair, 
 def test_kv_that_never_arrives_times_out(pair):
     _, decode = pair(timeout_s=0.5)
 
-    def first_token_only(rid, _skip):  # a prefill that answers but whose KV is lost on the way
+    def first_token_only(rid, _skip, _transfer_id):  # a prefill that answers but whose KV is lost on the way
         f = Future()
         f.set_result(StepOutput(rid, 0, [7], finish_reason="length"))
         return f
@@ -146,7 +146,7 @@ def test_abort_while_waiting_for_kv_frees_both_sides(pair):
     prefill, decode = pair()
     never = Future()  # the prefill has not answered yet
     sink = Collector()
-    decode.generate("r", prompts()[-1], GREEDY, lambda rid, skip: never, sink)
+    decode.generate("r", prompts()[-1], GREEDY, lambda rid, skip, transfer_id: never, sink)
     decode.loop.call(lambda e: None).result(5)  # the reservation happened
     assert decode.loop.engine.kv.num_used_blocks > 0
     decode.abort("r")

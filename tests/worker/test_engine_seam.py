@@ -49,7 +49,7 @@ def test_the_loop_and_the_decode_role_drive_a_fake_engine():
         first: Future = Future()
         started: queue.Queue = queue.Queue()
 
-        def start_prefill(request_id: str, cached_blocks: int) -> Future:
+        def start_prefill(request_id: str, cached_blocks: int, transfer_id: int) -> Future:
             started.put((request_id, cached_blocks))
             return first
         got = queue.Queue()

@@ -42,11 +42,11 @@ def test_a_failing_step_fails_requests_in_flight_and_frees_their_blocks(worker):
     real = runner.execute
     calls = {"n": 0}
 
-    def flaky(plan, layer_done=None):
+    def flaky(plan, layer_done=None, runs=()):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("simulated kernel failure")
-        return real(plan, layer_done)
+        return real(plan, layer_done, runs)
 
     runner.execute = flaky
     items = collect(worker, "doomed", list(range(3, 40)), SamplingParams(max_tokens=50, ignore_eos=True))

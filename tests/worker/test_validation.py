@@ -74,7 +74,7 @@ def test_a_decode_worker_validates_once_and_refuses_n_above_one(tiny_llama, coun
     role = DecodeRole(loop)
     try:
         with pytest.raises(RequestError, match="n=1"):
-            role.generate("many", prompts()[0], SamplingParams(n=2), lambda rid, cached: None, lambda out: None)
+            role.generate("many", prompts()[0], SamplingParams(n=2), lambda rid, cached, tid: None, lambda out: None)
         got: queue.Queue = queue.Queue()
         role.generate_local("one", prompts()[0], SamplingParams(max_tokens=2), got.put)
         while not got.get(timeout=30).finished:

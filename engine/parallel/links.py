@@ -1,0 +1,162 @@
+"""A tensor-parallel rank's KV links (ranks 1..N-1; the first rank's are the worker's own).
+
+On a prefill worker, each step rank 0 broadcasts names the runs of blocks the step writes for
+requests whose KV ships (`runs`); after each layer this rank exports its KV heads of those
+blocks and sends each decode rank the heads it holds, on its own thread, as rank 0 does.
+On a decode worker, this rank receives its heads straight from the prefill ranks holding them
+and writes them into the blocks rank 0 reserved: rank 0 says which (`EXPECT`, before it asks
+for the prefill) and when a request ended before its KV landed (`FORGET`: what still arrives
+is dropped), in the order of its steps, so a block never takes KV of a request that no longer
+owns it. A chunk that arrives before its `EXPECT` waits for it. Once this rank holds a whole
+transfer it says `DONE` to rank 0, which admits the request only when every rank has.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from engine.parallel.group import Control
+from engine.parallel.kv_link import DECODE, EXPECT, FORGET, LINK, PREFILL, READ_KV, REPORT, UNLINK, KVLink, decode_runs
+from engine.parallel.shard import kv_heads
+from engine.transfer.base import LayerChunk
+from engine.transfer.gloo import DONE, GlooReceiver, GlooSender, connect_group
+
+log = logging.getLogger(__name__)
+
+IDLE_LINK_S = 10 * 365 * 86400.0  # a link waits for chunks as long as it lives
+
+
+@dataclass(eq=False)
+class _Link:
+    spec: KVLink
+    sender: GlooSender  # prefill: the KV it ships; decode: DONE to rank 0
+    joined: Future = field(default_factory=Future)
+
+
+class RankLinks:
+    def __init__(self, runner, rank: int, store: dist.Store, timeout_s: float):
+        self.runner, self.rank, self.store, self.timeout_s = runner, rank, store, timeout_s
+        self.links: dict[int, _Link] = {}
+        self.expected: dict[int, list[int]] = {}  # transfer id -> its blocks, in the request's order
+        self.staged: dict[int, list[tuple[_Link, LayerChunk]]] = {}  # arrived before their EXPECT
+        self.last_expected = 0  # transfer ids grow: one at or below this and not expected ended already
+        self._lock = threading.Lock()
+
+    def control(self, msg: Control) -> None:
+        values = msg.values
+        if msg.kind == LINK:
+            self._join(KVLink.decode(values))
+        elif msg.kind == UNLINK:
+            link = self.links.pop(values[0], None)
+            if link is not None:
+                link.sender.close()
+        elif msg.kind == EXPECT:
+            self._expect(values[0], values[1:])
+        elif msg.kind == FORGET:
+            with self._lock:
+                self.expected.pop(values[0], None)
+                self.staged.pop(values[0], None)
+        elif msg.kind == REPORT:
+            with self._lock:
+                held = {"links": len(self.links), "expected": len(self.expected), "staged": len(self.staged)}
+            self.store.set(f"report-{self.rank}", json.dumps(held))
+        elif msg.kind == READ_KV:
+            cache = self.runner.kv_cache
+            kv = torch.stack([cache.export_blocks(i, values) for i in range(len(cache.tensor))]).cpu()
+            self.store.set(f"kv-{self.rank}", _to_bytes(kv))
+        else:
+            raise ValueError(f"unknown control message {msg.kind}")
+
+    def exporter(self, flat_runs: list[int]) -> Callable[[int], None] | None:
+        """layer_done for a prefill step shipping `flat_runs` (None: it ships nothing)."""
+        runs = decode_runs(flat_runs)
+        if not runs:
+            return None
+        cache, last_layer = self.runner.kv_cache, len(self.runner.kv_cache.tensor) - 1
+
+        def layer_done(layer: int) -> None:
+            for link_no, transfer_id, first, last, block_ids in runs:
+                link = self.links.get(link_no)
+                if link is None:
+                    continue  # closed meanwhile: the decode side fails the request on its own
+                try:
+                    link.sender.send(LayerChunk("", layer, first, cache.export_blocks(layer, block_ids),
+                                                last and layer == last_layer, transfer_id=transfer_id))
+                except RuntimeError as e:
+                    log.warning("rank %d: KV link %d is down, dropping it: %s", self.rank, link_no, e)
+                    self.links.pop(link_no, None)
+
+        return layer_done
+
+    def _join(self, spec: KVLink) -> None:
+        device = self.runner.device
+        link = _Link(spec, None)  # type: ignore[arg-type]
+        routes = spec.send_routes(self.rank) if spec.side == PREFILL else []
+        link.sender = GlooSender(link.joined, device, routes, spec.link_no, self.timeout_s)
+        self.links[spec.link_no] = link
+
+        def join() -> None:
+            try:
+                group = connect_group(spec.host, spec.port, spec.group_rank(self.rank), spec.size, self.timeout_s, device)
+            except Exception as e:
+                log.warning("rank %d could not join KV link %d: %s", self.rank, spec.link_no, e)
+                link.joined.set_exception(e)
+                return
+            link.joined.set_result(group)
+            if spec.side == DECODE:
+                cfg = self.runner.shard.cfg
+                shape = (self.runner.block_size, len(kv_heads(cfg.num_kv_heads, self.rank, spec.decode_size)), cfg.head_dim)
+                receiver = GlooReceiver(group, shape, self.runner.kv_cache.tensor.dtype, IDLE_LINK_S, device,
+                                        spec.sources(self.rank))
+                receiver.serve(lambda chunk: self._land(link, chunk), lambda e: self._closed(link, e),
+                               f"pdserve-kv-rank{self.rank}")
+
+        threading.Thread(target=join, name=f"pdserve-kv-join-{spec.link_no}", daemon=True).start()
+
+    def _expect(self, transfer_id: int, block_ids: list[int]) -> None:
+        with self._lock:
+            self.last_expected = max(self.last_expected, transfer_id)
+            self.expected[transfer_id] = block_ids
+            for link, chunk in self.staged.pop(transfer_id, []):
+                self._write(link, block_ids, chunk)
+
+    def _land(self, link: _Link, chunk: LayerChunk) -> None:
+        with self._lock:
+            block_ids = self.expected.get(chunk.transfer_id)
+            if block_ids is not None:
+                self._write(link, block_ids, chunk)
+            elif chunk.transfer_id > self.last_expected:
+                self.staged.setdefault(chunk.transfer_id, []).append((link, chunk))
+
+    def _write(self, link: _Link, block_ids: list[int], chunk: LayerChunk) -> None:
+        """With _lock held."""
+        if chunk.layer != DONE and chunk.num_blocks:
+            blocks = block_ids[chunk.first_block:chunk.first_block + chunk.num_blocks]
+            self.runner.kv_cache.import_blocks(chunk.layer, blocks, chunk.packed, chunk.heads)
+        if chunk.last:
+            self.expected.pop(chunk.transfer_id, None)
+            link.sender.send_done(chunk.transfer_id, link.spec.decode_first)
+
+    def _closed(self, link: _Link, error: Exception) -> None:
+        if self.links.get(link.spec.link_no) is link:
+            log.warning("rank %d: KV link %d closed: %s", self.rank, link.spec.link_no, error)
+
+
+def _to_bytes(t: torch.Tensor) -> bytes:
+    import io
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    return buf.getvalue()
+
+
+def from_bytes(data: bytes) -> torch.Tensor:
+    import io
+    return torch.load(io.BytesIO(data))
