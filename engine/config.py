@@ -87,7 +87,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     """Number of KV-cache blocks; overrides --kv-cache-memory."""
     memory_budget: str = "auto"
-    """Memory this engine's process may hold in all (torch, weights, packed copies, KV cache), e.g. 6GiB; auto: 70% of the memory available at start (the machine's, or its container's limit), shared evenly by the workers a local cluster starts."""
+    """Memory this engine's process may hold in all (torch, weights, packed copies, KV cache), e.g. 6GiB; auto: 70% of the memory available at start (the machine's, or its container's limit), shared evenly by the workers a local cluster starts. With --tensor-parallel-size N, the budget of all N ranks together, each taking 1/N."""
     kv_cache_memory: str = "auto"
     """Memory for the KV cache, e.g. 512MiB or 4GiB (used when --num-kv-blocks is not given); auto: on CPU what --memory-budget leaves once the weights are resident, at most 1GiB and at least one --max-model-len sequence; on GPU 1GiB."""
     enable_prefix_caching: bool = True

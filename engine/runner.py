@@ -123,8 +123,8 @@ class ModelRunner:
         kv_heads = self.shard.num_kv_heads
         per_block = KVCache.bytes_per_block(model_cfg.num_layers, config.block_size, kv_heads, model_cfg.head_dim,
                                             self.dtype)
-        self.memory = MemoryPlan(config.memory_budget_bytes or auto_budget(), -(-max_len // config.block_size) * per_block,
-                                 kv_on_host=self.device.type == "cpu")
+        budget = (config.memory_budget_bytes or auto_budget()) // size  # each rank is a process of its own
+        self.memory = MemoryPlan(budget, -(-max_len // config.block_size) * per_block, kv_on_host=self.device.type == "cpu")
         self._pack_weights(config.cpu_weight_packing)
         num_blocks = config.num_kv_blocks or max(1, (config.kv_cache_bytes or self.memory.kv_bytes()) // per_block)
         self.backend = select_backend(config.attention_backend, self.device, config.block_size, self.shard.num_heads,

@@ -226,7 +226,7 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("worker_id", "role", "incarnation", "block_size", "num_running", "num_waiting", "num_kv_blocks_used", "num_kv_blocks_total", "prefix_cache_queries_tokens", "prefix_cache_hit_tokens", "num_pending_prefill_tokens", "weight_bytes_dense", "weight_bytes_expert", "prefill_s_per_token", "kv_prediction_cost", "num_predicted_prefills", "wait_room")
+    __slots__ = ("worker_id", "role", "incarnation", "block_size", "num_running", "num_waiting", "num_kv_blocks_used", "num_kv_blocks_total", "prefix_cache_queries_tokens", "prefix_cache_hit_tokens", "num_pending_prefill_tokens", "weight_bytes_dense", "weight_bytes_expert", "prefill_s_per_token", "kv_prediction_cost", "num_predicted_prefills", "wait_room", "num_rank_restarts")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +244,7 @@ class WorkerLoad(_message.Message):
     KV_PREDICTION_COST_FIELD_NUMBER: _ClassVar[int]
     NUM_PREDICTED_PREFILLS_FIELD_NUMBER: _ClassVar[int]
     WAIT_ROOM_FIELD_NUMBER: _ClassVar[int]
+    NUM_RANK_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     incarnation: str
@@ -261,4 +262,5 @@ class WorkerLoad(_message.Message):
     kv_prediction_cost: float
     num_predicted_prefills: int
     wait_room: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., incarnation: _Optional[str] = ..., block_size: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_kv_blocks_used: _Optional[int] = ..., num_kv_blocks_total: _Optional[int] = ..., prefix_cache_queries_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., num_pending_prefill_tokens: _Optional[int] = ..., weight_bytes_dense: _Optional[int] = ..., weight_bytes_expert: _Optional[int] = ..., prefill_s_per_token: _Optional[float] = ..., kv_prediction_cost: _Optional[float] = ..., num_predicted_prefills: _Optional[int] = ..., wait_room: _Optional[int] = ...) -> None: ...
+    num_rank_restarts: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., incarnation: _Optional[str] = ..., block_size: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_kv_blocks_used: _Optional[int] = ..., num_kv_blocks_total: _Optional[int] = ..., prefix_cache_queries_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., num_pending_prefill_tokens: _Optional[int] = ..., weight_bytes_dense: _Optional[int] = ..., weight_bytes_expert: _Optional[int] = ..., prefill_s_per_token: _Optional[float] = ..., kv_prediction_cost: _Optional[float] = ..., num_predicted_prefills: _Optional[int] = ..., wait_room: _Optional[int] = ..., num_rank_restarts: _Optional[int] = ...) -> None: ...

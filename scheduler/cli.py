@@ -70,8 +70,12 @@ def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
     tokenizer = Tokenizer.load(model_path)
     log.info("starting the Ray cluster: %d prefill and %d decode workers (%s engine)", config.prefill_workers,
              config.decode_workers, engine_config.engine)
+    prefill_tp = config.prefill_tp or engine_config.tensor_parallel_size
+    decode_tp = config.decode_tp or engine_config.tensor_parallel_size
+    check_degrees(model_path, prefill_tp, decode_tp)
     spec = ClusterSpec(config.prefill_workers, config.decode_workers, config.ray_address, config.policy,
-                       config.worker, policy_config=config.policy_config, controller=config.role_controller_or_none())
+                       config.worker, policy_config=config.policy_config, controller=config.role_controller_or_none(),
+                       prefill_tp=prefill_tp, decode_tp=decode_tp)
     cluster = Cluster(spec, engine_config).start()
     try:
         max_model_len, vocab_size = cluster.limits()
@@ -84,6 +88,18 @@ def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
     except BaseException:
         cluster.stop()
         raise
+
+
+def check_degrees(model_path, prefill_tp: int, decode_tp: int) -> None:
+    """Refuses, before anything starts, tensor-parallel degrees that cannot split the model."""
+    from engine.models.config import ModelConfig
+    from engine.parallel.shard import check
+    cfg = ModelConfig.from_hf_folder(model_path)
+    for flag, size in (("--prefill-tp", prefill_tp), ("--decode-tp", decode_tp)):
+        try:
+            check(cfg, size)
+        except ValueError as e:
+            raise ValueError(f"{flag} {size}: {e}") from None
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -103,9 +119,12 @@ def serve(config: ServeConfig, engine_config: EngineConfig) -> None:
     if engine_config.engine == EngineBackend.VLLM and config.mode == ServeMode.SEMI_PD:
         raise ValueError("--mode semi-pd runs pdserve's own engine only (its two streams share one KV pool); "
                          "with --engine vllm use --mode colocated or disagg")
-    if engine_config.tensor_parallel_size > 1 and config.mode != ServeMode.COLOCATED:
-        raise ValueError(f"--tensor-parallel-size {engine_config.tensor_parallel_size} serves --mode colocated; "
-                         f"--mode {config.mode}'s workers run one rank each")
+    if config.mode != ServeMode.DISAGG and (config.prefill_tp or config.decode_tp):
+        raise ValueError(f"--prefill-tp and --decode-tp size disaggregated pools; --mode {config.mode} runs "
+                         "--tensor-parallel-size ranks")
+    if engine_config.tensor_parallel_size > 1 and config.mode == ServeMode.SEMI_PD:
+        raise ValueError(f"--tensor-parallel-size {engine_config.tensor_parallel_size}: --mode semi-pd runs one rank "
+                         "(use --mode colocated or disagg)")
     if config.mode in (ServeMode.COLOCATED, ServeMode.SEMI_PD):
         app, loop = build_server(engine_config, config)
         log.info("serving %s on http://%s:%d (%s, %d KV blocks)", app.state.pd.model_name, config.host, config.port,

@@ -62,6 +62,10 @@ class ServeConfig:
     """disagg: number of prefill worker actors (one GPU each, or a share of the CPU cores)."""
     decode_workers: int = 1
     """disagg: number of decode worker actors."""
+    prefill_tp: int | None = None
+    """disagg: tensor-parallel ranks of each prefill worker (one Ray placement-group bundle per rank, packed on one node); default: --tensor-parallel-size."""
+    decode_tp: int | None = None
+    """disagg: tensor-parallel ranks of each decode worker; default: --tensor-parallel-size. Any two degrees that split the model's KV heads work together: each decode rank receives exactly its heads from the prefill ranks holding them."""
     ray_address: str | None = None
     """disagg: address of a running Ray cluster to join (e.g. 10.0.0.1:6379); default: start one on this machine."""
     policy: str = DEFAULT_POLICY
@@ -91,6 +95,8 @@ class ServeConfig:
         object.__setattr__(self, "mode", as_enum(ServeMode, self.mode, "--mode"))
         if self.prefill_workers < 1 or self.decode_workers < 1:
             raise ValueError("--prefill-workers and --decode-workers must be at least 1")
+        if (self.prefill_tp or 1) < 1 or (self.decode_tp or 1) < 1:
+            raise ValueError("--prefill-tp and --decode-tp must be at least 1")
         if self.policy not in POLICIES:
             raise ValueError(f"--policy {self.policy!r} is unknown (choices: {', '.join(POLICIES)})")
         if self.slo_ttft_ms <= 0 or self.slo_tpot_ms <= 0 or not 0 < self.slo_attainment_target <= 1:

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCH_FREE = ["scheduler.api.server", "scheduler.router", "scheduler.global_scheduler", "scheduler.planner.cli",
               "scheduler.planner.plan", "scheduler.cli", "scheduler.disagg_client", "scheduler.engine_client",
               "scheduler.cluster", "scheduler.worker_actor", "bench.cli",
-              "engine.interface", "engine.outputs", "engine.errors", "engine.worker.wire"]
+              "engine.interface", "engine.outputs", "engine.errors", "engine.worker.wire", "engine.parallel.shard",
+              "engine.parallel.kv_link"]
 
 
 def imports(path: Path) -> list[tuple[int, str]]:

@@ -199,17 +199,21 @@ def _print(console: Console, r: dict, args: argparse.Namespace, profile: Profile
                       f"{row['ratio']:.2f}x")
     console.print(table)
     tp = r["tensor_parallel"]["prefill"]
-    gpus = f",prefill.gpusPerPod={tp},decode.gpusPerPod={tp}" if profile.device.startswith("cuda") else ""
-    if tp > 1:
-        console.print(f"[yellow]note:[/] the model needs {tp} devices per worker; pdserve workers run on one "
-                      "device today, so this plan is the planner's estimate of a tensor-parallel deployment")
+    cuda = profile.device.startswith("cuda")
+    if tp > 1 and cuda:
+        console.print(f"[yellow]note:[/] the model needs {tp} devices per worker; pdserve's tensor-parallel workers "
+                      "run on CPU today, so on GPUs this plan is the planner's estimate of such a deployment")
+    degrees = f"--prefill-tp {tp} --decode-tp {tp} " if tp > 1 else ""
+    helm_degrees = f",prefill.tensorParallelSize={tp},decode.tensorParallelSize={tp}" if tp > 1 else ""
+    gpus = ",prefill.gpusPerPod=1,decode.gpusPerPod=1" if cuda else ""
     console.print("pdserve serve --mode disagg "
-                  f"--prefill-workers {rec['prefill_workers']} --decode-workers {rec['decode_workers']} "
+                  f"--prefill-workers {rec['prefill_workers']} --decode-workers {rec['decode_workers']} {degrees}"
                   f"--slo-ttft-ms {args.slo_ttft_ms:g} --slo-tpot-ms {args.slo_tpot_ms:g} "
                   f"--slo-attainment-target {args.attainment:g}", soft_wrap=True, highlight=False)
     console.print(f"helm install pdserve deploy/helm/pdserve --set prefill.replicas={rec['prefill_workers']},"
-                  f"decode.replicas={rec['decode_workers']}{gpus},slo.ttftMs={args.slo_ttft_ms:g},slo.tpotMs={args.slo_tpot_ms:g},"
-                  f"slo.attainmentTarget={args.attainment:g}", soft_wrap=True, highlight=False)
+                  f"decode.replicas={rec['decode_workers']}{helm_degrees}{gpus},slo.ttftMs={args.slo_ttft_ms:g},"
+                  f"slo.tpotMs={args.slo_tpot_ms:g},slo.attainmentTarget={args.attainment:g}", soft_wrap=True,
+                  highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,6 +75,16 @@ def test_gpu_pools_ask_for_one_gpu_per_worker_and_land_on_their_pool():
     assert "--prefill-workers 2 --decode-workers 4" in command and "--model /models/Llama-3.1-8B-Instruct" in command
 
 
+def test_tensor_parallel_pools_reach_the_server_and_ray_holds_a_bundle_per_rank():
+    values = {"prefill": {"tensorParallelSize": 2}, "decode": {"tensorParallelSize": 4}}
+    cluster = next(d for d in render(values) if d["kind"] == "RayCluster")
+    groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+    assert json.loads(groups["prefill"]["rayStartParams"]["resources"]) == {"pdserve_prefill": 2}
+    assert json.loads(groups["decode"]["rayStartParams"]["resources"]) == {"pdserve_decode": 4}
+    command = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert "--prefill-tp 2 --decode-tp 4" in command
+
+
 def test_alert_rules_and_dashboard_ship_as_in_deploy_and_slos_reach_the_server():
     docs = {d["kind"]: d for d in render(VALUE_SETS["ingress-values"])}
     rules = yaml.safe_load((CHART.parent.parent / "prometheus" / "pdserve-alerts.yaml").read_text())
@@ -225,6 +235,8 @@ def test_the_chart_readme_lists_every_value_and_is_current():
     ({"decode": {"replicaz": 2}}, "at '/decode': additional properties 'replicaz' not allowed"),
     ({"head": {"probes": {"startupPeriod": 5}}}, "at '/head/probes': additional properties 'startupPeriod' not allowed"),
     ({"serviceAccount": {"create": "yes"}}, "/serviceAccount/create"),
+    ({"decode": {"tensorParallelSize": 0}}, "/decode/tensorParallelSize"),
+    ({"prefill": {"tensorParallelSize": 2, "gpusPerPod": 1}}, "prefill: tensorParallelSize 2 runs on CPU pods"),
 ])
 def test_bad_values_are_refused_with_a_message(values, message):
     with pytest.raises(helm.HelmError) as e:

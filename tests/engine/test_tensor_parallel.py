@@ -141,12 +141,15 @@ def test_serving_colocated_over_two_ranks_matches_one(tiny_llama):
     assert all(p.exitcode == 0 for p in procs)
 
 
-def test_disaggregated_and_semi_pd_serving_refuse_more_than_one_rank(tiny_llama):
+def test_serving_refuses_degrees_that_cannot_run_before_starting_anything(tiny_llama):
     from scheduler.cli import serve
     from scheduler.config import ServeConfig
 
     from helpers import free_port
-    config = EngineConfig(model=str(tiny_llama), tensor_parallel_size=2)
-    for mode in ("disagg", "semi-pd"):
-        with pytest.raises(ValueError, match="serves --mode colocated"):
-            serve(ServeConfig(mode=mode, port=free_port()), config)
+    model = str(tiny_llama)  # 8 attention heads, 2 KV heads
+    with pytest.raises(ValueError, match="--decode-tp 3: tensor-parallel size 3 does not divide this llama model"):
+        serve(ServeConfig(mode="disagg", port=free_port(), prefill_tp=2, decode_tp=3), EngineConfig(model=model))
+    with pytest.raises(ValueError, match="--prefill-tp and --decode-tp size disaggregated pools"):
+        serve(ServeConfig(mode="colocated", port=free_port(), prefill_tp=2), EngineConfig(model=model))
+    with pytest.raises(ValueError, match="--mode semi-pd runs one rank"):
+        serve(ServeConfig(mode="semi-pd", port=free_port()), EngineConfig(model=model, tensor_parallel_size=2))

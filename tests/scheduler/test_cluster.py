@@ -43,9 +43,10 @@ pytestmark = pytest.mark.slow
 def ray_local():
     os.environ.update(LOOPBACK_ENV)  # before Ray's first import, which fixes its node address
     import ray
-    # logical CPUs: the 1P1D, 2P2D and 1P2D deployments (a thread each) are up at once on 2 cores; the
+    # logical CPUs: the 1P1D, 2P2D and 1P2D deployments and a tensor-parallel one (a thread per rank) are
+    # up at once on 2 cores; the
     # pool resources make each worker's bundle ask for its pool's, as on the Helm chart's nodes
-    ray.init(num_cpus=12, resources={"pdserve_prefill": 6, "pdserve_decode": 6}, include_dashboard=False,
+    ray.init(num_cpus=16, resources={"pdserve_prefill": 8, "pdserve_decode": 8}, include_dashboard=False,
              log_to_driver=False)
     yield ray
     ray.shutdown()
@@ -130,6 +131,24 @@ def test_2p2d_equals_hf_and_uses_every_worker(p2d2, expected):
     assert sorted(routed) == ["decode-0", "decode-1", "prefill-0", "prefill-1"] and min(routed.values()) > 0
     assert all(w["alive"] for w in workers(p2d2).values())
     assert_clean(p2d2)
+
+
+def test_tensor_parallel_pools_equal_hf_and_stop_every_rank(ray_local, tiny_llama, expected):
+    """--prefill-tp 2 --decode-tp 2: each worker is its actor and one rank it started (a bundle
+    each); outputs equal HF's; stopping the server ends every rank."""
+    import psutil
+    server = deploy(tiny_llama, 1, 1, prefill_tp=2, decode_tp=2)
+    try:
+        actors = [info.pid for info in server.cluster.describe()]
+        ranks = [c.pid for pid in actors for c in psutil.Process(pid).children()
+                 if "spawn_main" in " ".join(c.cmdline())]
+        assert len(ranks) == 2
+        assert all_in_parallel(lambda p: text(server, p), prompts()) == expected
+        assert_clean(server)
+    finally:
+        stop_and_check_processes(server)
+    wait_for(lambda: not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                             for pid in ranks), "every rank to exit", 15)
 
 
 def test_bad_input_is_refused_at_the_front_door(p1d1):

@@ -77,6 +77,20 @@ def test_plan_cli_prints_flags_and_helm_values(tmp_path, capsys):
     assert main(["--profile", "nope", "--slo-ttft-ms", "1", "--slo-tpot-ms", "1", "--rate", "1", "--gpus", "2"]) == 2
 
 
+def test_a_model_too_large_for_one_device_is_planned_tensor_parallel_and_printed_so(tmp_path, capsys):
+    """A CPU profile whose weights take 1.2x a device's memory: two ranks per worker, and the
+    printed command and Helm values say so."""
+    raw = json.loads((PROFILES / "smollm2-135m-cpu-2core.json").read_text())
+    raw.update(device_memory_bytes=10**9, weight_bytes=12 * 10**8)
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(raw))
+    code = main(["--profile", str(path), "--slo-ttft-ms", "2000", "--slo-tpot-ms", "200", "--input-len", "64",
+                 "--output-len", "16", "--rate", "0.5", "--gpus", "8", "--num-requests", "30", "--min-duration-s", "5"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "--prefill-tp 2 --decode-tp 2" in printed
+    assert "prefill.tensorParallelSize=2,decode.tensorParallelSize=2" in printed
+
+
 def test_shipped_profiles_load_and_document_their_source():
     names = sorted(p.stem for p in PROFILES.glob("*.json"))
     assert names == ["llama-8b-h100-derived", "smollm2-135m-cpu-1thread", "smollm2-135m-cpu-2core"]

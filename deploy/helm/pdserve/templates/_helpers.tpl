@@ -44,7 +44,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{/* `pdserve serve` flags shared by the head and the external front door. */}}
 {{- define "pdserve.serveArgs" -}}
---mode disagg --engine {{ .Values.engine.backend }} --host 0.0.0.0 --port {{ .Values.service.port }} --prefill-workers {{ .Values.prefill.replicas }} --decode-workers {{ .Values.decode.replicas }} --policy {{ .Values.scheduling.policy }} --local-prefill-tokens {{ .Values.scheduling.localPrefillTokens }} --prefill-full-tokens {{ .Values.scheduling.prefillFullTokens }} {{ if .Values.scheduling.roleController }}--role-controller --controller-window-s {{ .Values.scheduling.controllerWindowS }} {{ end }}--max-waiting-for-blocks {{ .Values.scheduling.maxWaitingForBlocks }} --transfer-timeout-s {{ .Values.scheduling.transferTimeoutS }} --kv-cache-memory {{ .Values.engine.kvCacheMemory }} --max-num-seqs {{ .Values.engine.maxNumSeqs }} --prefill-schedule {{ .Values.engine.prefillSchedule }} --num-threads {{ .Values.engine.numThreads }} --slo-ttft-ms {{ .Values.slo.ttftMs }} --slo-tpot-ms {{ .Values.slo.tpotMs }} --slo-attainment-target {{ .Values.slo.attainmentTarget }}
+--mode disagg --engine {{ .Values.engine.backend }} --host 0.0.0.0 --port {{ .Values.service.port }} --prefill-workers {{ .Values.prefill.replicas }} --decode-workers {{ .Values.decode.replicas }} --prefill-tp {{ .Values.prefill.tensorParallelSize }} --decode-tp {{ .Values.decode.tensorParallelSize }} --policy {{ .Values.scheduling.policy }} --local-prefill-tokens {{ .Values.scheduling.localPrefillTokens }} --prefill-full-tokens {{ .Values.scheduling.prefillFullTokens }} {{ if .Values.scheduling.roleController }}--role-controller --controller-window-s {{ .Values.scheduling.controllerWindowS }} {{ end }}--max-waiting-for-blocks {{ .Values.scheduling.maxWaitingForBlocks }} --transfer-timeout-s {{ .Values.scheduling.transferTimeoutS }} --kv-cache-memory {{ .Values.engine.kvCacheMemory }} --max-num-seqs {{ .Values.engine.maxNumSeqs }} --prefill-schedule {{ .Values.engine.prefillSchedule }} --num-threads {{ .Values.engine.numThreads }} --slo-ttft-ms {{ .Values.slo.ttftMs }} --slo-tpot-ms {{ .Values.slo.tpotMs }} --slo-attainment-target {{ .Values.slo.attainmentTarget }}
 {{- with (include "pdserve.modelPath" .) }} --model {{ . }}{{ end }}
 {{- with .Values.model.servedModelName }} --served-model-name {{ . }}{{ end }}
 {{- with .Values.engine.maxModelLen }} --max-model-len {{ . }}{{ end }}
@@ -167,7 +167,7 @@ securityContext:
   minReplicas: {{ $v.minReplicas }}
   maxReplicas: {{ $v.maxReplicas }}
   rayStartParams:
-    resources: {{ printf "{\"pdserve_%s\": 1}" $pool | quote }}
+    resources: {{ printf "{\"pdserve_%s\": %d}" $pool (int $v.tensorParallelSize) | quote }}
     {{- if gt (int $v.gpusPerPod) 0 }}
     num-gpus: {{ $v.gpusPerPod | quote }}
     {{- end }}
