@@ -202,6 +202,8 @@ class Engine:
         request = self._waiting_for_kv(request_id)
         if request is None:
             return False
+        if request.transfer_id:
+            self.runner.tell_ranks(FORGET, [request.transfer_id])  # nothing travels: the other ranks expect nothing
         request.kv_landed = True
         self._admit_when_ready(request)
         return True
@@ -269,8 +271,8 @@ class Engine:
 
     def step(self) -> list[StepOutput]:
         if self.runner.ranks_down:  # a tensor-parallel rank died, and the KV every request held there with it
-            self.runner.restart_ranks()
-            self.kv.pool.reset_prefix_cache()
+            if self.runner.restart_ranks():
+                self.kv.pool.reset_prefix_cache()
             if self.requests:
                 raise EngineError("a tensor-parallel rank died; the group has started again")
         if self._ready:  # first tokens of admitted prefilled requests go out before the next forward

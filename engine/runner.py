@@ -139,12 +139,21 @@ class ModelRunner:
         self.weight_reads = WeightReads()  # since start: dense and expert weight bytes the steps read
         self.split: ComputeSplit | None = None  # semi-PD: this runner's share of the device
         self.phase = ""
-        self.tp: TPGroup | None = None  # set on every rank of a tensor-parallel worker
-        self.ranks = None
+        self._tp: TPGroup | None = None  # the other ranks' runners: their group
+        self.ranks = None  # rank 0 of a tensor-parallel engine: the other ranks
+        self.stream = 0  # semi-PD: which of the ranks' groups this runner's steps go on
         if size > 1 and tp_rank == 0:
             from engine.parallel.ranks import Ranks
             self.ranks = Ranks(config, model_path, num_blocks, self.device)
-            self.tp = self.ranks.group
+
+    @property
+    def tp(self) -> TPGroup | None:
+        """The tensor-parallel group this runner's steps and collectives go on (None: one rank)."""
+        return self.ranks.groups[self.stream] if self.ranks is not None else self._tp
+
+    @tp.setter
+    def tp(self, group: TPGroup) -> None:
+        self._tp = group
 
     def _pack_weights(self, packing: Switch) -> None:
         if packing == Switch.OFF:
@@ -165,9 +174,8 @@ class ModelRunner:
     def share(self, split: ComputeSplit, phase: str) -> "ModelRunner":
         """Semi-PD: this runner runs `phase` on its share of `split`, and the returned sibling
         runs the other phase with the same weights and KV cache (its own sampler, layered
-        state and counters). Each is driven by one thread."""
-        if self.tp is not None:
-            raise ValueError("semi-PD does not run with --tensor-parallel-size above 1")
+        state and counters). Each is driven by one thread. With tensor parallelism every rank
+        runs the sibling's steps too, on a group of their own."""
         if self.memory.packed_weights:  # both threads run the matmuls at once
             self.model.pack_weights(threads=2)
         other = copy.copy(self)
@@ -175,6 +183,8 @@ class ModelRunner:
         other._cohort_hidden, other.weight_reads = {}, WeightReads()
         self.split = other.split = split
         self.phase, other.phase = phase, split.other(phase)
+        if self.ranks is not None:
+            other.stream = self.ranks.add_stream()
         return other
 
     def _layout(self, seqs: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, BatchLayout]:
@@ -213,29 +223,33 @@ class ModelRunner:
     def ranks_down(self) -> bool:
         """Tensor parallel: a rank died (its process is gone, or a collective failed), so the
         group must start again."""
-        return self.ranks is not None and (self.tp.broken is not None or not self.ranks.alive)
+        return self.ranks is not None and self.ranks.down
 
     def tell_ranks(self, kind: int, values: list[int]) -> None:
         """A control message to the other ranks of a tensor-parallel group (engine/parallel/kv_link.py);
         none when the group is down (the ranks that start again hold nothing)."""
-        if self.ranks is not None and self.tp.broken is None:
+        if self.ranks is not None and self.stream == 0 and self.tp.broken is None:
             try:
                 self.tp.send_control(kind, values)
             except GroupError:
                 pass  # the next step starts the group again
 
-    def restart_ranks(self) -> None:
+    def restart_ranks(self) -> bool:
         """Starts the other ranks again (the KV they held is gone with them: the engine
-        forgets its prefix cache)."""
+        forgets its prefix cache) and says so; a semi-PD sibling waits for the runner of the
+        first stream to do it, and says False."""
+        if self.stream:
+            self.ranks.wait_restarted()
+            return False
         self.ranks.restart()
-        self.tp = self.ranks.group
+        return True
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout,
                 layer_done: Callable[[int], None] | None = None, runs: list[int] = ()) -> torch.Tensor:
         """Hidden states of a flat batch through every layer (rank 0 first hands the step to the
         other ranks of a tensor-parallel group)."""
         if self.ranks is not None:
-            self.tp.send_step(input_ids, positions, layout, runs)
+            self.tp.send_step(input_ids, positions, layout, runs, self.split.prefill_share if self.split else 0.0)
         ctx = self._context(positions, layout)
         hidden = self.model.embed(input_ids)
         if layer_done is None:
@@ -246,10 +260,11 @@ class ModelRunner:
         return hidden
 
     def close(self) -> None:
-        """Stops the other ranks of a tensor-parallel group."""
-        if self.ranks is not None:
+        """Stops the other ranks of a tensor-parallel group (the first stream's runner: a semi-PD
+        sibling leaves them to it)."""
+        if self.ranks is not None and self.stream == 0:
             self.ranks.stop()
-            self.ranks = None
+        self.ranks = None
 
     def _execute(self, plan: StepPlan, layer_done: Callable[[int], None] | None,
                  runs: list[int]) -> SampleResult | None:

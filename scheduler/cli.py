@@ -122,9 +122,6 @@ def serve(config: ServeConfig, engine_config: EngineConfig) -> None:
     if config.mode != ServeMode.DISAGG and (config.prefill_tp or config.decode_tp):
         raise ValueError(f"--prefill-tp and --decode-tp size disaggregated pools; --mode {config.mode} runs "
                          "--tensor-parallel-size ranks")
-    if engine_config.tensor_parallel_size > 1 and config.mode == ServeMode.SEMI_PD:
-        raise ValueError(f"--tensor-parallel-size {engine_config.tensor_parallel_size}: --mode semi-pd runs one rank "
-                         "(use --mode colocated or disagg)")
     if config.mode in (ServeMode.COLOCATED, ServeMode.SEMI_PD):
         app, loop = build_server(engine_config, config)
         log.info("serving %s on http://%s:%d (%s, %d KV blocks)", app.state.pd.model_name, config.host, config.port,

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from engine.attention.base import BatchLayout
 
-HEADER_LEN = 5  # kind, tokens, sequences, block-table width, runs (a control message: kind, body length)
+HEADER_LEN = 6  # kind, tokens, sequences, block-table width, runs, prefill share (a control message: kind, body length)
 STEP, STOP = 1, 0
 _TAG = 11
 IDLE_TIMEOUT_S = 365 * 24 * 3600.0  # the others wait for rank 0's next step as long as it takes
@@ -37,6 +37,7 @@ class Step:
     positions: torch.Tensor
     layout: BatchLayout
     runs: list[int]  # KV to ship per layer, flat (engine/parallel/links.py reads it)
+    prefill_share: float  # semi-PD: the prefill stream's share of each rank's cores (0: no split)
 
 
 @dataclass
@@ -82,11 +83,12 @@ class TPGroup:
             raise GroupError(f"a tensor-parallel rank is gone: {e}") from e
 
     def send_step(self, input_ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout,
-                  runs: list[int] = ()) -> None:
+                  runs: list[int] = (), prefill_share: float = 0.0) -> None:
         """Rank 0: the step's inputs to every other rank."""
         width = max(len(ids) for ids in layout.block_ids)
         table = [b for ids in layout.block_ids for b in ids + [0] * (width - len(ids))]
-        header = torch.tensor([STEP, input_ids.numel(), len(layout.seq_lens), width, len(runs)], dtype=torch.int64)
+        header = torch.tensor([STEP, input_ids.numel(), len(layout.seq_lens), width, len(runs),
+                               round(prefill_share * 100)], dtype=torch.int64)
         body = torch.cat([input_ids.cpu(), positions.cpu(), layout.slot_mapping.cpu(),
                           torch.tensor(layout.query_start + layout.seq_lens + table + list(runs), dtype=torch.int64)])
         self._broadcast(header.to(self.device))
@@ -95,19 +97,19 @@ class TPGroup:
     def send_control(self, kind: int, values: list[int]) -> None:
         """Rank 0: a control message to every other rank, between steps."""
         assert kind not in (STEP, STOP)
-        self._broadcast(torch.tensor([kind, len(values), 0, 0, 0], dtype=torch.int64, device=self.device))
+        self._broadcast(torch.tensor([kind, len(values), 0, 0, 0, 0], dtype=torch.int64, device=self.device))
         if values:
             self._broadcast(torch.tensor(values, dtype=torch.int64, device=self.device))
 
     def send_stop(self) -> None:
-        self._broadcast(torch.tensor([STOP, 0, 0, 0, 0], dtype=torch.int64, device=self.device))
+        self._broadcast(torch.tensor([STOP, 0, 0, 0, 0, 0], dtype=torch.int64, device=self.device))
 
     def recv_step(self, block_size: int) -> Step | Control | None:
         """The other ranks: the next step's inputs or control message, or None when rank 0
         stops the group."""
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
         self._broadcast(header)
-        kind, tokens, seqs, width, num_runs = header.tolist()
+        kind, tokens, seqs, width, num_runs, share = header.tolist()
         if kind == STOP:
             return None
         if kind != STEP:
@@ -122,15 +124,16 @@ class TPGroup:
         query_start, seq_lens = rest[:seqs + 1], rest[seqs + 1:2 * seqs + 1]
         table, runs = rest[2 * seqs + 1:2 * seqs + 1 + seqs * width], rest[2 * seqs + 1 + seqs * width:]
         block_ids = [table[i * width:i * width + -(-seq_lens[i] // block_size)] for i in range(seqs)]
-        return Step(ids, positions, BatchLayout(query_start, seq_lens, block_ids, slots, block_size), runs)
+        return Step(ids, positions, BatchLayout(query_start, seq_lens, block_ids, slots, block_size), runs, share / 100)
 
     def close(self) -> None:
         self.broken = self.broken or GroupError("closed")
 
 
-def connect(host: str, rank: int, size: int, device: torch.device, store: dist.Store) -> TPGroup:
-    """Blocks until every rank has joined, over a store rank 0 hosts (engine/parallel/ranks.py)."""
-    store = dist.PrefixStore("pdserve-tp", store)
+def connect(host: str, rank: int, size: int, device: torch.device, store: dist.Store, stream: int = 0) -> TPGroup:
+    """Blocks until every rank has joined, over a store rank 0 hosts (engine/parallel/ranks.py).
+    stream: semi-PD runs a group per stream (0: decode, or the only one; 1: prefill)."""
+    store = dist.PrefixStore(f"pdserve-tp-{stream}", store)
     idle = timedelta(seconds=IDLE_TIMEOUT_S)
     if device.type == "cuda":
         torch.cuda.set_device(device)

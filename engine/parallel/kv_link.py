@@ -21,6 +21,7 @@ EXPECT = 4  # [transfer id, block id...]: a transfer's KV will land in these blo
 FORGET = 5  # [transfer id]: its request ended before the KV landed; drop what comes
 REPORT = 6  # []: write what you hold to the store (tests, leak checks)
 READ_KV = 7  # [block id...]: write those blocks' KV to the store (tests)
+STREAM = 8  # [stream]: semi-PD: join the prefill stream's group and run its steps on a thread of its own
 
 PREFILL, DECODE = 0, 1
 

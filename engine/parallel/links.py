@@ -48,6 +48,7 @@ class RankLinks:
         self.expected: dict[int, list[int]] = {}  # transfer id -> its blocks, in the request's order
         self.staged: dict[int, list[tuple[_Link, LayerChunk]]] = {}  # arrived before their EXPECT
         self.last_expected = 0  # transfer ids grow: one at or below this and not expected ended already
+        self.kv_bytes = 0  # received since start
         self._lock = threading.Lock()
 
     def control(self, msg: Control) -> None:
@@ -66,7 +67,8 @@ class RankLinks:
                 self.staged.pop(values[0], None)
         elif msg.kind == REPORT:
             with self._lock:
-                held = {"links": len(self.links), "expected": len(self.expected), "staged": len(self.staged)}
+                held = {"links": len(self.links), "expected": len(self.expected), "staged": len(self.staged),
+                        "kv_bytes": self.kv_bytes}
             self.store.set(f"report-{self.rank}", json.dumps(held))
         elif msg.kind == READ_KV:
             cache = self.runner.kv_cache
@@ -130,6 +132,7 @@ class RankLinks:
 
     def _land(self, link: _Link, chunk: LayerChunk) -> None:
         with self._lock:
+            self.kv_bytes += chunk.packed.nbytes
             block_ids = self.expected.get(chunk.transfer_id)
             if block_ids is not None:
                 self._write(link, block_ids, chunk)

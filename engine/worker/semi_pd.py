@@ -62,7 +62,7 @@ class SemiPD:
         self.engine = Engine(config)  # the decode side: owns the weights, the KV cache and the pool
         runner = self.engine.runner
         self.split = ComputeSplit(runner.device, controller.share if controller else prefill_share,
-                                  config.num_threads)
+                                  runner.threads if config.tensor_parallel_size > 1 else config.num_threads)
         self.lent = LentBlocks(config.block_size, self._give_back)
         self.prefill_engine = Engine(config, runner.share(self.split, "decode"), self.lent)
         self.decode = EngineLoop(self.engine)

@@ -151,5 +151,3 @@ def test_serving_refuses_degrees_that_cannot_run_before_starting_anything(tiny_l
         serve(ServeConfig(mode="disagg", port=free_port(), prefill_tp=2, decode_tp=3), EngineConfig(model=model))
     with pytest.raises(ValueError, match="--prefill-tp and --decode-tp size disaggregated pools"):
         serve(ServeConfig(mode="colocated", port=free_port(), prefill_tp=2), EngineConfig(model=model))
-    with pytest.raises(ValueError, match="--mode semi-pd runs one rank"):
-        serve(ServeConfig(mode="semi-pd", port=free_port()), EngineConfig(model=model, tensor_parallel_size=2))

@@ -95,6 +95,20 @@ def test_semi_pd_moe_matches_hf(arch, schedule, tiny_dirs, references, monkeypat
     assert_no_leak(worker)
 
 
+@pytest.mark.parametrize("arch,setting", [("llama", dict(prefill_schedule="whole")),
+                                          ("qwen3_moe", dict(prefill_schedule="chunked", token_budget=24))])
+def test_semi_pd_over_two_ranks_matches_hf(arch, setting, tiny_dirs, references):
+    """--mode semi-pd --tensor-parallel-size 2: each rank runs both streams (a group each) over
+    its shard; the other rank stops with the worker."""
+    worker = make_worker(tiny_dirs[arch], tensor_parallel_size=2, **setting)
+    procs = list(worker.engine.runner.ranks.procs)
+    assert worker.prefill_engine.runner.tp is worker.engine.runner.ranks.groups[1]
+    out = generate(worker, prompts(), GREEDY, 0.02)
+    assert [out[str(i)] for i in range(len(PROMPT_LENS))] == references(arch)
+    assert_no_leak(worker)
+    assert [p.exitcode for p in procs] == [0]
+
+
 def test_prefix_hits_and_n_samples(tiny_llama, references):
     """A repeated prompt reuses the decode side's cached blocks (the prefill stream skips
     them); n=2 greedy gives two identical samples."""
