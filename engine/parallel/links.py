@@ -39,6 +39,7 @@ class _Link:
     spec: KVLink
     sender: GlooSender  # prefill: the KV it ships; decode: DONE to rank 0
     joined: Future = field(default_factory=Future)
+    receiver: GlooReceiver | None = None  # decode: once joined
 
 
 class RankLinks:
@@ -65,9 +66,13 @@ class RankLinks:
             with self._lock:
                 self.expected.pop(values[0], None)
                 self.staged.pop(values[0], None)
+                for link in list(self.links.values()):
+                    if link.receiver is not None:
+                        link.receiver.forget(values[0])
         elif msg.kind == REPORT:
             with self._lock:
                 held = {"links": len(self.links), "expected": len(self.expected), "staged": len(self.staged),
+                        "counting": sum(len(link.receiver._lasts) for link in self.links.values() if link.receiver),
                         "kv_bytes": self.kv_bytes}
             self.store.set(f"report-{self.rank}", json.dumps(held))
         elif msg.kind == READ_KV:
@@ -116,8 +121,8 @@ class RankLinks:
             if spec.side == DECODE:
                 cfg = self.runner.shard.cfg
                 shape = (self.runner.block_size, len(kv_heads(cfg.num_kv_heads, self.rank, spec.decode_size)), cfg.head_dim)
-                receiver = GlooReceiver(group, shape, self.runner.kv_cache.tensor.dtype, IDLE_LINK_S, device,
-                                        spec.sources(self.rank))
+                link.receiver = receiver = GlooReceiver(group, shape, self.runner.kv_cache.tensor.dtype, IDLE_LINK_S,
+                                                        device, spec.sources(self.rank))
                 receiver.serve(lambda chunk: self._land(link, chunk), lambda e: self._closed(link, e),
                                f"pdserve-kv-rank{self.rank}")
 
@@ -138,6 +143,8 @@ class RankLinks:
                 self._write(link, block_ids, chunk)
             elif chunk.transfer_id > self.last_expected:
                 self.staged.setdefault(chunk.transfer_id, []).append((link, chunk))
+            else:  # of a transfer that ended: it leaves no count behind
+                link.receiver.forget(chunk.transfer_id)
 
     def _write(self, link: _Link, block_ids: list[int], chunk: LayerChunk) -> None:
         """With _lock held."""

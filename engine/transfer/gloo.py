@@ -175,9 +175,16 @@ class GlooReceiver:
         self.reporters = list(reporters)
         self.request_ids: dict[int, str] = {}
         self._lasts: dict[int, int] = {}  # by transfer: sources and reporters that said last
+        self._lock = threading.Lock()  # the two above: settled on receiving threads, forgotten on others
 
     def expect(self, transfer_id: int, request_id: str) -> None:
         self.request_ids[transfer_id] = request_id
+
+    def forget(self, transfer_id: int) -> None:
+        """Nobody waits for this transfer any more (its chunks arrive named '')."""
+        with self._lock:
+            self.request_ids.pop(transfer_id, None)
+            self._lasts.pop(transfer_id, None)
 
     def recv(self) -> LayerChunk:
         """The next chunk from the only source."""
@@ -201,12 +208,13 @@ class GlooReceiver:
         """The chunk named by its request ('' when nobody here waits on it), `last` only when it
         completes the transfer on this rank."""
         transfer_id, last = chunk.transfer_id, chunk.last
-        if last:
-            said = self._lasts.pop(transfer_id, 0) + 1
-            last = said == len(self.sources) + len(self.reporters)
-            if not last:
-                self._lasts[transfer_id] = said
-        request_id = self.request_ids.pop(transfer_id, "") if last else self.request_ids.get(transfer_id, "")
+        with self._lock:
+            if last:
+                said = self._lasts.pop(transfer_id, 0) + 1
+                last = said == len(self.sources) + len(self.reporters)
+                if not last:
+                    self._lasts[transfer_id] = said
+            request_id = self.request_ids.pop(transfer_id, "") if last else self.request_ids.get(transfer_id, "")
         return replace(chunk, request_id=request_id, last=last)
 
     def serve(self, on_chunk: Callable[[LayerChunk], None], on_error: Callable[[Exception], None],

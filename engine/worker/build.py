@@ -74,7 +74,8 @@ def build_worker(worker_id: str, role: Role, engine_config: EngineConfig, host: 
     info = engine.info
     loop = EngineLoop(engine)
     prefill = PrefillRole(loop)
-    decode = DecodeRole(loop, options, probe=lambda request_id: peers.progressing(request_id))
+    decode = DecodeRole(loop, options, probe=lambda request_id: peers.progressing(request_id),
+                        ended=lambda request_id: peers.forget(request_id))
     peers = PrefillPeers(worker_id, host, decode, info.kv_block_shape, getattr(torch, info.kv_dtype), reroute,
                          options.link_timeout_s, device=info.device, tp_size=info.tensor_parallel_size)
     loop.start()

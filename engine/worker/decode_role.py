@@ -57,11 +57,13 @@ class _Pending:
 
 
 class DecodeRole:
-    def __init__(self, loop: EngineLoop, options: WorkerOptions = WorkerOptions(), probe: Probe | None = None):
+    def __init__(self, loop: EngineLoop, options: WorkerOptions = WorkerOptions(), probe: Probe | None = None,
+                 ended: Callable[[str], None] = lambda request_id: None):
+        """ended(request_id): a request ended (aborted or failed) on this side, whatever its KV's state."""
         self.loop = loop
         self.max_pending = options.max_waiting_for_blocks
         self.transfer_timeout_s = options.transfer_timeout_s
-        self.probe = probe
+        self.probe, self.ended = probe, ended
         self._pending: deque[_Pending] = deque()  # FIFO: those blocked lead, arrivals follow
         self._lock = threading.Lock()
         self._timers: dict[str, threading.Timer] = {}  # guarded by _timer_lock
@@ -108,6 +110,7 @@ class DecodeRole:
         self._deferred.pop(request_id, None)
         self._cancel_timer(request_id)
         self._cancel_prefill(request_id)
+        self.ended(request_id)
         self.loop.abort(request_id)
 
     @property
@@ -203,7 +206,8 @@ class DecodeRole:
         out = future.result()
         logprob = out.new_logprobs[0] if out.new_logprobs else None
         prefill_s = out.timeline.phases().get("prefill", 0.0) if out.timeline else 0.0
-        self.loop.call(lambda engine: engine.give_first_token(request_id, out.new_token_ids[0], logprob, prefill_s))
+        self.loop.call(lambda engine: engine.give_first_token(request_id, out.new_token_ids[0], logprob, prefill_s)
+                       or self.ended(request_id))  # ended meanwhile: say so again, its transfer now named
 
     def _start_timer(self, request_id: str) -> None:
         with self._timer_lock:
@@ -256,6 +260,7 @@ class DecodeRole:
         self._deferred.pop(request_id, None)
         self._cancel_timer(request_id)
         self._cancel_prefill(request_id)
+        self.ended(request_id)
         sink = self.loop.detach(request_id)
         engine.abort(request_id)
         if sink is not None:

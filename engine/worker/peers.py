@@ -82,6 +82,7 @@ class PrefillPeers:
         self._active: dict[str, _Peer | None] = {}  # requests whose call runs: the peer it went to
         self._seen: dict[str, int] = {}  # by request: the peer's loop iterations at the last probe
         self._peers: dict[str, _Peer] = {}  # by address
+        self._transfers: dict[str, tuple[_Peer, int]] = {}  # by request: the link its KV is awaited on
         self._lock = threading.Lock()
         self._opening: dict[str, threading.Lock] = {}  # by address: held while its link is opened
         self._link_nos = itertools.count(1)
@@ -141,6 +142,8 @@ class PrefillPeers:
         finally:
             self._active.pop(request_id, None)
             self._seen.pop(request_id, None)
+            if future.cancelled():  # the request ended while its call ran
+                self.forget(request_id)
 
     def _place(self, future: Future, request: pb.PrefillRequest, prefill_id: str, address: str) -> None:
         request_id, failed = request.request_id, []
@@ -176,13 +179,24 @@ class PrefillPeers:
 
     def _call(self, peer: _Peer, future: Future, request: pb.PrefillRequest) -> pb.PrefillReply:
         peer.receiver.expect(request.transfer_id, request.request_id)
+        self._transfers[request.request_id] = (peer, request.transfer_id)
         self._active[request.request_id] = peer
         try:
             call = peer.stub.Prefill.future(request)
         except ValueError as e:  # another request found the peer dead and closed its channel meanwhile
             raise PeerFailed(f"the link to {peer.worker_id} was closed: {e}") from e
         future.add_done_callback(lambda f: call.cancel() if f.cancelled() else None)
-        return call.result()
+        try:
+            return call.result()
+        except BaseException:  # nobody here waits for this transfer any more: what still arrives is dropped
+            self.forget(request.request_id)
+            raise
+
+    def forget(self, request_id: str) -> None:
+        """The request ended before its KV landed: what still arrives for it is dropped."""
+        peer, transfer_id = self._transfers.pop(request_id, (None, 0))
+        if peer is not None:
+            peer.receiver.forget(transfer_id)
 
     def _peer(self, worker_id: str, address: str) -> _Peer:
         with self._lock:  # one connect per address at a time; a hung peer holds up no other
@@ -229,7 +243,12 @@ class PrefillPeers:
         return _Peer(worker_id, address, channel, stub, receiver, link.link_no, epoch)
 
     def _land(self, peer: _Peer, chunk: LayerChunk) -> None:
-        if chunk.request_id and not peer.broken:
+        if not chunk.request_id:  # of a transfer nobody awaits: it leaves no count behind
+            peer.receiver.forget(chunk.transfer_id)
+            return
+        if chunk.last:
+            self._transfers.pop(chunk.request_id, None)
+        if not peer.broken:
             try:
                 self.role.land(chunk)
             except EngineError:  # shutting down
