@@ -42,7 +42,7 @@ class Step:
 
 @dataclass
 class Control:
-    kind: int  # engine/parallel/links.py names them; any but STEP and STOP
+    kind: int  # engine/parallel/kv_link.py names them; any but STEP and STOP
     values: list[int]
 
 
