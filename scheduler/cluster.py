@@ -114,7 +114,6 @@ class Cluster:
         vllm = self.engine_config.engine == EngineBackend.VLLM
         worker_config = replace(self.engine_config, device="cuda" if use_gpu else self.engine_config.device)
         if not vllm:
-            worker_config = replace(worker_config, num_threads=None if use_gpu else threads)
             if worker_config.memory_budget_bytes is None and not spec.ray_address:  # this machine's, shared by the ranks
                 worker_config = replace(worker_config, memory_budget=str(auto_budget(num_ranks)))
         actor = ray.remote(WorkerActor)

@@ -46,6 +46,10 @@ class KVLink:
         """The group rank of this side's rank `rank`."""
         return rank if self.side == PREFILL else self.prefill_size + rank
 
+    def heads_held(self, rank: int) -> int:
+        """How many KV heads this side's rank `rank` holds."""
+        return len(kv_heads(self.num_kv_heads, rank, self.prefill_size if self.side == PREFILL else self.decode_size))
+
     def send_routes(self, rank: int) -> list[tuple[int, Heads]]:
         """Prefill rank `rank`: (group rank, run of its KV heads) of each decode rank it feeds."""
         held = len(kv_heads(self.num_kv_heads, rank, self.prefill_size))

@@ -17,17 +17,15 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from engine.parallel.group import Control
 from engine.parallel.kv_link import DECODE, EXPECT, FORGET, LINK, PREFILL, READ_KV, REPORT, UNLINK, KVLink, decode_runs
-from engine.parallel.shard import kv_heads
 from engine.transfer.base import LayerChunk
-from engine.transfer.gloo import DONE, GlooReceiver, GlooSender, connect_group
+from engine.transfer.gloo import DONE, GlooReceiver, GlooSender, join_group
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +35,7 @@ IDLE_LINK_S = 10 * 365 * 86400.0  # a link waits for chunks as long as it lives
 @dataclass(eq=False)
 class _Link:
     spec: KVLink
-    sender: GlooSender  # prefill: the KV it ships; decode: DONE to rank 0
-    joined: Future = field(default_factory=Future)
+    sender: GlooSender  # prefill: the KV it ships; decode: DONE to rank 0 (both wait for the group's join)
     receiver: GlooReceiver | None = None  # decode: once joined
 
 
@@ -72,7 +69,7 @@ class RankLinks:
         elif msg.kind == REPORT:
             with self._lock:
                 held = {"links": len(self.links), "expected": len(self.expected), "staged": len(self.staged),
-                        "counting": sum(len(link.receiver._lasts) for link in self.links.values() if link.receiver),
+                        "counting": sum(link.receiver.num_counting for link in self.links.values() if link.receiver),
                         "kv_bytes": self.kv_bytes}
             self.store.set(f"report-{self.rank}", json.dumps(held))
         elif msg.kind == READ_KV:
@@ -105,28 +102,21 @@ class RankLinks:
 
     def _join(self, spec: KVLink) -> None:
         device = self.runner.device
-        link = _Link(spec, None)  # type: ignore[arg-type]
+        joined = join_group(spec.host, spec.port, spec.group_rank(self.rank), spec.size, self.timeout_s, device)
         routes = spec.send_routes(self.rank) if spec.side == PREFILL else []
-        link.sender = GlooSender(link.joined, device, routes, spec.link_no, self.timeout_s)
+        link = _Link(spec, GlooSender(joined, device, routes, spec.link_no, self.timeout_s))
         self.links[spec.link_no] = link
+        if spec.side == DECODE:
+            joined.add_done_callback(lambda f: f.exception() is None and self._receive(link, f.result()))
 
-        def join() -> None:
-            try:
-                group = connect_group(spec.host, spec.port, spec.group_rank(self.rank), spec.size, self.timeout_s, device)
-            except Exception as e:
-                log.warning("rank %d could not join KV link %d: %s", self.rank, spec.link_no, e)
-                link.joined.set_exception(e)
-                return
-            link.joined.set_result(group)
-            if spec.side == DECODE:
-                cfg = self.runner.shard.cfg
-                shape = (self.runner.block_size, len(kv_heads(cfg.num_kv_heads, self.rank, spec.decode_size)), cfg.head_dim)
-                link.receiver = receiver = GlooReceiver(group, shape, self.runner.kv_cache.tensor.dtype, IDLE_LINK_S,
-                                                        device, spec.sources(self.rank))
-                receiver.serve(lambda chunk: self._land(link, chunk), lambda e: self._closed(link, e),
-                               f"pdserve-kv-rank{self.rank}")
-
-        threading.Thread(target=join, name=f"pdserve-kv-join-{spec.link_no}", daemon=True).start()
+    def _receive(self, link: _Link, group) -> None:
+        """On the joining thread: this rank's heads from the prefill ranks holding them."""
+        spec, cfg = link.spec, self.runner.shard.cfg
+        shape = (self.runner.block_size, spec.heads_held(self.rank), cfg.head_dim)
+        link.receiver = GlooReceiver(group, shape, self.runner.kv_cache.tensor.dtype, IDLE_LINK_S, self.runner.device,
+                                     spec.sources(self.rank))
+        link.receiver.serve(lambda chunk: self._land(link, chunk), lambda e: self._closed(link, e),
+                            f"pdserve-kv-rank{self.rank}")
 
     def _expect(self, transfer_id: int, block_ids: list[int]) -> None:
         with self._lock:

@@ -23,6 +23,7 @@ transfer on this rank. A receive that waits past the timeout raises TransferTime
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import socket
@@ -36,6 +37,8 @@ import torch
 import torch.distributed as dist
 
 from engine.transfer.base import KVSink, LayerChunk
+
+log = logging.getLogger(__name__)
 
 PREFILL_RANK, DECODE_RANK = 0, 1
 DONE = -1  # the layer field of a header-only message: the sending rank holds the whole transfer
@@ -76,6 +79,23 @@ def connect_group(host: str, port: int, rank: int, size: int, timeout_s: float =
     options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
     options._timeout = timeout
     return dist.ProcessGroupGloo(dist.PrefixStore("pdserve-kv", store), rank, size, options)
+
+
+def join_group(host: str, port: int, rank: int, size: int, timeout_s: float = 30.0,
+               device: torch.device | str = "cpu") -> Future:
+    """`connect_group` (not hosting the store) on a thread of its own: a future of the group,
+    or of why it could not be joined (logged)."""
+    joined: Future = Future()
+
+    def join() -> None:
+        try:
+            joined.set_result(connect_group(host, port, rank, size, timeout_s, device))
+        except Exception as e:
+            log.warning("could not join the KV link at %s:%d as rank %d of %d: %s", host, port, rank, size, e)
+            joined.set_exception(e)
+
+    threading.Thread(target=join, name="pdserve-kv-join", daemon=True).start()
+    return joined
 
 
 def connect_pair(host: str, port: int, rank: int, timeout_s: float = 30.0,
@@ -179,6 +199,11 @@ class GlooReceiver:
 
     def expect(self, transfer_id: int, request_id: str) -> None:
         self.request_ids[transfer_id] = request_id
+
+    @property
+    def num_counting(self) -> int:
+        """Transfers some sources have finished and others not yet."""
+        return len(self._lasts)
 
     def forget(self, transfer_id: int) -> None:
         """Nobody waits for this transfer any more (its chunks arrive named '')."""

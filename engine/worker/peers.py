@@ -38,7 +38,6 @@ from engine.config import WorkerOptions
 from engine.errors import EngineError
 from engine.outputs import StepOutput
 from engine.parallel.kv_link import DECODE, KVLink
-from engine.parallel.shard import kv_heads
 from engine.sampling_params import SamplingParams
 from engine.transfer.base import LayerChunk
 from engine.transfer.gloo import GlooReceiver, connect_group, listen
@@ -235,7 +234,7 @@ class PrefillPeers:
             raise
         group = connect_group(self.host, port, link.group_rank(0), link.size, self.link_timeout_s, self.device,
                               listen_fd)
-        shape = (self.block_shape[0], len(kv_heads(self.num_kv_heads, 0, self.tp_size)), self.block_shape[2])
+        shape = (self.block_shape[0], link.heads_held(0), self.block_shape[2])
         receiver = GlooReceiver(group, shape, self.dtype, _IDLE_LINK_S, self.device, link.sources(0),
                                 link.reporters(0))
         log.info("%s: KV link to %s (%s) up (%d to %d ranks)", self.worker_id, worker_id, address,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
-import threading
 from concurrent import futures
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -29,7 +28,7 @@ import grpc
 from engine.config import WorkerOptions
 from engine.errors import RequestError, error_status
 from engine.parallel.kv_link import PREFILL, KVLink
-from engine.transfer.gloo import GlooSender, connect_group
+from engine.transfer.gloo import GlooSender, join_group
 from engine.worker import wire
 from engine.worker.decode_role import DecodeRole
 from engine.worker.loop import EngineLoop
@@ -122,22 +121,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         link = KVLink(next(self._link_nos), PREFILL, request.host, request.port, info.kv_block_shape[1],
                       info.tensor_parallel_size, request.decode_tp or 1)
         try:
-            link.send_routes(0)  # refuses degrees that cannot split the KV heads
+            routes = link.send_routes(0)  # refuses degrees that cannot split the KV heads
             if link.prefill_size > 1:
                 self.loop.call(lambda engine: engine.open_kv_link(link)).result(self.link_timeout_s)
         except Exception as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"could not open the KV link: {e}")
-        group: futures.Future = futures.Future()
-
-        def join() -> None:  # the decode worker hosts the rendezvous once this call returns
-            try:
-                group.set_result(connect_group(link.host, link.port, 0, link.size, self.link_timeout_s, self.kv_device))
-            except Exception as e:
-                log.warning("%s: could not join the KV link of %s: %s", self.worker_id, request.decode_worker, e)
-                group.set_exception(e)
-
-        threading.Thread(target=join, name="pdserve-kv-join", daemon=True).start()
-        sender = GlooSender(group, self.kv_device, link.send_routes(0), link.link_no, self.link_timeout_s)
+        # the decode worker hosts the rendezvous once this call returns
+        group = join_group(link.host, link.port, 0, link.size, self.link_timeout_s, self.kv_device)
+        sender = GlooSender(group, self.kv_device, routes, link.link_no, self.link_timeout_s)
         old, _ = self.senders.get(request.decode_worker, (None, 0))
         self.senders[request.decode_worker] = (sender, self.loop.stats().num_rank_restarts)
         if old is not None:  # the decode worker restarted: its old link is dead

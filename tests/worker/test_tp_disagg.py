@@ -148,7 +148,7 @@ def test_aborts_at_random_points_leave_nothing_on_any_rank(make_pair, references
     for engine in pair.engines():
         held = [{k: r[k] for k in ("links", "expected", "staged", "counting")} for r in pair.reports(engine)]
         assert held == [{"links": 1, "expected": 0, "staged": 0, "counting": 0}]
-    wait_for(lambda: all(not p.receiver.request_ids and not p.receiver._lasts
+    wait_for(lambda: all(not p.receiver.request_ids and not p.receiver.num_counting
                          for p in pair.decode.peers._peers.values()), "rank 0's link to forget every transfer")
     assert pair.generate("after", prompts()[0]) == references("llama")[0]  # the link still serves
 
