@@ -92,9 +92,9 @@ def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
 
 def check_degrees(model_path, prefill_tp: int, decode_tp: int) -> None:
     """Refuses, before anything starts, tensor-parallel degrees that cannot split the model."""
-    from engine.models.config import ModelConfig
+    from engine.models.config import read_config
     from engine.parallel.shard import check
-    cfg = ModelConfig.from_hf_folder(model_path)
+    cfg = read_config(model_path)
     for flag, size in (("--prefill-tp", prefill_tp), ("--decode-tp", decode_tp)):
         try:
             check(cfg, size)

@@ -17,6 +17,14 @@ ARCHITECTURES = {
 }
 
 
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def gguf_field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str
@@ -58,6 +66,33 @@ class ModelConfig:
         tuples = {"eos_token_ids": tuple, "dense_layers": tuple,
                   "rope_scaling": lambda v: None if v is None else tuple(tuple(kv) for kv in v)}
         return cls(**{k: tuples[k](v) if k in tuples else v for k, v in raw.items()})
+
+    @classmethod
+    def from_gguf(cls, reader) -> "ModelConfig":
+        """From a GGUF file's metadata (a gguf.GGUFReader)."""
+        arch = gguf_field(reader, "general.architecture")
+        if arch not in GGUF_ARCHITECTURES:
+            raise ValueError(f"unsupported GGUF architecture {arch!r}")
+        p = f"{arch}."
+        heads = gguf_field(reader, p + "attention.head_count")
+        hidden = gguf_field(reader, p + "embedding_length")
+        names = {t.name for t in reader.tensors}
+        vocab = gguf_field(reader, p + "vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+        eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
+        return cls(
+            architecture=GGUF_ARCHITECTURES[arch], vocab_size=vocab, hidden_size=hidden,
+            intermediate_size=gguf_field(reader, p + "feed_forward_length"),
+            num_layers=gguf_field(reader, p + "block_count"), num_heads=heads,
+            num_kv_heads=gguf_field(reader, p + "attention.head_count_kv", heads),
+            head_dim=gguf_field(reader, p + "attention.key_length", hidden // heads),
+            rms_norm_eps=gguf_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-6),
+            rope_theta=float(gguf_field(reader, p + "rope.freq_base", 10000.0)),
+            max_position_embeddings=gguf_field(reader, p + "context_length", 4096),
+            tie_word_embeddings="output.weight" not in names,
+            attention_bias="blk.0.attn_q.bias" in names, qk_norm="blk.0.attn_q_norm.weight" in names,
+            eos_token_ids=() if eos is None else (int(eos),),
+            bos_token_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        )
 
     @classmethod
     def from_hf_folder(cls, folder: Path) -> "ModelConfig":
@@ -109,3 +144,16 @@ class ModelConfig:
             shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size") or 0,
             dense_layers=dense_layers if experts else (),
         )
+
+
+def read_config(path: Path) -> ModelConfig:
+    """The config of an HF folder or a GGUF file (its metadata only: the weights are not read;
+    a GGUF already converted by the loader answers from the conversion's cache)."""
+    if path.suffix != ".gguf":
+        return ModelConfig.from_hf_folder(path)
+    from engine.models.registry import derived_dir
+    cached = derived_dir(path, "weights") / "pdserve_config.json"
+    if cached.exists():
+        return ModelConfig.from_json(json.loads(cached.read_text()))
+    import gguf
+    return ModelConfig.from_gguf(gguf.GGUFReader(path))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.models.config import ModelConfig
+from engine.models.config import ModelConfig, gguf_field
 from engine.models.llama import LlamaModel, Rotary
 from engine.models.registry import derived_dir, publish
 from engine.parallel.shard import Shard
@@ -45,7 +45,7 @@ def open_weights(path: str | Path) -> WeightSource:
         if not (cached / "model.safetensors").exists():
             import gguf
             reader = gguf.GGUFReader(path)
-            cfg = _gguf_config(reader)
+            cfg = ModelConfig.from_gguf(reader)
             tensors = dict(_gguf_tensors(reader, cfg))
             publish(cached, lambda tmp: _write_weights(tmp, cfg, tensors))
             if not (cached / "model.safetensors").exists():  # not writable: use them as they are
@@ -176,40 +176,6 @@ _GGUF_LAYER = {
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
-_GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
-
-
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def _gguf_config(reader) -> ModelConfig:
-    arch = _field(reader, "general.architecture")
-    if arch not in _GGUF_ARCH:
-        raise ValueError(f"unsupported GGUF architecture {arch!r}")
-    p = f"{arch}."
-    heads = _field(reader, p + "attention.head_count")
-    hidden = _field(reader, p + "embedding_length")
-    names = {t.name for t in reader.tensors}
-    vocab = _field(reader, p + "vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    return ModelConfig(
-        architecture=_GGUF_ARCH[arch], vocab_size=vocab, hidden_size=hidden,
-        intermediate_size=_field(reader, p + "feed_forward_length"),
-        num_layers=_field(reader, p + "block_count"), num_heads=heads,
-        num_kv_heads=_field(reader, p + "attention.head_count_kv", heads),
-        head_dim=_field(reader, p + "attention.key_length", hidden // heads),
-        rms_norm_eps=_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-6),
-        rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
-        max_position_embeddings=_field(reader, p + "context_length", 4096),
-        tie_word_embeddings="output.weight" not in names,
-        attention_bias="blk.0.attn_q.bias" in names, qk_norm="blk.0.attn_q_norm.weight" in names,
-        eos_token_ids=() if eos is None else (int(eos),),
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-    )
-
-
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undoes llama.cpp's interleaving of Q/K rows for its rope layout (HF order back)."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -217,7 +183,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _gguf_tensors(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     import gguf
-    permuted = _field(reader, "general.architecture") in ("llama", "mistral")
+    permuted = gguf_field(reader, "general.architecture") in ("llama", "mistral")
     for t in reader.tensors:
         if t.name in _GGUF_NAMES:
             name = _GGUF_NAMES[t.name]

@@ -149,5 +149,8 @@ def test_serving_refuses_degrees_that_cannot_run_before_starting_anything(tiny_l
     model = str(tiny_llama)  # 8 attention heads, 2 KV heads
     with pytest.raises(ValueError, match="--decode-tp 3: tensor-parallel size 3 does not divide this llama model"):
         serve(ServeConfig(mode="disagg", port=free_port(), prefill_tp=2, decode_tp=3), EngineConfig(model=model))
+    from engine.models.registry import default_model_path  # a GGUF file: its metadata says 9 heads
+    with pytest.raises(ValueError, match="--prefill-tp 2: tensor-parallel size 2 does not divide this llama model: 9 "):
+        serve(ServeConfig(mode="disagg", port=free_port(), prefill_tp=2), EngineConfig(model=str(default_model_path())))
     with pytest.raises(ValueError, match="--prefill-tp and --decode-tp size disaggregated pools"):
         serve(ServeConfig(mode="colocated", port=free_port(), prefill_tp=2), EngineConfig(model=model))
