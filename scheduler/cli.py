@@ -72,7 +72,7 @@ def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
              config.decode_workers, engine_config.engine)
     prefill_tp = config.prefill_tp or engine_config.tensor_parallel_size
     decode_tp = config.decode_tp or engine_config.tensor_parallel_size
-    check_degrees(model_path, prefill_tp, decode_tp)
+    check_degrees(engine_config, model_path, prefill_tp, decode_tp)
     spec = ClusterSpec(config.prefill_workers, config.decode_workers, config.ray_address, config.policy,
                        config.worker, policy_config=config.policy_config, controller=config.role_controller_or_none(),
                        prefill_tp=prefill_tp, decode_tp=decode_tp)
@@ -90,13 +90,17 @@ def build_disagg_server(config: ServeConfig, engine_config: EngineConfig):
         raise
 
 
-def check_degrees(model_path, prefill_tp: int, decode_tp: int) -> None:
-    """Refuses, before anything starts, tensor-parallel degrees that cannot split the model."""
+def check_degrees(engine_config: EngineConfig, model_path, prefill_tp: int, decode_tp: int) -> None:
+    """Refuses, before anything starts, tensor-parallel degrees that cannot split the model or
+    that the engine's other settings rule out."""
+    from dataclasses import replace
+
     from engine.models.config import read_config
     from engine.parallel.shard import check
     cfg = read_config(model_path)
     for flag, size in (("--prefill-tp", prefill_tp), ("--decode-tp", decode_tp)):
         try:
+            replace(engine_config, tensor_parallel_size=size)  # the engine's own refusals (e.g. --engine vllm)
             check(cfg, size)
         except ValueError as e:
             raise ValueError(f"{flag} {size}: {e}") from None

@@ -152,5 +152,7 @@ def test_serving_refuses_degrees_that_cannot_run_before_starting_anything(tiny_l
     from engine.models.registry import default_model_path  # a GGUF file: its metadata says 9 heads
     with pytest.raises(ValueError, match="--prefill-tp 2: tensor-parallel size 2 does not divide this llama model: 9 "):
         serve(ServeConfig(mode="disagg", port=free_port(), prefill_tp=2), EngineConfig(model=str(default_model_path())))
+    with pytest.raises(ValueError, match="--decode-tp 2: --tensor-parallel-size: pdserve's own engine only"):
+        serve(ServeConfig(mode="disagg", port=free_port(), decode_tp=2), EngineConfig(model=model, engine="vllm"))
     with pytest.raises(ValueError, match="--prefill-tp and --decode-tp size disaggregated pools"):
         serve(ServeConfig(mode="colocated", port=free_port(), prefill_tp=2), EngineConfig(model=model))
